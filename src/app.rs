@@ -1,0 +1,147 @@
+//! Building and running the application: bind, wire the services, serve until told to stop,
+//! then drain what is queued (session log lines, Papita usage records).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::services::credentials::CredentialProvider;
+use crate::services::log_entries;
+use crate::services::openai::OpenAiService;
+use crate::services::papita::UsageReporter;
+use crate::services::pricing::{PriceTable, PricingError};
+use crate::services::session_log::SessionLog;
+use crate::services::sessions::Sessions;
+use crate::services::usage::UsageStats;
+use crate::state::{AppState, Services};
+
+/// Lines waiting for the session log writer; start/stop wait when it is full.
+const SESSION_LOG_QUEUE: usize = 16 * 1024;
+/// Papita requests: connect fast, the contract's per-request timeouts are set per call.
+const PAPITA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: io::Error },
+    #[error(transparent)]
+    Pricing(#[from] PricingError),
+    #[error("cannot start the session log writer: {0}")]
+    SessionLog(io::Error),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    background: TaskTracker,
+    stop_background: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// As `build`, with the clock used for timestamps, ids and log dates (tests move it).
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
+        let pricing = PriceTable::load(config.pricing_file.as_deref())?;
+        let addr = format!("{}:{}", config.host, config.port);
+        let listener = TcpListener::bind((config.host.as_str(), config.port))
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+
+        // One pooled client per upstream. No overall timeout on the OpenAI one: it would cut
+        // long, healthy streams; the OpenAI service applies its own limits.
+        let openai_http = reqwest::Client::builder()
+            .connect_timeout(config.openai.connect_timeout)
+            .tcp_nodelay(true)
+            .build()?;
+        let papita_http = reqwest::Client::builder().connect_timeout(PAPITA_CONNECT_TIMEOUT).tcp_nodelay(true).build()?;
+
+        let background = TaskTracker::new();
+        let stop_background = CancellationToken::new();
+        let session_log = SessionLog::start(config.log_dir.clone(), SESSION_LOG_QUEUE).map_err(StartupError::SessionLog)?;
+        session_log.append_background(log_entries::project_init(&clock.now()));
+
+        let credentials = Arc::new(CredentialProvider::new(&config, papita_http.clone()));
+        // Resolve the key now, in the background, so health soon tells the truth.
+        credentials.peek();
+
+        let state = AppState::new(Services {
+            openai: OpenAiService::new(&config.openai, openai_http),
+            usage: UsageStats::new(pricing, &config.openai.model, config.sessions_max),
+            papita: UsageReporter::spawn(&config.papita, papita_http, &background, stop_background.clone()),
+            sessions: Sessions::new(session_log.clone(), clock.clone(), config.sessions_max, config.sessions_max_age),
+            session_log,
+            credentials,
+            clock,
+            config,
+        });
+        Ok(Self { listener, state, background, stop_background })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes; then stops accepting, lets in-flight requests finish
+    /// within the grace period, and writes out everything queued.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+        let router = crate::http::router(self.state.clone());
+        let grace = self.state.config.shutdown_grace;
+        let stopping = CancellationToken::new();
+        let signal = stopping.clone();
+        let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections; finishing in-flight requests");
+            signal.cancel();
+        });
+        tokio::select! {
+            result = server => result?,
+            _ = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over; dropping unfinished requests");
+            }
+        }
+        self.stop_background.cancel();
+        self.state.session_log.flush().await;
+        self.background.close();
+        if tokio::time::timeout(grace, self.background.wait()).await.is_err() {
+            tracing::warn!("Papita usage records still unsent after the grace period");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+}

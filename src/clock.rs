@@ -1,0 +1,68 @@
+//! Wall-clock time, injectable so tests can stand at 23:59:59.999 without waiting for midnight.
+
+use std::sync::Mutex;
+
+use chrono::{DateTime, Local};
+
+/// Source of the local time used for timestamps, session ids and log file dates.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> DateTime<Local>;
+}
+
+/// The process's local clock (zone from `TZ`).
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Local> {
+        Local::now()
+    }
+}
+
+/// A clock that only moves when told to (for tests).
+#[derive(Debug)]
+pub struct ManualClock(Mutex<DateTime<Local>>);
+
+impl ManualClock {
+    pub fn new(start: DateTime<Local>) -> Self {
+        Self(Mutex::new(start))
+    }
+
+    pub fn set(&self, now: DateTime<Local>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = now;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Local> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The contract's timestamp: local time, ISO 8601, microseconds, no offset
+/// (`2026-11-23T14:05:09.123456`), as Python's `datetime.now().isoformat()` wrote it.
+pub fn timestamp(at: &DateTime<Local>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+}
+
+/// The local date of `at` as `YYYY-MM-DD` (log file names and the `date` field).
+pub fn date(at: &DateTime<Local>) -> String {
+    at.format("%Y-%m-%d").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn timestamp_has_microseconds_and_no_offset() {
+        let at = Local
+            .with_ymd_and_hms(2026, 11, 23, 14, 5, 9)
+            .unwrap()
+            .checked_add_signed(chrono::Duration::microseconds(123_456))
+            .unwrap();
+        assert_eq!(timestamp(&at), "2026-11-23T14:05:09.123456");
+        assert_eq!(date(&at), "2026-11-23");
+    }
+}

@@ -1,0 +1,344 @@
+//! Configuration: parsed once at start-up into typed values.
+//!
+//! Sources, highest priority first: the process environment, then a `.env` file (the working
+//! directory's, or `--env-file`). The `.env` file is read into a map rather than into the
+//! process environment, so loading it needs no `unsafe` `set_var` and tests can build a
+//! `Config` from any map they like.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The template's placeholder; counts as "no key" (contract §2).
+pub const KEY_PLACEHOLDER: &str = "your_openai_api_key_here";
+/// OpenAI's own endpoint; only with this base URL must keys start with `sk-` (contract §3).
+pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// One environment variable the service reads: the single list behind `--help`,
+/// `env_template.txt` and `Docs/CONFIGURATION.md` (a test keeps the latter two in step).
+#[derive(Debug, Clone, Copy)]
+pub struct Var {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+pub const VARS: &[Var] = &[
+    Var { name: "HOST", default: "0.0.0.0", help: "listen address" },
+    Var { name: "PORT", default: "5000", help: "listen port" },
+    Var { name: "OPENAI_API_KEY", default: "", help: "fallback OpenAI key when Papita has none (the template placeholder counts as unset)" },
+    Var { name: "OPENAI_MODEL", default: "gpt-3.5-turbo", help: "default model" },
+    Var { name: "OPENAI_BASE_URL", default: DEFAULT_OPENAI_BASE_URL, help: "any OpenAI-compatible server" },
+    Var { name: "OPENAI_TIMEOUT_SECS", default: "120", help: "limit for a whole non-streamed answer, and for a stream's first token" },
+    Var { name: "OPENAI_CONNECT_TIMEOUT_SECS", default: "10", help: "TCP/TLS connect timeout to the OpenAI server" },
+    Var { name: "OPENAI_MAX_RETRIES", default: "2", help: "retries on 429 / 5xx / refused connections (0 disables)" },
+    Var { name: "OPENAI_RETRY_BUDGET_SECS", default: "10", help: "total time retries may wait; a longer Retry-After is passed to the client instead" },
+    Var { name: "OPENAI_STREAM_IDLE_TIMEOUT_SECS", default: "30", help: "a stream silent this long after its first token fails" },
+    Var { name: "OPENAI_STREAM_MAX_SECS", default: "600", help: "hard limit on one streamed answer" },
+    Var { name: "PAPITA_API_URL", default: "http://localhost:3000", help: "Papita: credentials and usage records" },
+    Var { name: "PAPITA_CREDENTIALS_TIMEOUT_MS", default: "2000", help: "timeout of the Papita credentials request" },
+    Var { name: "PAPITA_USAGE_TIMEOUT_SECS", default: "5", help: "timeout of one Papita usage record request" },
+    Var { name: "PAPITA_USAGE_QUEUE_CAPACITY", default: "10000", help: "usage records waiting for Papita; more are dropped and counted" },
+    Var { name: "PAPITA_USAGE_MAX_ATTEMPTS", default: "3", help: "attempts per usage record (connection errors and 5xx are retried)" },
+    Var { name: "CREDENTIALS_CACHE_SECS", default: "300", help: "how long a resolved key is used before asking Papita again" },
+    Var { name: "CREDENTIALS_FAILURE_CACHE_SECS", default: "5", help: "how long a resolution without a Papita key is kept" },
+    Var { name: "AL_CHAT_LOG_DIR", default: "./SessionLog", help: "session log folder (created if missing)" },
+    Var { name: "SESSION_MAX_TRACKED", default: "10000", help: "sessions remembered in memory (oldest forgotten first)" },
+    Var { name: "SESSION_MAX_AGE_HOURS", default: "48", help: "sessions older than this are forgotten (their stop still works from the log)" },
+    Var { name: "PRICING_FILE", default: "", help: "JSON price table replacing the built-in one" },
+    Var { name: "REQUEST_BODY_LIMIT_BYTES", default: "16777216", help: "larger request bodies get 413" },
+    Var { name: "REQUEST_TIMEOUT_SECS", default: "300", help: "limit for producing a response's head (streams then run on)" },
+    Var { name: "CORS_ALLOWED_ORIGINS", default: "", help: "comma-separated origins; empty allows any origin" },
+    Var { name: "SHUTDOWN_GRACE_SECS", default: "30", help: "on SIGTERM/Ctrl-C, how long in-flight requests may finish" },
+    Var { name: "LOG_FORMAT", default: "text", help: "text or json (one JSON object per line)" },
+    Var { name: "RUST_LOG", default: "info", help: "log filter, e.g. debug or al_chat=debug,tower_http=info" },
+    Var { name: "FLASK_ENV", default: "", help: "accepted and ignored (kept for the old deployment)" },
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenAiSettings {
+    /// `OPENAI_API_KEY`, trimmed; `None` when unset, blank or the placeholder.
+    pub api_key: Option<String>,
+    pub model: String,
+    pub base_url: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_retries: u32,
+    pub retry_budget: Duration,
+    pub stream_idle_timeout: Duration,
+    pub stream_max: Duration,
+}
+
+impl OpenAiSettings {
+    /// Keys must start with `sk-` only when talking to OpenAI itself.
+    pub fn requires_sk_prefix(&self) -> bool {
+        self.base_url.trim_end_matches('/') == DEFAULT_OPENAI_BASE_URL
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PapitaSettings {
+    pub url: String,
+    pub credentials_timeout: Duration,
+    pub usage_timeout: Duration,
+    pub usage_queue_capacity: usize,
+    pub usage_max_attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub openai: OpenAiSettings,
+    pub papita: PapitaSettings,
+    pub credentials_ttl: Duration,
+    pub credentials_failure_ttl: Duration,
+    pub log_dir: PathBuf,
+    pub sessions_max: usize,
+    pub sessions_max_age: Duration,
+    pub pricing_file: Option<PathBuf>,
+    pub body_limit: usize,
+    pub request_timeout: Duration,
+    /// `None`: any origin.
+    pub cors_origins: Option<Vec<String>>,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    /// The `.env` file consulted (reported by `/api/openai/info`).
+    pub env_file: PathBuf,
+    pub env_file_exists: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {name}={value:?}: {reason}")]
+    Invalid { name: &'static str, value: String, reason: String },
+    #[error("cannot read env file {path}: {reason}")]
+    EnvFile { path: PathBuf, reason: String },
+}
+
+impl Config {
+    /// Reads the process environment and the `.env` file (`env_file`, else `./.env`).
+    pub fn load(env_file: Option<&Path>) -> Result<Self, ConfigError> {
+        let explicit = env_file.is_some();
+        let path = env_file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".env"));
+        let path = std::path::absolute(&path).unwrap_or(path);
+        let file_vars = read_env_file(&path, explicit)?;
+        let exists = path.is_file();
+        Self::from_sources(|name| std::env::var(name).ok(), &file_vars, path, exists)
+    }
+
+    /// Builds a configuration from a variable lookup (the environment) and the `.env` file's
+    /// pairs; the lookup wins. Blank values count as unset.
+    pub fn from_sources(
+        env: impl Fn(&str) -> Option<String>,
+        file_vars: &HashMap<String, String>,
+        env_file: PathBuf,
+        env_file_exists: bool,
+    ) -> Result<Self, ConfigError> {
+        let src = Source { env: &env, file: file_vars };
+        let cors = src.raw("CORS_ALLOWED_ORIGINS").map(|v| {
+            v.split(',').map(str::trim).filter(|o| !o.is_empty()).map(String::from).collect::<Vec<_>>()
+        });
+        let api_key = src
+            .raw("OPENAI_API_KEY")
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty() && k != KEY_PLACEHOLDER);
+        let log_format = match src.string("LOG_FORMAT").to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("LOG_FORMAT", other, "expected text or json")),
+        };
+        let base_url = src.string("OPENAI_BASE_URL").trim_end_matches('/').to_string();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(invalid("OPENAI_BASE_URL", &base_url, "expected an http:// or https:// URL"));
+        }
+        let papita_url = src.string("PAPITA_API_URL").trim_end_matches('/').to_string();
+        if !(papita_url.starts_with("http://") || papita_url.starts_with("https://")) {
+            return Err(invalid("PAPITA_API_URL", &papita_url, "expected an http:// or https:// URL"));
+        }
+        Ok(Self {
+            host: src.string("HOST"),
+            port: src.parse("PORT")?,
+            openai: OpenAiSettings {
+                api_key,
+                model: src.string("OPENAI_MODEL"),
+                base_url,
+                timeout: src.secs("OPENAI_TIMEOUT_SECS")?,
+                connect_timeout: src.secs("OPENAI_CONNECT_TIMEOUT_SECS")?,
+                max_retries: src.parse("OPENAI_MAX_RETRIES")?,
+                retry_budget: src.secs("OPENAI_RETRY_BUDGET_SECS")?,
+                stream_idle_timeout: src.secs("OPENAI_STREAM_IDLE_TIMEOUT_SECS")?,
+                stream_max: src.secs("OPENAI_STREAM_MAX_SECS")?,
+            },
+            papita: PapitaSettings {
+                url: papita_url,
+                credentials_timeout: Duration::from_millis(src.positive("PAPITA_CREDENTIALS_TIMEOUT_MS")?),
+                usage_timeout: src.secs("PAPITA_USAGE_TIMEOUT_SECS")?,
+                usage_queue_capacity: src.positive("PAPITA_USAGE_QUEUE_CAPACITY")? as usize,
+                usage_max_attempts: src.positive("PAPITA_USAGE_MAX_ATTEMPTS")? as u32,
+            },
+            credentials_ttl: src.secs("CREDENTIALS_CACHE_SECS")?,
+            credentials_failure_ttl: src.secs("CREDENTIALS_FAILURE_CACHE_SECS")?,
+            log_dir: PathBuf::from(src.string("AL_CHAT_LOG_DIR")),
+            sessions_max: src.positive("SESSION_MAX_TRACKED")? as usize,
+            sessions_max_age: Duration::from_secs(src.positive("SESSION_MAX_AGE_HOURS")? * 3600),
+            pricing_file: src.raw("PRICING_FILE").map(PathBuf::from),
+            body_limit: src.positive("REQUEST_BODY_LIMIT_BYTES")? as usize,
+            request_timeout: src.secs("REQUEST_TIMEOUT_SECS")?,
+            cors_origins: cors.filter(|list| !list.is_empty() && !list.iter().any(|o| o == "*")),
+            shutdown_grace: src.secs("SHUTDOWN_GRACE_SECS")?,
+            log_format,
+            log_filter: src.string("RUST_LOG"),
+            env_file,
+            env_file_exists,
+        })
+    }
+
+    /// Defaults only (no environment, no file): the starting point for tests.
+    pub fn defaults() -> Self {
+        Self::from_sources(|_| None, &HashMap::new(), PathBuf::from(".env"), false)
+            .expect("built-in defaults are valid")
+    }
+
+    /// `--help` text listing every variable with its default.
+    pub fn help_text() -> String {
+        let mut out = String::from("Environment variables (also read from .env; the environment wins):\n");
+        for var in VARS {
+            let default = if var.default.is_empty() { "unset" } else { var.default };
+            out.push_str(&format!("  {:<34} {} [default: {}]\n", var.name, var.help, default));
+        }
+        out
+    }
+}
+
+fn read_env_file(path: &Path, explicit: bool) -> Result<HashMap<String, String>, ConfigError> {
+    let env_err = |reason: String| ConfigError::EnvFile { path: path.to_path_buf(), reason };
+    if !path.is_file() {
+        // A missing default `.env` is normal; a missing `--env-file` is a mistake.
+        return if explicit { Err(env_err("no such file".into())) } else { Ok(HashMap::new()) };
+    }
+    let iter = dotenvy::from_path_iter(path).map_err(|e| env_err(e.to_string()))?;
+    iter.map(|item| item.map_err(|e| env_err(e.to_string()))).collect()
+}
+
+struct Source<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+    file: &'a HashMap<String, String>,
+}
+
+impl Source<'_> {
+    /// The variable's value if set and not blank: environment first, then the file.
+    fn raw(&self, name: &str) -> Option<String> {
+        (self.env)(name)
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| self.file.get(name).filter(|v| !v.trim().is_empty()).cloned())
+    }
+
+    fn string(&self, name: &'static str) -> String {
+        self.raw(name).map(|v| v.trim().to_string()).unwrap_or_else(|| default_of(name).to_string())
+    }
+
+    fn parse<T: FromStr>(&self, name: &'static str) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let value = self.string(name);
+        value.parse().map_err(|e: T::Err| invalid(name, &value, &e.to_string()))
+    }
+
+    fn positive(&self, name: &'static str) -> Result<u64, ConfigError> {
+        let n: u64 = self.parse(name)?;
+        if n == 0 {
+            return Err(invalid(name, "0", "must be greater than 0"));
+        }
+        Ok(n)
+    }
+
+    fn secs(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let value = self.string(name);
+        match value.parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+            _ => Err(invalid(name, &value, "expected a positive number of seconds")),
+        }
+    }
+}
+
+fn default_of(name: &str) -> &'static str {
+    VARS.iter().find(|v| v.name == name).map(|v| v.default).unwrap_or("")
+}
+
+fn invalid(name: &'static str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid { name, value: value.to_string(), reason: reason.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(env: &[(&str, &str)], file: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let file = file.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_sources(|k| env.get(k).cloned(), &file, PathBuf::from(".env"), false)
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::defaults();
+        assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 5000));
+        assert_eq!(c.openai.model, "gpt-3.5-turbo");
+        assert_eq!(c.openai.base_url, "https://api.openai.com/v1");
+        assert_eq!(c.papita.url, "http://localhost:3000");
+        assert_eq!(c.log_dir, PathBuf::from("./SessionLog"));
+        assert_eq!(c.body_limit, 16 * 1024 * 1024);
+        assert!(c.cors_origins.is_none());
+        assert!(c.openai.api_key.is_none());
+    }
+
+    #[test]
+    fn environment_wins_over_env_file() {
+        let c = build(&[("OPENAI_MODEL", "gpt-4o")], &[("OPENAI_MODEL", "gpt-4"), ("PORT", "8080")]).unwrap();
+        assert_eq!(c.openai.model, "gpt-4o");
+        assert_eq!(c.port, 8080);
+    }
+
+    #[test]
+    fn placeholder_and_blank_keys_count_as_unset() {
+        assert!(build(&[("OPENAI_API_KEY", KEY_PLACEHOLDER)], &[]).unwrap().openai.api_key.is_none());
+        assert!(build(&[("OPENAI_API_KEY", "   ")], &[]).unwrap().openai.api_key.is_none());
+        let c = build(&[("OPENAI_API_KEY", " sk-abc ")], &[]).unwrap();
+        assert_eq!(c.openai.api_key.as_deref(), Some("sk-abc"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let err = build(&[("PORT", "abc")], &[]).unwrap_err().to_string();
+        assert!(err.contains("PORT") && err.contains("abc"), "{err}");
+        let err = build(&[("LOG_FORMAT", "xml")], &[]).unwrap_err().to_string();
+        assert!(err.contains("LOG_FORMAT"), "{err}");
+        let err = build(&[("OPENAI_TIMEOUT_SECS", "-1")], &[]).unwrap_err().to_string();
+        assert!(err.contains("OPENAI_TIMEOUT_SECS"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_are_a_trimmed_list() {
+        let c = build(&[("CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example ,")], &[]).unwrap();
+        assert_eq!(c.cors_origins.unwrap(), vec!["https://a.example", "https://b.example"]);
+        assert!(build(&[("CORS_ALLOWED_ORIGINS", "*")], &[]).unwrap().cors_origins.is_none());
+    }
+
+    #[test]
+    fn only_openais_own_endpoint_requires_sk_keys() {
+        assert!(Config::defaults().openai.requires_sk_prefix());
+        let c = build(&[("OPENAI_BASE_URL", "http://localhost:11434/v1/")], &[]).unwrap();
+        assert!(!c.openai.requires_sk_prefix());
+        assert_eq!(c.openai.base_url, "http://localhost:11434/v1");
+    }
+}

@@ -1,0 +1,207 @@
+//! `POST /api/chat` input: the body as the chat window sends it, and the validated request
+//! the chat service works with (contract §6).
+
+use serde::Deserialize;
+
+use crate::error::ApiError;
+
+/// The request body. Unknown fields are ignored; `null` counts as absent.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChatBody {
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub history: Option<Vec<HistoryItem>>,
+    #[serde(default)]
+    pub attached_files: Option<Vec<AttachedFile>>,
+    #[serde(default)]
+    pub attached_content: Option<String>,
+    #[serde(default)]
+    pub attached_filename: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default, rename = "isGuest")]
+    pub is_guest: Option<bool>,
+    #[serde(default, rename = "sessionId")]
+    pub session_id: Option<String>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+}
+
+/// One earlier turn; extra fields (timestamps, ids) are dropped.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HistoryItem {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AttachedFile {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+/// Who is chatting (for the Papita usage record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserIdentity {
+    pub username: String,
+    pub is_guest: bool,
+}
+
+/// A chat request that is valid: at least one message, a model, a user.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// History, then the composed user message (last).
+    pub messages: Vec<ChatMessage>,
+    pub model: String,
+    pub user: UserIdentity,
+    /// From `X-Session-ID`, else `sessionId`; the service falls back to the latest session.
+    pub session_id: Option<String>,
+    pub stream: bool,
+}
+
+pub const MESSAGE_REQUIRED: &str = "Message or attachment is required";
+
+impl ChatRequest {
+    pub fn parse(body: ChatBody, header_session_id: Option<&str>, default_model: &str) -> Result<Self, ApiError> {
+        let message = body.message.unwrap_or_default();
+        let files = match body.attached_files {
+            Some(files) if !files.is_empty() => files,
+            // Legacy single-file fields, used when `attached_files` is empty or missing.
+            _ => match body.attached_content.filter(|c| !c.is_empty()) {
+                Some(content) => vec![AttachedFile { name: body.attached_filename, content: Some(content) }],
+                None => Vec::new(),
+            },
+        };
+        if message.trim().is_empty() && files.is_empty() {
+            return Err(ApiError::BadRequest(MESSAGE_REQUIRED.into()));
+        }
+
+        let mut messages: Vec<ChatMessage> = body
+            .history
+            .unwrap_or_default()
+            .into_iter()
+            .map(|item| ChatMessage { role: item.role, content: item.content })
+            .collect();
+        messages.push(ChatMessage { role: Role::User, content: compose_user_message(&message, &files) });
+
+        let model = non_blank(body.model).unwrap_or_else(|| default_model.to_string());
+        let user = match non_blank(body.username) {
+            Some(name) if name != "guest" => UserIdentity { username: name, is_guest: body.is_guest.unwrap_or(true) },
+            _ => UserIdentity { username: "guest".into(), is_guest: true },
+        };
+        let session_id = header_session_id.map(str::to_string).and_then(|s| non_blank(Some(s))).or_else(|| non_blank(body.session_id));
+        Ok(Self { messages, model, user, session_id, stream: body.stream.unwrap_or(false) })
+    }
+}
+
+/// The user message sent upstream (contract §6): files first, each headed
+/// `[Attached file i: name]`, separated by `---`, then the message or a default prompt.
+pub fn compose_user_message(message: &str, files: &[AttachedFile]) -> String {
+    if files.is_empty() {
+        return message.to_string();
+    }
+    let parts: Vec<String> = files
+        .iter()
+        .enumerate()
+        .map(|(i, file)| {
+            let name = file.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("file");
+            format!("[Attached file {}: {}]\n\n{}", i + 1, name, file.content.as_deref().unwrap_or(""))
+        })
+        .collect();
+    let prompt = if !message.trim().is_empty() {
+        message
+    } else if files.len() > 1 {
+        "Please compare and analyze the attached files."
+    } else {
+        "Please analyze the attached file."
+    };
+    format!("{}\n\n---\n\n{}", parts.join("\n\n---\n\n"), prompt)
+}
+
+fn non_blank(value: Option<String>) -> Option<String> {
+    value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, content: &str) -> AttachedFile {
+        AttachedFile { name: Some(name.into()), content: Some(content.into()) }
+    }
+
+    fn parse(json: serde_json::Value) -> Result<ChatRequest, ApiError> {
+        ChatRequest::parse(serde_json::from_value(json).unwrap(), None, "gpt-3.5-turbo")
+    }
+
+    #[test]
+    fn message_without_files_is_sent_as_is() {
+        assert_eq!(compose_user_message("Hi", &[]), "Hi");
+    }
+
+    #[test]
+    fn one_file_and_no_message_asks_to_analyze_it() {
+        assert_eq!(
+            compose_user_message("", &[file("a.txt", "A")]),
+            "[Attached file 1: a.txt]\n\nA\n\n---\n\nPlease analyze the attached file."
+        );
+    }
+
+    #[test]
+    fn several_files_are_joined_then_the_message() {
+        assert_eq!(
+            compose_user_message("Diff?", &[file("a", "A"), AttachedFile::default()]),
+            "[Attached file 1: a]\n\nA\n\n---\n\n[Attached file 2: file]\n\n\n\n---\n\nDiff?"
+        );
+        assert!(compose_user_message("", &[file("a", "A"), file("b", "B")])
+            .ends_with("Please compare and analyze the attached files."));
+    }
+
+    #[test]
+    fn legacy_attachment_fields_make_one_file() {
+        let req = parse(serde_json::json!({"attached_content": "X", "attached_files": []})).unwrap();
+        assert_eq!(req.messages[0].content, "[Attached file 1: file]\n\nX\n\n---\n\nPlease analyze the attached file.");
+    }
+
+    #[test]
+    fn nothing_to_send_is_rejected() {
+        let err = parse(serde_json::json!({"message": "  "})).unwrap_err();
+        assert_eq!(err.to_string(), MESSAGE_REQUIRED);
+    }
+
+    #[test]
+    fn guest_rules() {
+        let req = parse(serde_json::json!({"message": "m", "username": "guest", "isGuest": false})).unwrap();
+        assert_eq!(req.user, UserIdentity { username: "guest".into(), is_guest: true });
+        let req = parse(serde_json::json!({"message": "m", "username": "ana", "isGuest": false})).unwrap();
+        assert_eq!(req.user, UserIdentity { username: "ana".into(), is_guest: false });
+        let req = parse(serde_json::json!({"message": "m", "username": "ana"})).unwrap();
+        assert!(req.user.is_guest);
+    }
+
+    #[test]
+    fn header_session_id_wins() {
+        let body = serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "b"})).unwrap();
+        let req = ChatRequest::parse(body, Some("a"), "m").unwrap();
+        assert_eq!(req.session_id.as_deref(), Some("a"));
+    }
+}

@@ -1,0 +1,7 @@
+//! Domain types: input parsed once into values that are valid by construction.
+
+pub mod api_key;
+pub mod chat;
+
+pub use api_key::ApiKey;
+pub use chat::{ChatBody, ChatMessage, ChatRequest, Role, UserIdentity};

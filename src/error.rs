@@ -1,0 +1,153 @@
+//! The one error type of the HTTP API and its one mapping to status codes and JSON bodies.
+//!
+//! Every failure a client can see is an `ApiError`; its `IntoResponse` is the only place where a
+//! failure becomes a status code and a `{"error": ..., "details"?: ...}` body (contract §1).
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Contract §6: the not-configured answer.
+pub const NOT_CONFIGURED: &str = "OpenAI service not configured. Please set OPENAI_API_KEY in .env file or ensure Papita API is running.";
+const INVALID_KEY: &str = "Invalid OpenAI API key. Please check your credentials in Papita API or .env file.";
+const INVALID_KEY_DETAILS: &str = "The OpenAI API key is invalid or expired. If using Papita API, ensure it's running and has valid credentials.";
+
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The client's mistake, with a sentence saying what to change.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("Not found: {0}. See README.md for the routes under /api.")]
+    NotFound(String),
+    #[error("Method {0} is not allowed for this route.")]
+    MethodNotAllowed(String),
+    #[error("Request body is larger than the limit (REQUEST_BODY_LIMIT_BYTES).")]
+    PayloadTooLarge,
+    #[error("Content-Type must be application/json (with curl: -H 'Content-Type: application/json').")]
+    UnsupportedMediaType,
+    #[error("{NOT_CONFIGURED}")]
+    NotConfigured,
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The session log line could not be made durable.
+    #[error("Could not write the session log: {0}")]
+    SessionLog(String),
+    #[error("Internal server error: {0}")]
+    Internal(String),
+}
+
+/// How a call to the OpenAI server failed, already classified for the client (contract §6).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("OpenAI API error: {message}")]
+pub struct UpstreamError {
+    pub kind: UpstreamKind,
+    /// Safe to show: never holds the key (see `services::openai::redact`).
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// 401: the key is wrong or revoked.
+    Unauthorized,
+    /// 429, with the upstream's `Retry-After` when it sent one.
+    RateLimited { retry_after: Option<Duration> },
+    /// 400/404/422: the upstream refused this request (unknown model, too long, ...).
+    Rejected,
+    /// 5xx, unreadable answer, refused or cut connection.
+    Unavailable,
+    /// No (complete) answer within the configured time.
+    Timeout,
+}
+
+impl UpstreamError {
+    pub fn new(kind: UpstreamKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream(e) => match e.kind {
+                UpstreamKind::Unauthorized => StatusCode::UNAUTHORIZED,
+                UpstreamKind::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                UpstreamKind::Rejected => StatusCode::BAD_REQUEST,
+                UpstreamKind::Unavailable => StatusCode::BAD_GATEWAY,
+                UpstreamKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            },
+            Self::SessionLog(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The JSON body: `error` always, `details` where the contract has one.
+    pub fn body(&self) -> serde_json::Value {
+        match self {
+            Self::Upstream(UpstreamError { kind: UpstreamKind::Unauthorized, .. }) => {
+                json!({ "error": INVALID_KEY, "details": INVALID_KEY_DETAILS })
+            }
+            other => json!({ "error": other.to_string() }),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), error = %self, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
+        }
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if let Self::Upstream(UpstreamError { kind: UpstreamKind::RateLimited { retry_after: Some(wait) }, .. }) = self {
+            // Whole seconds, rounded up, as Retry-After requires.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_kinds_map_to_the_contract_statuses() {
+        let status = |kind| ApiError::Upstream(UpstreamError::new(kind, "x")).status().as_u16();
+        assert_eq!(status(UpstreamKind::Unauthorized), 401);
+        assert_eq!(status(UpstreamKind::RateLimited { retry_after: None }), 429);
+        assert_eq!(status(UpstreamKind::Rejected), 400);
+        assert_eq!(status(UpstreamKind::Unavailable), 502);
+        assert_eq!(status(UpstreamKind::Timeout), 504);
+        assert_eq!(ApiError::NotConfigured.status().as_u16(), 503);
+    }
+
+    #[test]
+    fn upstream_errors_start_with_the_contract_prefix() {
+        let e = ApiError::Upstream(UpstreamError::new(UpstreamKind::Rejected, "model not found"));
+        assert_eq!(e.body()["error"], "OpenAI API error: model not found");
+    }
+
+    #[test]
+    fn retry_after_is_passed_on_in_whole_seconds() {
+        let e = ApiError::Upstream(UpstreamError::new(
+            UpstreamKind::RateLimited { retry_after: Some(Duration::from_millis(1500)) },
+            "slow down",
+        ));
+        let response = e.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+}

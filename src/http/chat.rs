@@ -1,0 +1,43 @@
+//! `POST /api/chat` (contract §6): a JSON answer, or with `"stream": true` server-sent events.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::domain::{ChatBody, ChatRequest};
+use crate::error::Result;
+use crate::http::extract::JsonBody;
+use crate::services::chat::{self, StreamEvent};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/chat", post(post_chat))
+}
+
+async fn post_chat(State(state): State<AppState>, headers: HeaderMap, JsonBody(body): JsonBody<ChatBody>) -> Result<Response> {
+    let header_session = headers.get("x-session-id").and_then(|v| v.to_str().ok());
+    let request = ChatRequest::parse(body, header_session, &state.config.openai.model)?;
+    if !request.stream {
+        return Ok(Json(chat::complete(&state, request).await?).into_response());
+    }
+    let events = chat::stream(&state, request).await?.map(|event| Ok::<_, Infallible>(sse_event(event)));
+    // Comments during long silences keep proxies and browsers from closing the stream.
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
+}
+
+fn sse_event(event: StreamEvent) -> Event {
+    let (name, data) = match event {
+        StreamEvent::Delta(content) => ("delta", json!({ "content": content })),
+        StreamEvent::Done(reply) => ("done", json!(reply)),
+        StreamEvent::Error(error) => ("error", json!({ "error": error })),
+    };
+    Event::default().event(name).data(data.to_string())
+}

@@ -1,0 +1,49 @@
+//! Answers for requests no handler took, and the guarantee that every error is JSON.
+
+use std::any::Any;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::http::{Method, Response, StatusCode, Uri, header};
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use crate::error::ApiError;
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_string())
+}
+
+pub async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
+}
+
+pub fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response<Body> {
+    ApiError::Internal("unexpected failure; it has been logged".into()).into_response()
+}
+
+/// Errors produced below the handlers (tower-http's 413 and 408, axum's own rejections) come
+/// as plain text or empty bodies; give them the contract's `{"error": ...}` shape.
+pub async fn ensure_json_error(request: Request, next: Next) -> Response<Body> {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "Request body is larger than the limit (REQUEST_BODY_LIMIT_BYTES).",
+        StatusCode::REQUEST_TIMEOUT => "The request took too long to answer (REQUEST_TIMEOUT_SECS).",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "Content-Type must be application/json.",
+        _ => status.canonical_reason().unwrap_or("Request failed"),
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, Body::from(json!({ "error": message }).to_string()))
+}

@@ -1,0 +1,87 @@
+//! Everything HTTP: the router, its layers, the extractors and the handlers.
+//!
+//! Each resource module owns its routes; this is the one place that puts them together and
+//! wraps them in the middleware stack.
+
+mod chat;
+mod errors;
+mod extract;
+mod health;
+mod openai;
+mod session;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
+
+use crate::config::Config;
+use crate::state::AppState;
+
+pub use extract::parse_json;
+
+/// The application: every route under `/api` with its middleware.
+pub fn router(state: AppState) -> Router {
+    let config = &state.config;
+    let layers = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Micros))
+                .on_failure(()),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(cors(config))
+        .layer(CatchPanicLayer::custom(errors::panic_response))
+        .layer(axum::middleware::from_fn(errors::ensure_json_error))
+        .layer(RequestBodyLimitLayer::new(config.body_limit))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout));
+
+    Router::new()
+        .merge(health::router())
+        .merge(chat::router())
+        .merge(session::router())
+        .merge(openai::router())
+        .fallback(errors::not_found)
+        .method_not_allowed_fallback(errors::method_not_allowed)
+        // The tower-http limit above answers 413 for every route; axum's own 2 MB default is off.
+        .layer(DefaultBodyLimit::disable())
+        .layer(layers)
+        .with_state(state)
+}
+
+/// One span per request: method, matched route (not the raw path when there is one), request id.
+fn request_span(request: &Request) -> tracing::Span {
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| request.uri().path().to_string());
+    let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+    tracing::info_span!("request", method = %request.method(), path = %path, request_id = %id)
+}
+
+/// Any origin by default (as the Flask service), or only `CORS_ALLOWED_ORIGINS`.
+fn cors(config: &Config) -> CorsLayer {
+    let origins = match &config.cors_origins {
+        None => AllowOrigin::from(Any),
+        Some(list) => AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, HeaderName::from_static("x-session-id"), HeaderName::from_static("x-request-id")])
+        .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
+        .max_age(Duration::from_secs(3600))
+}

@@ -1,0 +1,110 @@
+//! `GET /api/openai/info`, `/api/openai/test` (contract §5) and `/api/openai/usage` (§8).
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::domain::{ChatMessage, Role};
+use crate::error::ApiError;
+use crate::services::chat::with_key;
+use crate::services::credentials::Credentials;
+use crate::state::AppState;
+
+const TEST_PROMPT: &str = "Say 'Connection successful' if you can read this.";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/openai/info", get(info))
+        .route("/api/openai/test", get(test))
+        .route("/api/openai/usage", get(usage))
+}
+
+async fn info(State(state): State<AppState>) -> Json<Value> {
+    let credentials = state.credentials.get().await;
+    Json(info_body(&state, &credentials))
+}
+
+fn info_body(state: &AppState, credentials: &Credentials) -> Value {
+    let config = &state.config;
+    let key = credentials.key.as_ref();
+    let credentials_info = json!({
+        "openai_api_key_set": key.is_some(),
+        "openai_api_key_length": key.map_or(0, |k| k.len()),
+        "openai_api_key_prefix": key.and_then(|k| k.prefix()),
+        "openai_model": config.openai.model,
+        "env_file_path": config.env_file.display().to_string(),
+        "env_file_exists": config.env_file_exists,
+        "papita_api_url": config.papita.url,
+        "credential_source": credentials.source.as_str(),
+    });
+    match credentials.problem {
+        None => json!({
+            "model": config.openai.model,
+            "credentials_valid": true,
+            "credentials_info": credentials_info,
+            "base_url": config.openai.base_url,
+        }),
+        Some(reason) => json!({
+            "error": reason,
+            "credentials_info": credentials_info,
+            "base_url": config.openai.base_url,
+        }),
+    }
+}
+
+/// A real one-message call; not counted in usage statistics.
+async fn test(State(state): State<AppState>) -> Response {
+    let model = state.config.openai.model.clone();
+    let messages = [ChatMessage { role: Role::User, content: TEST_PROMPT.into() }];
+    let (model_ref, messages_ref, state_ref) = (&model, &messages, &state);
+    let outcome = with_key(&state, |key| async move { state_ref.openai.complete(&key, model_ref, messages_ref).await }).await;
+    match outcome {
+        Ok(completion) => Json(json!({
+            "status": "success",
+            "message": "OpenAI connection is working",
+            "test_response": completion.text,
+            "model": model,
+            "usage": completion.usage.unwrap_or_default(),
+        }))
+        .into_response(),
+        Err(ApiError::NotConfigured) => {
+            let credentials = state.credentials.get().await;
+            let body = json!({
+                "status": "error",
+                "message": "OpenAI service not configured",
+                "info": info_body(&state, &credentials),
+            });
+            (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+        }
+        Err(ApiError::Upstream(e)) => Json(json!({
+            "status": "error",
+            "message": format!("OpenAI connection failed: {}", e.message),
+            "model": model,
+        }))
+        .into_response(),
+        Err(other) => other.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    session_id: Option<String>,
+}
+
+async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery>) -> Json<Value> {
+    let credentials = state.credentials.get().await;
+    let account_info = match credentials.usable_key() {
+        Some(key) => json!({
+            "api_key_prefix": key.prefix(),
+            "model": state.config.openai.model,
+            "status": "active",
+        }),
+        None => json!({}),
+    };
+    let session = query.session_id.filter(|s| !s.trim().is_empty());
+    Json(state.usage.report(session.as_deref(), account_info))
+}

@@ -1,0 +1,221 @@
+//! Where the OpenAI key comes from (contract §3): Papita first, then `OPENAI_API_KEY`.
+//!
+//! The key is resolved when needed and cached. Callers never queue behind each other: one
+//! resolution runs at a time (single flight) and everyone else waits for its result; once a
+//! usable key is known, an expired cache is refreshed in the background while the old key keeps
+//! serving. `peek` never waits at all (health).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::domain::ApiKey;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    Papita,
+    LocalEnv,
+    None,
+}
+
+impl CredentialSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Papita => "papita_api",
+            Self::LocalEnv => "local_env",
+            Self::None => "none",
+        }
+    }
+}
+
+/// The outcome of one resolution.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The key found, valid or not (reported, as a prefix, by `/api/openai/info`).
+    pub key: Option<ApiKey>,
+    pub source: CredentialSource,
+    /// `Some` when the key is missing or unusable: the contract's reason text.
+    pub problem: Option<&'static str>,
+}
+
+pub const KEY_MISSING: &str = "OPENAI_API_KEY not found in environment variables. Please set it in .env file.";
+pub const KEY_INVALID: &str = "OPENAI_API_KEY appears to be invalid. OpenAI API keys start with 'sk-'.";
+
+impl Credentials {
+    /// The key to call OpenAI with, if there is a usable one.
+    pub fn usable_key(&self) -> Option<&ApiKey> {
+        if self.problem.is_none() { self.key.as_ref() } else { None }
+    }
+}
+
+struct Cached {
+    credentials: Arc<Credentials>,
+    expires: Instant,
+}
+
+pub struct CredentialProvider {
+    http: reqwest::Client,
+    papita_url: String,
+    papita_timeout: Duration,
+    env_key: Option<ApiKey>,
+    requires_sk: bool,
+    ttl: Duration,
+    failure_ttl: Duration,
+    cache: RwLock<Option<Cached>>,
+    /// Held while a resolution runs: at most one Papita request in flight.
+    resolving: tokio::sync::Mutex<()>,
+    background_refresh: AtomicBool,
+}
+
+impl CredentialProvider {
+    pub fn new(config: &Config, http: reqwest::Client) -> Self {
+        Self {
+            http,
+            papita_url: config.papita.url.clone(),
+            papita_timeout: config.papita.credentials_timeout,
+            env_key: config.openai.api_key.as_deref().and_then(ApiKey::parse),
+            requires_sk: config.openai.requires_sk_prefix(),
+            ttl: config.credentials_ttl,
+            failure_ttl: config.credentials_failure_ttl,
+            cache: RwLock::new(None),
+            resolving: tokio::sync::Mutex::new(()),
+            background_refresh: AtomicBool::new(false),
+        }
+    }
+
+    /// The current credentials, resolving them if nothing usable is cached.
+    pub async fn get(self: &Arc<Self>) -> Arc<Credentials> {
+        match self.cached() {
+            Some((creds, fresh)) if fresh => creds,
+            Some((creds, _)) if creds.usable_key().is_some() => {
+                // Stale but usable: answer now, refresh behind the caller's back.
+                self.refresh_in_background();
+                creds
+            }
+            _ => self.resolve_single_flight(None).await,
+        }
+    }
+
+    /// What is cached, without waiting; starts a refresh when that is stale or missing.
+    pub fn peek(self: &Arc<Self>) -> Option<Arc<Credentials>> {
+        let cached = self.cached();
+        if !matches!(cached, Some((_, true))) {
+            self.refresh_in_background();
+        }
+        cached.map(|(creds, _)| creds)
+    }
+
+    /// OpenAI said 401 to `rejected`: forget it and resolve again (once per rejected key, however
+    /// many requests saw the 401 at the same time).
+    pub async fn after_rejection(self: &Arc<Self>, rejected: &ApiKey) -> Arc<Credentials> {
+        self.resolve_single_flight(Some(rejected)).await
+    }
+
+    fn cached(&self) -> Option<(Arc<Credentials>, bool)> {
+        let guard = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|c| (c.credentials.clone(), Instant::now() < c.expires))
+    }
+
+    fn refresh_in_background(self: &Arc<Self>) {
+        if self.background_refresh.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.resolve_single_flight(None).await;
+            this.background_refresh.store(false, Ordering::Release);
+        });
+    }
+
+    async fn resolve_single_flight(&self, rejected: Option<&ApiKey>) -> Arc<Credentials> {
+        let _one_at_a_time = self.resolving.lock().await;
+        // Whoever held the lock before us may have resolved already.
+        if let Some((creds, fresh)) = self.cached() {
+            let still_rejected = rejected.is_some() && creds.key.as_ref() == rejected;
+            if fresh && !still_rejected {
+                return creds;
+            }
+        }
+        let creds = Arc::new(self.resolve().await);
+        // A key from Papita is kept for the full TTL; anything else is retried soon, so a Papita
+        // that comes up (or gains a key) is noticed quickly.
+        let ttl = if creds.source == CredentialSource::Papita { self.ttl } else { self.failure_ttl };
+        let mut guard = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        *guard = Some(Cached { credentials: creds.clone(), expires: Instant::now() + ttl });
+        creds
+    }
+
+    async fn resolve(&self) -> Credentials {
+        let (key, source) = match self.from_papita().await {
+            Some(key) => (Some(key), CredentialSource::Papita),
+            None => match &self.env_key {
+                Some(key) => (Some(key.clone()), CredentialSource::LocalEnv),
+                None => (None, CredentialSource::None),
+            },
+        };
+        let problem = match &key {
+            None => Some(KEY_MISSING),
+            Some(k) if self.requires_sk && !k.expose().starts_with("sk-") => Some(KEY_INVALID),
+            Some(_) => None,
+        };
+        tracing::info!(source = source.as_str(), usable = problem.is_none(), key = ?key, "resolved OpenAI credentials");
+        Credentials { key, source, problem }
+    }
+
+    /// Any failure (refused, timeout, non-200, not JSON, no key) falls through silently.
+    async fn from_papita(&self) -> Option<ApiKey> {
+        let url = format!("{}/api/credentials/global/openai", self.papita_url);
+        let response = match self.http.get(&url).timeout(self.papita_timeout).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "Papita credentials unavailable");
+                return None;
+            }
+        };
+        if response.status() != reqwest::StatusCode::OK {
+            tracing::debug!(status = response.status().as_u16(), "Papita credentials: no key");
+            return None;
+        }
+        let body: Value = response.json().await.ok()?;
+        key_from_papita_body(&body)
+    }
+}
+
+/// The first non-blank string among the contract's five places, in order.
+pub fn key_from_papita_body(body: &Value) -> Option<ApiKey> {
+    const PATHS: [&[&str]; 5] = [
+        &["credentials", "credentials", "api_key"],
+        &["credentials", "api_key"],
+        &["api_key"],
+        &["value"],
+        &["credential_value"],
+    ];
+    if !body.is_object() {
+        return None;
+    }
+    PATHS.iter().find_map(|path| {
+        let value = path.iter().try_fold(body, |v, key| v.get(key))?;
+        ApiKey::parse(value.as_str()?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn papita_key_is_taken_from_the_first_non_blank_place() {
+        let key = |v: Value| key_from_papita_body(&v).map(|k| k.expose().to_string());
+        assert_eq!(key(json!({"credentials": {"credentials": {"api_key": "sk-1"}}})).as_deref(), Some("sk-1"));
+        assert_eq!(key(json!({"credentials": {"api_key": " sk-2 "}})).as_deref(), Some("sk-2"));
+        assert_eq!(key(json!({"api_key": "", "value": "sk-4"})).as_deref(), Some("sk-4"));
+        assert_eq!(key(json!({"credential_value": "sk-5"})).as_deref(), Some("sk-5"));
+        assert_eq!(key(json!({"api_key": 5})), None);
+        assert_eq!(key(json!(["sk-x"])), None);
+        assert_eq!(key(json!({})), None);
+    }
+}

@@ -1,0 +1,229 @@
+//! The OpenAI client service: chat completions (whole or streamed) through async-openai, with
+//! our timeouts and our error classification (contract §6).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::error::OpenAIError;
+use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
+};
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+
+use crate::config::OpenAiSettings;
+use crate::domain::{ApiKey, ChatMessage, Role};
+use crate::error::{UpstreamError, UpstreamKind};
+use crate::services::openai_transport::{OpenAiTransport, RetryPolicy, UpstreamStatus};
+
+/// Token counts as the upstream reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TokenUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl From<CompletionUsage> for TokenUsage {
+    fn from(u: CompletionUsage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens.into(),
+            completion_tokens: u.completion_tokens.into(),
+            total_tokens: u.total_tokens.into(),
+        }
+    }
+}
+
+/// A whole answer.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    /// `None` when the server reported no usage (some OpenAI-compatible servers).
+    pub usage: Option<TokenUsage>,
+}
+
+/// One item of a streamed answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamPiece {
+    Delta(String),
+    Usage(TokenUsage),
+}
+
+pub struct OpenAiService {
+    base_url: String,
+    http: reqwest::Client,
+    transport: OpenAiTransport,
+    timeout: Duration,
+    stream_idle: Duration,
+    stream_max: Duration,
+    /// async-openai clients carry their key; keep the one for the current key.
+    client: Mutex<Option<(ApiKey, Arc<Client<OpenAIConfig>>)>>,
+}
+
+impl OpenAiService {
+    /// `http` is shared by every OpenAI call (connection pooling); it has a connect timeout but
+    /// no overall timeout, which would cut long healthy streams. Time limits are applied here.
+    pub fn new(settings: &OpenAiSettings, http: reqwest::Client) -> Self {
+        let policy = RetryPolicy { max_retries: settings.max_retries, budget: settings.retry_budget };
+        Self {
+            base_url: settings.base_url.clone(),
+            transport: OpenAiTransport::new(http.clone(), policy),
+            http,
+            timeout: settings.timeout,
+            stream_idle: settings.stream_idle_timeout,
+            stream_max: settings.stream_max,
+            client: Mutex::new(None),
+        }
+    }
+
+    fn client_for(&self, key: &ApiKey) -> Arc<Client<OpenAIConfig>> {
+        let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some((k, client)) if k == key => client.clone(),
+            _ => {
+                let config = OpenAIConfig::new().with_api_base(&self.base_url).with_api_key(key.expose());
+                let client = Arc::new(Client::build(self.http.clone(), config).with_http_service(self.transport.clone()));
+                *slot = Some((key.clone(), client.clone()));
+                client
+            }
+        }
+    }
+
+    /// One whole answer. Dropping the future drops the upstream request.
+    pub async fn complete(&self, key: &ApiKey, model: &str, messages: &[ChatMessage]) -> Result<Completion, UpstreamError> {
+        let client = self.client_for(key);
+        let request = build_request(model, messages, false);
+        let response = tokio::time::timeout(self.timeout, client.chat().create(request))
+            .await
+            .map_err(|_| timed_out("no answer", self.timeout))?
+            .map_err(|e| classify(e, key, &self.base_url))?;
+        let usage = response.usage.map(TokenUsage::from);
+        let choice = response.choices.into_iter().next().ok_or_else(|| {
+            UpstreamError::new(UpstreamKind::Unavailable, "the answer had no choices")
+        })?;
+        Ok(Completion { text: choice.message.content.unwrap_or_default(), usage })
+    }
+
+    /// A streamed answer. Errors before the stream starts (status codes, refused connection,
+    /// no response head in time) are returned here; later ones are the stream's last item.
+    /// Dropping the stream closes the upstream connection.
+    pub async fn stream(
+        &self,
+        key: &ApiKey,
+        model: &str,
+        messages: &[ChatMessage],
+    ) -> Result<impl Stream<Item = Result<StreamPiece, UpstreamError>> + Send + use<>, UpstreamError> {
+        let started = Instant::now();
+        let client = self.client_for(key);
+        let request = build_request(model, messages, true);
+        let mut upstream = tokio::time::timeout(self.timeout, client.chat().create_stream(request))
+            .await
+            .map_err(|_| timed_out("no answer", self.timeout))?
+            .map_err(|e| classify(e, key, &self.base_url))?;
+        let (first_limit, idle, max) = (self.timeout, self.stream_idle, self.stream_max);
+        let (key, base_url) = (key.clone(), self.base_url.clone());
+        Ok(async_stream::stream! {
+            let mut first = true;
+            loop {
+                // Time to the first token, then the longest silence between chunks, never past max.
+                let limit = if first { first_limit.saturating_sub(started.elapsed()) } else { idle };
+                let limit = limit.min(max.saturating_sub(started.elapsed()));
+                let next = match tokio::time::timeout(limit, upstream.next()).await {
+                    Ok(next) => next,
+                    Err(_) if started.elapsed() >= max => { yield Err(timed_out("the stream did not finish", max)); break; }
+                    Err(_) if first => { yield Err(timed_out("no first token", first_limit)); break; }
+                    Err(_) => { yield Err(timed_out("the stream stalled: no data", idle)); break; }
+                };
+                match next {
+                    None => break,
+                    Some(Err(e)) => { yield Err(classify(e, &key, &base_url)); break; }
+                    Some(Ok(chunk)) => {
+                        first = false;
+                        for choice in chunk.choices {
+                            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                                yield Ok(StreamPiece::Delta(text));
+                            }
+                        }
+                        if let Some(usage) = chunk.usage {
+                            yield Ok(StreamPiece::Usage(usage.into()));
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn build_request(model: &str, messages: &[ChatMessage], stream: bool) -> CreateChatCompletionRequest {
+    let messages = messages
+        .iter()
+        .map(|m| match m.role {
+            Role::System => ChatCompletionRequestSystemMessage::from(m.content.as_str()).into(),
+            Role::User => ChatCompletionRequestUserMessage::from(m.content.as_str()).into(),
+            Role::Assistant => ChatCompletionRequestAssistantMessage::from(m.content.as_str()).into(),
+        })
+        .collect::<Vec<ChatCompletionRequestMessage>>();
+    CreateChatCompletionRequest {
+        model: model.to_string(),
+        messages,
+        stream: stream.then_some(true),
+        // Without this, a streamed answer carries no usage and would be counted as zero tokens.
+        stream_options: stream.then(|| ChatCompletionStreamOptions { include_usage: Some(true), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn timed_out(what: &str, after: Duration) -> UpstreamError {
+    UpstreamError::new(UpstreamKind::Timeout, format!("{what} from the OpenAI server within {:.0} s", after.as_secs_f64()))
+}
+
+/// Maps async-openai's error to the client-facing classification; the key is redacted from
+/// anything the upstream said.
+fn classify(error: OpenAIError, key: &ApiKey, base_url: &str) -> UpstreamError {
+    let (kind, message) = match error {
+        OpenAIError::Boxed(boxed) => match boxed.downcast::<UpstreamStatus>() {
+            Ok(status) => (kind_of(status.status, status.retry_after), describe(&status)),
+            Err(other) => (UpstreamKind::Unavailable, other.to_string()),
+        },
+        OpenAIError::ApiError(api) => (kind_of(api.status_code, None), api.api_error.message),
+        OpenAIError::Reqwest(e) if e.is_timeout() => (UpstreamKind::Timeout, format!("request timed out: {}", root_cause(&e))),
+        OpenAIError::Reqwest(e) if e.is_connect() => {
+            (UpstreamKind::Unavailable, format!("cannot connect to {base_url}: {}", root_cause(&e)))
+        }
+        OpenAIError::Reqwest(e) => (UpstreamKind::Unavailable, format!("connection failed: {}", root_cause(&e))),
+        OpenAIError::JSONDeserialize(e, _) => (UpstreamKind::Unavailable, format!("malformed answer from the OpenAI server: {e}")),
+        OpenAIError::StreamError(e) => (UpstreamKind::Unavailable, format!("the stream broke: {e}")),
+        other => (UpstreamKind::Unavailable, other.to_string()),
+    };
+    UpstreamError::new(kind, key.redact(&message))
+}
+
+fn kind_of(status: reqwest::StatusCode, retry_after: Option<Duration>) -> UpstreamKind {
+    match status.as_u16() {
+        401 => UpstreamKind::Unauthorized,
+        429 => UpstreamKind::RateLimited { retry_after },
+        408 => UpstreamKind::Timeout,
+        400..=499 => UpstreamKind::Rejected,
+        _ => UpstreamKind::Unavailable,
+    }
+}
+
+fn describe(status: &UpstreamStatus) -> String {
+    if status.status.is_server_error() {
+        format!("server error {}: {}", status.status.as_u16(), status.message)
+    } else {
+        status.message.clone()
+    }
+}
+
+/// The innermost cause ("Connection refused"), which says more than reqwest's outer text.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}

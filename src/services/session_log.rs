@@ -1,0 +1,246 @@
+//! The session log (contract §10): daily JSON-lines files, one writer, group commit.
+//!
+//! One OS thread owns the files. Handlers hand it finished lines over a bounded channel; it takes
+//! whatever is queued, appends each date's lines with one `write`, makes them durable with one
+//! `fdatasync` per file, and only then acknowledges every line of the batch. So lines are never
+//! interleaved or torn, a 200 for a session start/stop means its line is on disk, and a hundred
+//! concurrent sessions cost one sync, not a hundred. A failed write is cut back to the last whole
+//! line and the file is reopened on the next batch, so logging resumes by itself once the folder
+//! is writable again.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+/// Lines taken into one batch at most.
+const MAX_BATCH: usize = 4096;
+
+/// A finished log line for the file of `date` (`YYYY-MM-DD`, the line's own timestamp date).
+#[derive(Debug)]
+pub struct Line {
+    pub date: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Line {
+    /// Serializes `entry` as the Flask service did (`json.dumps(..., ensure_ascii=False)`):
+    /// `", "` and `": "` separators, non-ASCII as is, keys in declaration order.
+    pub fn new<T: Serialize>(date: String, entry: &T) -> Self {
+        let mut bytes = Vec::with_capacity(160);
+        let mut ser = serde_json::Serializer::with_formatter(&mut bytes, PythonFormatter);
+        entry.serialize(&mut ser).expect("log entries always serialize");
+        bytes.push(b'\n');
+        Self { date, bytes }
+    }
+}
+
+/// `serde_json` formatting with Python's default separators.
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
+    }
+    fn begin_object_key<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
+        if first { Ok(()) } else { writer.write_all(b", ") }
+    }
+    fn begin_object_value<W: ?Sized + Write>(&mut self, writer: &mut W) -> io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
+enum Command {
+    Append { line: Line, ack: Option<oneshot::Sender<io::Result<()>>> },
+    /// Answered once everything queued before it has been handled.
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct SessionLog {
+    tx: mpsc::Sender<Command>,
+    dir: Arc<PathBuf>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl SessionLog {
+    /// Starts the writer thread for `dir` (created when first needed).
+    pub fn start(dir: PathBuf, capacity: usize) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel(capacity);
+        let writer = Writer { files: Vec::new(), dir: dir.clone() };
+        std::thread::Builder::new().name("session-log".into()).spawn(move || writer.run(rx))?;
+        Ok(Self { tx, dir: Arc::new(dir), dropped: Arc::default() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends a line and returns once it is on disk (fsync'd).
+    pub async fn append_durable(&self, line: Line) -> io::Result<()> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Command::Append { line, ack: Some(ack) })
+            .await
+            .map_err(|_| io::Error::other("the session log writer has stopped"))?;
+        done.await.unwrap_or_else(|_| Err(io::Error::other("the session log writer has stopped")))
+    }
+
+    /// Queues a line without waiting (metric lines: a slow disk must not slow a chat).
+    /// When the queue is full the line is dropped and counted.
+    pub fn append_background(&self, line: Line) {
+        if self.tx.try_send(Command::Append { line, ack: None }).is_err() {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(dropped, "session log queue full; metric line dropped");
+        }
+    }
+
+    /// Waits until everything queued so far has been written (shutdown).
+    pub async fn flush(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Command::Flush(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// The start time of `session_id` as logged in `date`'s file, if it is there
+    /// (sessions this process did not start). Blocking: call from `spawn_blocking`.
+    pub fn find_start_timestamp(dir: &Path, date: &str, session_id: &str) -> Option<String> {
+        let file = File::open(file_path(dir, date)).ok()?;
+        let needle = serde_json::to_string(session_id).ok()?;
+        BufReader::new(file).lines().map_while(Result::ok).find_map(|line| {
+            if !line.contains("\"session_start\"") || !line.contains(&needle) {
+                return None;
+            }
+            let value: serde_json::Value = serde_json::from_str(&line).ok()?;
+            (value["event"] == "session_start" && value["session_id"] == session_id)
+                .then(|| value["timestamp"].as_str().map(str::to_string))
+                .flatten()
+        })
+    }
+}
+
+pub fn file_path(dir: &Path, date: &str) -> PathBuf {
+    dir.join(format!("session_{date}.log"))
+}
+
+struct Writer {
+    dir: PathBuf,
+    /// Open files by date; at most two (today and, around midnight, yesterday).
+    files: Vec<(String, File)>,
+}
+
+/// The lines of one batch that go to one file.
+struct Group {
+    date: String,
+    bytes: Vec<u8>,
+    acks: Vec<oneshot::Sender<io::Result<()>>>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut groups: Vec<Group> = Vec::new();
+            let mut flushes = Vec::new();
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(command) = next.take() {
+                taken += 1;
+                match command {
+                    Command::Append { line, ack } => {
+                        let group = match groups.iter_mut().position(|g| g.date == line.date) {
+                            Some(i) => &mut groups[i],
+                            None => {
+                                groups.push(Group { date: line.date.clone(), bytes: Vec::new(), acks: Vec::new() });
+                                groups.last_mut().expect("just pushed")
+                            }
+                        };
+                        group.bytes.extend_from_slice(&line.bytes);
+                        group.acks.extend(ack);
+                    }
+                    Command::Flush(ack) => flushes.push(ack),
+                }
+                if taken < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            for group in groups {
+                let result = self.write_durably(&group.date, &group.bytes);
+                if let Err(e) = &result {
+                    tracing::error!(date = %group.date, error = %e, dir = %self.dir.display(), "session log write failed");
+                }
+                for ack in group.acks {
+                    let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+            for ack in flushes {
+                let _ = ack.send(());
+            }
+        }
+    }
+
+    fn write_durably(&mut self, date: &str, bytes: &[u8]) -> io::Result<()> {
+        let result = self.file(date).and_then(|file| {
+            let before = file.metadata()?.len();
+            let written = file.write_all(bytes).and_then(|_| file.sync_data());
+            if written.is_err() {
+                // Cut back to the last whole line, so a full disk never leaves half a line.
+                let _ = file.set_len(before);
+            }
+            written
+        });
+        if result.is_err() {
+            // Reopen next time: the folder may have been replaced, fixed or freed.
+            self.files.retain(|(d, _)| d != date);
+        }
+        result
+    }
+
+    fn file(&mut self, date: &str) -> io::Result<&mut File> {
+        if let Some(i) = self.files.iter().position(|(d, _)| d == date) {
+            return Ok(&mut self.files[i].1);
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let path = file_path(&self.dir, date);
+        let existed = path.exists();
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if !existed {
+            // Make the new directory entry itself durable.
+            File::open(&self.dir).and_then(|d| d.sync_all())?;
+        }
+        if self.files.len() >= 2 {
+            self.files.remove(0);
+        }
+        self.files.push((date.to_string(), file));
+        Ok(&mut self.files.last_mut().expect("just pushed").1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Sample<'a> {
+        event: &'a str,
+        n: f64,
+        list: Vec<u8>,
+        nested: serde_json::Value,
+    }
+
+    #[test]
+    fn lines_are_formatted_like_pythons_json_dumps() {
+        let line = Line::new(
+            "2026-11-23".into(),
+            &Sample { event: "café", n: 1.5, list: vec![1, 2], nested: serde_json::json!({"b": 1, "a": "x"}) },
+        );
+        assert_eq!(
+            String::from_utf8(line.bytes).unwrap(),
+            "{\"event\": \"café\", \"n\": 1.5, \"list\": [1, 2], \"nested\": {\"b\": 1, \"a\": \"x\"}}\n"
+        );
+    }
+}
