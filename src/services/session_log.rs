@@ -65,19 +65,31 @@ pub struct SessionLog {
     tx: mpsc::Sender<Command>,
     dir: Arc<PathBuf>,
     dropped: Arc<AtomicU64>,
+    syncs: Arc<AtomicU64>,
 }
 
 impl SessionLog {
     /// Starts the writer thread for `dir` (created when first needed).
     pub fn start(dir: PathBuf, capacity: usize) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity);
-        let writer = Writer { files: Vec::new(), dir: dir.clone() };
+        let syncs = Arc::new(AtomicU64::new(0));
+        let writer = Writer { files: Vec::new(), dir: dir.clone(), syncs: syncs.clone() };
         std::thread::Builder::new().name("session-log".into()).spawn(move || writer.run(rx))?;
-        Ok(Self { tx, dir: Arc::new(dir), dropped: Arc::default() })
+        Ok(Self { tx, dir: Arc::new(dir), dropped: Arc::default(), syncs })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How many `fdatasync`s the writer has made (one per file per batch, not per line).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Lines dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Appends a line and returns once it is on disk (fsync'd).
@@ -130,6 +142,7 @@ pub fn file_path(dir: &Path, date: &str) -> PathBuf {
 
 struct Writer {
     dir: PathBuf,
+    syncs: Arc<AtomicU64>,
     /// Open files by date; at most two (today and, around midnight, yesterday).
     files: Vec<(String, File)>,
 }
@@ -184,9 +197,11 @@ impl Writer {
     }
 
     fn write_durably(&mut self, date: &str, bytes: &[u8]) -> io::Result<()> {
+        let syncs = self.syncs.clone();
         let result = self.file(date).and_then(|file| {
             let before = file.metadata()?.len();
             let written = file.write_all(bytes).and_then(|_| file.sync_data());
+            syncs.fetch_add(1, Ordering::Relaxed);
             if written.is_err() {
                 // Cut back to the last whole line, so a full disk never leaves half a line.
                 let _ = file.set_len(before);
@@ -223,6 +238,29 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queued_lines_are_committed_together_with_one_sync_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel(1000);
+        let mut acks = Vec::new();
+        for i in 0..300 {
+            let (ack, done) = oneshot::channel();
+            let date = if i % 3 == 0 { "2026-11-23" } else { "2026-11-24" };
+            let line = Line::new(date.into(), &serde_json::json!({"i": i}));
+            tx.try_send(Command::Append { line, ack: Some(ack) }).unwrap();
+            acks.push(done);
+        }
+        drop(tx);
+        let syncs = Arc::new(AtomicU64::new(0));
+        Writer { dir: dir.path().to_path_buf(), syncs: syncs.clone(), files: Vec::new() }.run(rx);
+        assert_eq!(syncs.load(Ordering::Relaxed), 2, "one batch, two files");
+        for done in acks {
+            done.blocking_recv().unwrap().unwrap();
+        }
+        let lines = |d: &str| std::fs::read_to_string(file_path(dir.path(), d)).unwrap().lines().count();
+        assert_eq!((lines("2026-11-23"), lines("2026-11-24")), (100, 200));
+    }
 
     #[derive(Serialize)]
     struct Sample<'a> {

@@ -98,6 +98,11 @@ impl Sessions {
         Ok(Stopped { timestamp: timestamp(&now), duration_seconds: duration })
     }
 
+    /// Sessions remembered in memory (bounded by `SESSION_MAX_TRACKED` and `SESSION_MAX_AGE_HOURS`).
+    pub fn tracked(&self) -> usize {
+        self.registry().started.len()
+    }
+
     /// The id given, else the most recently started session.
     pub fn resolve(&self, session_id: Option<String>) -> Option<String> {
         session_id.or_else(|| self.registry().latest.clone())

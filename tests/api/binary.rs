@@ -1,0 +1,152 @@
+//! The `al-chat` binary itself: configuration errors, `.env` precedence, a busy port,
+//! `healthcheck`, and SIGTERM.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use al_chat::config::VARS;
+
+const BIN: &str = env!("CARGO_BIN_EXE_al-chat");
+
+/// A command with a clean environment (nothing from the developer's shell leaks in).
+fn al_chat(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear().current_dir(dir).env("PAPITA_API_URL", "http://127.0.0.1:9").env("RUST_LOG", "warn");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_until_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("al-chat did not start listening on {port}");
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+}
+
+fn wait_exit(mut child: Child) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "al-chat did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn get_json(port: u16, path: &str) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap().json().await.unwrap() })
+}
+
+#[test]
+fn help_lists_every_variable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = al_chat(tmp.path()).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for var in VARS {
+        assert!(text.contains(var.name), "--help misses {}", var.name);
+    }
+    assert!(text.contains("healthcheck") && text.contains("--env-file"));
+}
+
+#[test]
+fn a_bad_value_stops_start_up_with_one_clear_line_and_exit_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = al_chat(tmp.path()).env("PORT", "abc").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("PORT") && err.contains("abc"), "{err}");
+}
+
+#[test]
+fn a_missing_env_file_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = al_chat(tmp.path()).args(["--env-file", "nope.env"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.env"));
+}
+
+#[test]
+fn a_busy_port_fails_with_a_message_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let out = al_chat(tmp.path()).env("HOST", "127.0.0.1").env("PORT", port.to_string()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot listen on 127.0.0.1:") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn env_file_is_read_and_the_environment_wins_then_sigterm_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(
+        tmp.path().join(".env"),
+        format!("PORT={port}\nHOST=127.0.0.1\nOPENAI_MODEL=model-from-dotenv\nOPENAI_API_KEY=sk-from-dotenv-123456\nAL_CHAT_LOG_DIR=logs\n"),
+    )
+    .unwrap();
+    let child = al_chat(tmp.path()).env("OPENAI_MODEL", "model-from-env").spawn().unwrap();
+    wait_until_listening(port);
+
+    let info = get_json(port, "/api/openai/info");
+    assert_eq!(info["model"], "model-from-env", "environment wins: {info}");
+    assert_eq!(info["credentials_info"]["credential_source"], "local_env");
+    assert_eq!(info["credentials_info"]["openai_api_key_prefix"], "sk-from...");
+    assert_eq!(info["credentials_info"]["env_file_exists"], true);
+    assert!(info["credentials_info"]["env_file_path"].as_str().unwrap().ends_with(".env"));
+
+    // The healthcheck subcommand reads the same configuration and finds the service healthy.
+    let check = al_chat(tmp.path()).arg("healthcheck").output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    sigterm(&child);
+    let out = wait_exit(child);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // The project_init line was written to the configured folder before exit.
+    let logs: Vec<_> = std::fs::read_dir(tmp.path().join("logs")).unwrap().collect();
+    assert_eq!(logs.len(), 1);
+
+    let check = al_chat(tmp.path()).arg("healthcheck").output().unwrap();
+    assert_eq!(check.status.code(), Some(1), "nothing listens any more");
+}
+
+#[test]
+fn with_no_key_at_all_every_route_answers_and_chat_says_how_to_configure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = al_chat(tmp.path()).env("HOST", "127.0.0.1").env("PORT", port.to_string()).spawn().unwrap();
+    wait_until_listening(port);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+        let chat = client.post(url("/api/chat")).json(&serde_json::json!({"message": "hi"})).send().await.unwrap();
+        assert_eq!(chat.status(), 503);
+        let body: serde_json::Value = chat.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains("OPENAI_API_KEY"), "{body}");
+        for path in ["/api/health", "/api/openai/info", "/api/openai/usage"] {
+            assert_eq!(client.get(url(path)).send().await.unwrap().status(), 200, "{path}");
+        }
+        assert_eq!(client.get(url("/api/openai/test")).send().await.unwrap().status(), 500);
+        assert_eq!(client.post(url("/api/session/start")).send().await.unwrap().status(), 200);
+    });
+    sigterm(&child);
+    assert_eq!(wait_exit(child).status.code(), Some(0));
+}

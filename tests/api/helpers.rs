@@ -1,0 +1,212 @@
+//! `spawn_app()`: the real application on 127.0.0.1:0, its OpenAI and Papita pointed at loopback
+//! mocks, its session log in a temporary folder. Tests speak real HTTP to it.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::time::Duration;
+
+use al_chat::clock::{Clock, ManualClock, SystemClock};
+use al_chat::state::AppState;
+use al_chat::{Application, Config};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::mock_openai::MockOpenAi;
+use crate::mock_papita::MockPapita;
+
+/// The `.env`-style fallback key every test app starts with (any key works with a custom base URL).
+pub const TEST_KEY: &str = "sk-test-key-0123456789abcdefXYZ";
+
+pub struct TestApp {
+    pub url: String,
+    pub client: reqwest::Client,
+    pub openai: MockOpenAi,
+    pub papita: MockPapita,
+    pub log_dir: PathBuf,
+    pub state: AppState,
+    _tmp: tempfile::TempDir,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_, _, _| {}).await
+}
+
+/// `setup` may change the configuration and script the mocks before the app starts.
+pub async fn spawn_app_with(setup: impl FnOnce(&mut Config, &MockOpenAi, &MockPapita)) -> TestApp {
+    spawn_app_with_clock(Arc::new(SystemClock), setup).await
+}
+
+pub async fn spawn_app_with_clock(clock: Arc<dyn Clock>, setup: impl FnOnce(&mut Config, &MockOpenAi, &MockPapita)) -> TestApp {
+    init_logs();
+    let openai = MockOpenAi::start().await;
+    let papita = MockPapita::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = Config::defaults();
+    config.host = "127.0.0.1".into();
+    config.port = 0;
+    config.openai.base_url = openai.base_url();
+    config.openai.api_key = Some(TEST_KEY.into());
+    config.openai.timeout = Duration::from_secs(5);
+    config.papita.url = papita.url();
+    config.log_dir = tmp.path().join("SessionLog");
+    config.shutdown_grace = Duration::from_secs(5);
+    setup(&mut config, &openai, &papita);
+    let log_dir = config.log_dir.clone();
+
+    let app = Application::build_with_clock(config, clock).await.expect("app builds");
+    let url = format!("http://{}", app.local_addr());
+    let state = app.state().clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        url,
+        client: reqwest::Client::new(),
+        openai,
+        papita,
+        log_dir,
+        state,
+        _tmp: tmp,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
+}
+
+/// A clock the test moves, starting at the given local time.
+pub fn manual_clock(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micros: u32) -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(local(y, mo, d, h, mi, s, micros)))
+}
+
+pub fn local(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micros: u32) -> chrono::DateTime<chrono::Local> {
+    use chrono::TimeZone;
+    chrono::Local.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap() + chrono::Duration::microseconds(micros.into())
+}
+
+impl TestApp {
+    // These build the request before returning the future, so many can be in flight at once
+    // without borrowing their bodies.
+    pub fn get(&self, path: &str) -> impl Future<Output = reqwest::Response> + use<> {
+        let request = self.client.get(format!("{}{path}", self.url));
+        async move { request.send().await.expect("request sent") }
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> impl Future<Output = reqwest::Response> + use<> {
+        let request = self.client.post(format!("{}{path}", self.url)).json(body);
+        async move { request.send().await.expect("request sent") }
+    }
+
+    pub fn post_chat(&self, body: &Value) -> impl Future<Output = reqwest::Response> + use<> {
+        self.post_json("/api/chat", body)
+    }
+
+    pub async fn start_session(&self) -> Value {
+        let response = self.post_json("/api/session/start", &serde_json::json!({})).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    pub fn stop_session(&self, body: &Value) -> impl Future<Output = reqwest::Response> + use<> {
+        self.post_json("/api/session/stop", body)
+    }
+
+    /// Waits until the cached credentials say configured (they resolve in the background).
+    pub async fn wait_configured(&self, expected: bool) {
+        for _ in 0..100 {
+            let body: Value = self.get("/api/health").await.json().await.unwrap();
+            if body["openai_configured"] == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("openai_configured never became {expected}");
+    }
+
+    /// The parsed lines of one day's log file (empty if there is none).
+    pub fn log_lines(&self, date: &str) -> Vec<Value> {
+        read_log(&self.log_dir, date)
+    }
+
+    /// Stops the app as SIGTERM would, and waits until it has exited.
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server exits cleanly");
+        }
+    }
+
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn wait_stopped(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server exits cleanly");
+        }
+    }
+}
+
+pub fn read_log(dir: &Path, date: &str) -> Vec<Value> {
+    match std::fs::read_to_string(dir.join(format!("session_{date}.log"))) {
+        Ok(text) => text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"))).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Polls `check` until it holds or two seconds pass.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Every log line any test app wrote (debug level and up), for "the key never appears" checks.
+/// Printed as well when `TEST_LOG` is set.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&logs().lock().unwrap()).into_owned()
+}
+
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(Arc::default)
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = std::io::stderr().write_all(buf);
+        }
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let buffer = logs().clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("debug,hyper_util=info,hyper=info")
+            .with_ansi(false)
+            .with_writer(move || Capture(buffer.clone()))
+            .init();
+    });
+}

@@ -1,0 +1,20 @@
+//! Integration tests: the real application over real HTTP, with OpenAI and Papita faked by
+//! loopback servers. One binary; each module follows a part of ../shared/CONTRACT.md.
+
+mod helpers;
+mod mock_openai;
+mod mock_papita;
+
+mod binary;
+mod chat;
+mod credentials;
+
+mod health;
+mod http_errors;
+mod openai_routes;
+mod papita_usage;
+mod session_log;
+mod sessions;
+mod shutdown;
+
+mod usage_stats;

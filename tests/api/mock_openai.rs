@@ -1,0 +1,272 @@
+//! A small OpenAI-compatible server on loopback: `POST /v1/chat/completions`, whole or streamed,
+//! with scripted faults. It records what it was sent and notices when a caller goes away.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+/// What the mock does with the next request.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A normal answer: whole, or as deltas (one per word) when the request streams.
+    Text { text: String, prompt_tokens: u64, completion_tokens: u64, delay: Duration },
+    /// Any status with a body and headers.
+    Status { status: u16, body: String, headers: Vec<(String, String)> },
+    /// Accepts the request and never answers.
+    Hang,
+    /// 200 with a body that is not a chat completion.
+    Malformed,
+    /// A stream with full control over its shape.
+    Stream(StreamScript),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StreamScript {
+    pub deltas: Vec<String>,
+    pub usage: Option<(u64, u64)>,
+    /// Wait before the response head.
+    pub head_delay: Duration,
+    /// Wait before each chunk.
+    pub gap: Duration,
+    /// Break the connection after this many deltas.
+    pub cut_after: Option<usize>,
+    /// Send a chunk that is not JSON after the deltas.
+    pub malformed_chunk: bool,
+    /// Stop sending (but keep the connection open) after the deltas.
+    pub stall: bool,
+}
+
+impl Reply {
+    pub fn text(text: &str, prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self::Text { text: text.into(), prompt_tokens, completion_tokens, delay: Duration::ZERO }
+    }
+
+    pub fn slow(text: &str, delay: Duration) -> Self {
+        Self::Text { text: text.into(), prompt_tokens: 3, completion_tokens: 2, delay }
+    }
+
+    pub fn status(status: u16, message: &str) -> Self {
+        let body = json!({"error": {"message": message, "type": "test_error", "code": null}}).to_string();
+        Self::Status { status, body, headers: Vec::new() }
+    }
+
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        if let Self::Status { headers, .. } = &mut self {
+            headers.push((name.into(), value.into()));
+        }
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub authorization: String,
+    pub body: Value,
+}
+
+struct MockState {
+    script: Mutex<VecDeque<Reply>>,
+    default: Mutex<Reply>,
+    /// When set, only these keys are accepted (others get 401).
+    valid_keys: Mutex<Option<Vec<String>>>,
+    requests: Mutex<Vec<Recorded>>,
+    /// Requests whose caller went away before the answer was complete.
+    abandoned: AtomicUsize,
+    completed: AtomicUsize,
+}
+
+#[derive(Clone)]
+pub struct MockOpenAi {
+    pub addr: SocketAddr,
+    state: Arc<MockState>,
+}
+
+impl MockOpenAi {
+    pub async fn start() -> Self {
+        let state = Arc::new(MockState {
+            script: Mutex::default(),
+            default: Mutex::new(Reply::text("Hello from the mock", 11, 7)),
+            valid_keys: Mutex::default(),
+            requests: Mutex::default(),
+            abandoned: AtomicUsize::new(0),
+            completed: AtomicUsize::new(0),
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, state }
+    }
+
+    /// The `OPENAI_BASE_URL` pointing here.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Replies for the next requests, in order; after them the default.
+    pub fn enqueue(&self, reply: Reply) {
+        self.state.script.lock().unwrap().push_back(reply);
+    }
+
+    pub fn set_default(&self, reply: Reply) {
+        *self.state.default.lock().unwrap() = reply;
+    }
+
+    pub fn accept_only_keys(&self, keys: &[&str]) {
+        *self.state.valid_keys.lock().unwrap() = Some(keys.iter().map(|k| k.to_string()).collect());
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    pub fn abandoned(&self) -> usize {
+        self.state.abandoned.load(Ordering::SeqCst)
+    }
+
+    pub fn completed(&self) -> usize {
+        self.state.completed.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts the request as abandoned if dropped before `finish`.
+struct Watch {
+    state: Arc<MockState>,
+    finished: bool,
+}
+
+impl Watch {
+    fn finish(mut self) {
+        self.finished = true;
+        self.state.completed.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    state.requests.lock().unwrap().push(Recorded { authorization: authorization.clone(), body: body.clone() });
+    if let Some(keys) = state.valid_keys.lock().unwrap().as_ref() {
+        let key = authorization.strip_prefix("Bearer ").unwrap_or("");
+        if !keys.iter().any(|k| k == key) {
+            let error = json!({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}});
+            return (StatusCode::UNAUTHORIZED, Json(error)).into_response();
+        }
+    }
+    let reply = state.script.lock().unwrap().pop_front().unwrap_or_else(|| state.default.lock().unwrap().clone());
+    let model = body["model"].as_str().unwrap_or("gpt-3.5-turbo").to_string();
+    let streaming = body["stream"] == true;
+    let watch = Watch { state: state.clone(), finished: false };
+    match reply {
+        Reply::Text { text, prompt_tokens, completion_tokens, delay } if streaming => {
+            let deltas = text.split_inclusive(' ').map(str::to_string).collect();
+            let script = StreamScript { deltas, usage: Some((prompt_tokens, completion_tokens)), head_delay: delay, ..Default::default() };
+            stream_reply(script, model, watch).await
+        }
+        Reply::Text { text, prompt_tokens, completion_tokens, delay } => {
+            tokio::time::sleep(delay).await;
+            watch.finish();
+            Json(completion(&model, &text, prompt_tokens, completion_tokens)).into_response()
+        }
+        Reply::Status { status, body, headers } => {
+            let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
+            response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            for (name, value) in headers {
+                response.headers_mut().insert(axum::http::HeaderName::try_from(name).unwrap(), value.parse().unwrap());
+            }
+            watch.finish();
+            response
+        }
+        Reply::Hang => {
+            let _watch = watch;
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Reply::Malformed => {
+            watch.finish();
+            (StatusCode::OK, [("content-type", "application/json")], "{\"this is\": not a completion").into_response()
+        }
+        Reply::Stream(script) => stream_reply(script, model, watch).await,
+    }
+}
+
+fn completion(model: &str, text: &str, prompt: u64, completion: u64) -> Value {
+    json!({
+        "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000u32, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    })
+}
+
+fn chunk(model: &str, delta: Value, finish: Option<&str>) -> Bytes {
+    let data = json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u32, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": null
+    });
+    Bytes::from(format!("data: {data}\n\n"))
+}
+
+async fn stream_reply(script: StreamScript, model: String, watch: Watch) -> Response {
+    tokio::time::sleep(script.head_delay).await;
+    let body = async_stream::stream! {
+        let watch = watch;
+        yield Ok::<_, std::io::Error>(chunk(&model, json!({"role": "assistant", "content": ""}), None));
+        for (i, delta) in script.deltas.iter().enumerate() {
+            if script.cut_after == Some(i) {
+                yield Err(std::io::Error::other("connection cut by the mock"));
+                return;
+            }
+            tokio::time::sleep(script.gap).await;
+            yield Ok(chunk(&model, json!({"content": delta}), None));
+        }
+        if script.cut_after.is_some_and(|n| n >= script.deltas.len()) {
+            yield Err(std::io::Error::other("connection cut by the mock"));
+            return;
+        }
+        if script.stall {
+            std::future::pending::<()>().await;
+        }
+        if script.malformed_chunk {
+            yield Ok(Bytes::from_static(b"data: {not json at all\n\n"));
+        }
+        tokio::time::sleep(script.gap).await;
+        yield Ok(chunk(&model, json!({}), Some("stop")));
+        if let Some((p, c)) = script.usage {
+            let usage = json!({
+                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u32, "model": model,
+                "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+            });
+            yield Ok(Bytes::from(format!("data: {usage}\n\n")));
+        }
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+        watch.finish();
+    };
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(body))
+        .unwrap()
+}

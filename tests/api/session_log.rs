@@ -1,0 +1,141 @@
+//! Contract §10: the file format, rotation by each line's date, durability, faults.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{local, manual_clock, spawn_app, spawn_app_with, spawn_app_with_clock};
+
+fn today() -> String {
+    chrono::Local::now().format("%Y-%m-%d").to_string()
+}
+
+#[tokio::test]
+async fn project_init_is_written_at_start_up() {
+    let clock = manual_clock(2026, 11, 23, 7, 0, 0, 0);
+    let app = spawn_app_with_clock(clock, |_, _, _| {}).await;
+    crate::helpers::eventually("project_init", || !app.log_lines("2026-11-23").is_empty()).await;
+    let init = &app.log_lines("2026-11-23")[0];
+    let keys: Vec<&String> = init.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["event", "timestamp", "date", "project_criteria"]);
+    assert_eq!(init["event"], "project_init");
+    assert_eq!(init["project_criteria"]["name"], "AL-Chat");
+}
+
+#[tokio::test]
+async fn lines_are_written_as_the_flask_service_wrote_them() {
+    let clock = manual_clock(2026, 11, 23, 7, 0, 0, 0);
+    let app = spawn_app_with_clock(clock, |_, _, _| {}).await;
+    let id = app.start_session().await["session_id"].as_str().unwrap().to_string();
+    app.stop_session(&json!({"session_id": id, "metrics": {"note": "café ☕", "list": [1, 2]}})).await;
+    let text = std::fs::read_to_string(app.log_dir.join("session_2026-11-23.log")).unwrap();
+    assert!(text.contains("{\"event\": \"session_start\", \"session_id\": \"session_20261123_070000\", \"timestamp\": \"2026-11-23T07:00:00.000000\", \"date\": \"2026-11-23\"}\n"), "{text}");
+    assert!(text.contains("\"metrics\": {\"note\": \"café ☕\", \"list\": [1, 2]}}\n"), "{text}");
+    assert!(text.ends_with('\n'));
+}
+
+#[tokio::test]
+async fn lines_either_side_of_midnight_land_in_their_own_files() {
+    let clock = manual_clock(2026, 11, 23, 23, 59, 59, 999_999);
+    let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
+    let id = app.start_session().await["session_id"].as_str().unwrap().to_string();
+    clock.set(local(2026, 11, 24, 0, 0, 0, 0));
+    let body: Value = app.stop_session(&json!({"session_id": id})).await.json().await.unwrap();
+    assert_eq!(body["duration_seconds"], 0.000001);
+    let before: Vec<Value> = app.log_lines("2026-11-23");
+    let after: Vec<Value> = app.log_lines("2026-11-24");
+    assert!(before.iter().any(|l| l["event"] == "session_start" && l["date"] == "2026-11-23"));
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0]["event"], "session_stop");
+    assert_eq!(after[0]["date"], "2026-11-24");
+    assert_eq!(after[0]["timestamp"], "2026-11-24T00:00:00.000000");
+}
+
+#[tokio::test]
+async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("blocker");
+    std::fs::write(&blocker, "a file where the log folder's parent should be").unwrap();
+    let dir = blocker.join("SessionLog");
+    let app = spawn_app_with(move |c, _, _| c.log_dir = dir).await;
+
+    let r = app.post_json("/api/session/start", &json!({})).await;
+    assert_eq!(r.status(), 500);
+    let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+    assert!(error.starts_with("Could not write the session log"), "{error}");
+    assert_eq!(app.state.sessions.tracked(), 0, "no session half-started");
+    let r = app.stop_session(&json!({"session_id": "session_20261123_070000"})).await;
+    assert_eq!(r.status(), 500);
+    assert_eq!(app.get("/api/health").await.status(), 200);
+    assert_eq!(app.post_chat(&json!({"message": "hi", "sessionId": "x"})).await.status(), 200);
+
+    // The folder becomes writable: logging resumes without a restart.
+    std::fs::remove_file(&blocker).unwrap();
+    let r = app.post_json("/api/session/start", &json!({})).await;
+    assert_eq!(r.status(), 200);
+    let id = r.json::<Value>().await.unwrap()["session_id"].as_str().unwrap().to_string();
+    let lines = crate::helpers::read_log(&blocker.join("SessionLog"), &today());
+    assert!(lines.iter().any(|l| l["session_id"] == id.as_str()));
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_start_with_a_clear_error_and_leaves_no_torn_line() {
+    let clock = manual_clock(2026, 11, 23, 7, 0, 0, 0);
+    let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
+    crate::helpers::eventually("project_init", || !app.log_lines("2026-11-23").is_empty()).await;
+    // Tomorrow's file is a disk with no space left.
+    std::os::unix::fs::symlink("/dev/full", app.log_dir.join("session_2026-11-24.log")).unwrap();
+    clock.set(local(2026, 11, 24, 7, 0, 0, 0));
+    let r = app.post_json("/api/session/start", &json!({})).await;
+    assert_eq!(r.status(), 500);
+    let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("No space left"), "{error}");
+    // Space is freed (the file is a real file again): the next start succeeds.
+    std::fs::remove_file(app.log_dir.join("session_2026-11-24.log")).unwrap();
+    assert_eq!(app.post_json("/api/session/start", &json!({})).await.status(), 200);
+    let lines = app.log_lines("2026-11-24");
+    assert_eq!(lines.len(), 1, "only the successful start: {lines:?}");
+}
+
+#[tokio::test]
+async fn the_log_folder_is_created_when_missing() {
+    let app = spawn_app().await;
+    assert_eq!(app.post_json("/api/session/start", &json!({})).await.status(), 200);
+    assert!(app.log_dir.is_dir());
+}
+
+#[test]
+fn a_200_means_the_line_survives_a_kill() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_al-chat"))
+        .env_clear()
+        .current_dir(tmp.path())
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("PAPITA_API_URL", "http://127.0.0.1:9")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let id = rt.block_on(async {
+        let client = reqwest::Client::new();
+        for _ in 0..500 {
+            if let Ok(r) = client.post(format!("http://127.0.0.1:{port}/api/session/start")).send().await {
+                assert_eq!(r.status(), 200);
+                return r.json::<Value>().await.unwrap()["session_id"].as_str().unwrap().to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("al-chat did not start");
+    });
+    child.kill().unwrap(); // SIGKILL: no shutdown, no flush
+    child.wait().unwrap();
+    let text: String = std::fs::read_dir(tmp.path().join("SessionLog"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(text.contains(&format!("\"session_id\": \"{id}\"")), "{text}");
+}
