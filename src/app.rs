@@ -53,7 +53,10 @@ impl Application {
     }
 
     /// As `build`, with the clock used for timestamps, ids and log dates (tests move it).
-    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
+    pub async fn build_with_clock(
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartupError> {
         let pricing = PriceTable::load(config.pricing_file.as_deref())?;
         let addr = format!("{}:{}", config.host, config.port);
         let listener = TcpListener::bind((config.host.as_str(), config.port))
@@ -66,11 +69,15 @@ impl Application {
             .connect_timeout(config.openai.connect_timeout)
             .tcp_nodelay(true)
             .build()?;
-        let papita_http = reqwest::Client::builder().connect_timeout(PAPITA_CONNECT_TIMEOUT).tcp_nodelay(true).build()?;
+        let papita_http = reqwest::Client::builder()
+            .connect_timeout(PAPITA_CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()?;
 
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
-        let session_log = SessionLog::start(config.log_dir.clone(), SESSION_LOG_QUEUE).map_err(StartupError::SessionLog)?;
+        let session_log = SessionLog::start(config.log_dir.clone(), SESSION_LOG_QUEUE)
+            .map_err(StartupError::SessionLog)?;
         session_log.append_background(log_entries::project_init(&clock.now()));
 
         let credentials = Arc::new(CredentialProvider::new(&config, papita_http.clone()));
@@ -80,18 +87,35 @@ impl Application {
         let state = AppState::new(Services {
             openai: OpenAiService::new(&config.openai, openai_http),
             usage: UsageStats::new(pricing, &config.openai.model, config.sessions_max),
-            papita: UsageReporter::spawn(&config.papita, papita_http, &background, stop_background.clone()),
-            sessions: Sessions::new(session_log.clone(), clock.clone(), config.sessions_max, config.sessions_max_age),
+            papita: UsageReporter::spawn(
+                &config.papita,
+                papita_http,
+                &background,
+                stop_background.clone(),
+            ),
+            sessions: Sessions::new(
+                session_log.clone(),
+                clock.clone(),
+                config.sessions_max,
+                config.sessions_max_age,
+            ),
             session_log,
             credentials,
             clock,
             config,
         });
-        Ok(Self { listener, state, background, stop_background })
+        Ok(Self {
+            listener,
+            state,
+            background,
+            stop_background,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn state(&self) -> &AppState {
@@ -100,7 +124,10 @@ impl Application {
 
     /// Serves until `shutdown` completes; then stops accepting, lets in-flight requests finish
     /// within the grace period, and writes out everything queued.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
         let router = crate::http::router(self.state.clone());
         let grace = self.state.config.shutdown_grace;
         let stopping = CancellationToken::new();
@@ -119,7 +146,10 @@ impl Application {
         self.stop_background.cancel();
         self.state.session_log.flush().await;
         self.background.close();
-        if tokio::time::timeout(grace, self.background.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.background.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("Papita usage records still unsent after the grace period");
         }
         tracing::info!("stopped");

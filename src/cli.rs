@@ -10,7 +10,11 @@ use crate::config::Config;
 use crate::{Application, telemetry};
 
 #[derive(Debug, Parser)]
-#[command(name = "al-chat", version, about = "AL-Chat backend: chat through OpenAI, session logs, usage statistics")]
+#[command(
+    name = "al-chat",
+    version,
+    about = "AL-Chat backend: chat through OpenAI, session logs, usage statistics"
+)]
 struct Cli {
     /// Read variables from this file instead of ./.env (the environment still wins).
     #[arg(long, value_name = "PATH", global = true)]
@@ -49,7 +53,10 @@ pub fn run() -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     let _log_guard = telemetry::init(config.log_format, &config.log_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("al-chat: cannot start the async runtime: {e}");
@@ -82,12 +89,18 @@ fn healthcheck(config: &Config) -> ExitCode {
         other => other,
     };
     let url = format!("http://{host}:{}/api/health", config.port);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(_) => return ExitCode::FAILURE,
     };
     let healthy = runtime.block_on(async {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().ok()?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .ok()?;
         let response = client.get(&url).send().await.ok()?;
         let body: serde_json::Value = response.error_for_status().ok()?.json().await.ok()?;
         Some(body["status"] == "healthy")

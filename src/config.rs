@@ -25,35 +25,156 @@ pub struct Var {
 }
 
 pub const VARS: &[Var] = &[
-    Var { name: "HOST", default: "0.0.0.0", help: "listen address" },
-    Var { name: "PORT", default: "5000", help: "listen port" },
-    Var { name: "OPENAI_API_KEY", default: "", help: "fallback OpenAI key when Papita has none (the template placeholder counts as unset)" },
-    Var { name: "OPENAI_MODEL", default: "gpt-3.5-turbo", help: "default model" },
-    Var { name: "OPENAI_BASE_URL", default: DEFAULT_OPENAI_BASE_URL, help: "any OpenAI-compatible server" },
-    Var { name: "OPENAI_TIMEOUT_SECS", default: "120", help: "limit for a whole non-streamed answer, and for a stream's first token" },
-    Var { name: "OPENAI_CONNECT_TIMEOUT_SECS", default: "10", help: "TCP/TLS connect timeout to the OpenAI server" },
-    Var { name: "OPENAI_MAX_RETRIES", default: "2", help: "retries on 429 / 5xx / refused connections (0 disables)" },
-    Var { name: "OPENAI_RETRY_BUDGET_SECS", default: "10", help: "total time retries may wait; a longer Retry-After is passed to the client instead" },
-    Var { name: "OPENAI_STREAM_IDLE_TIMEOUT_SECS", default: "30", help: "a stream silent this long after its first token fails" },
-    Var { name: "OPENAI_STREAM_MAX_SECS", default: "600", help: "hard limit on one streamed answer" },
-    Var { name: "PAPITA_API_URL", default: "http://localhost:3000", help: "Papita: credentials and usage records" },
-    Var { name: "PAPITA_CREDENTIALS_TIMEOUT_MS", default: "2000", help: "timeout of the Papita credentials request" },
-    Var { name: "PAPITA_USAGE_TIMEOUT_SECS", default: "5", help: "timeout of one Papita usage record request" },
-    Var { name: "PAPITA_USAGE_QUEUE_CAPACITY", default: "10000", help: "usage records waiting for Papita; more are dropped and counted" },
-    Var { name: "PAPITA_USAGE_MAX_ATTEMPTS", default: "3", help: "attempts per usage record (connection errors and 5xx are retried)" },
-    Var { name: "CREDENTIALS_CACHE_SECS", default: "300", help: "how long a resolved key is used before asking Papita again" },
-    Var { name: "CREDENTIALS_FAILURE_CACHE_SECS", default: "5", help: "how long a resolution without a Papita key is kept" },
-    Var { name: "AL_CHAT_LOG_DIR", default: "./SessionLog", help: "session log folder (created if missing)" },
-    Var { name: "SESSION_MAX_TRACKED", default: "10000", help: "sessions remembered in memory (oldest forgotten first)" },
-    Var { name: "SESSION_MAX_AGE_HOURS", default: "48", help: "sessions older than this are forgotten (their stop still works from the log)" },
-    Var { name: "PRICING_FILE", default: "", help: "JSON price table replacing the built-in one" },
-    Var { name: "REQUEST_BODY_LIMIT_BYTES", default: "16777216", help: "larger request bodies get 413" },
-    Var { name: "REQUEST_TIMEOUT_SECS", default: "300", help: "limit for producing a response's head (streams then run on)" },
-    Var { name: "CORS_ALLOWED_ORIGINS", default: "", help: "comma-separated origins; empty allows any origin" },
-    Var { name: "SHUTDOWN_GRACE_SECS", default: "30", help: "on SIGTERM/Ctrl-C, how long in-flight requests may finish" },
-    Var { name: "LOG_FORMAT", default: "text", help: "text or json (one JSON object per line)" },
-    Var { name: "RUST_LOG", default: "info", help: "log filter, e.g. debug or al_chat=debug,tower_http=info" },
-    Var { name: "FLASK_ENV", default: "", help: "accepted and ignored (kept for the old deployment)" },
+    Var {
+        name: "HOST",
+        default: "0.0.0.0",
+        help: "listen address",
+    },
+    Var {
+        name: "PORT",
+        default: "5000",
+        help: "listen port",
+    },
+    Var {
+        name: "OPENAI_API_KEY",
+        default: "",
+        help: "fallback OpenAI key when Papita has none (the template placeholder counts as unset)",
+    },
+    Var {
+        name: "OPENAI_MODEL",
+        default: "gpt-3.5-turbo",
+        help: "default model",
+    },
+    Var {
+        name: "OPENAI_BASE_URL",
+        default: DEFAULT_OPENAI_BASE_URL,
+        help: "any OpenAI-compatible server",
+    },
+    Var {
+        name: "OPENAI_TIMEOUT_SECS",
+        default: "120",
+        help: "limit for a whole non-streamed answer, and for a stream's first token",
+    },
+    Var {
+        name: "OPENAI_CONNECT_TIMEOUT_SECS",
+        default: "10",
+        help: "TCP/TLS connect timeout to the OpenAI server",
+    },
+    Var {
+        name: "OPENAI_MAX_RETRIES",
+        default: "2",
+        help: "retries on 429 / 5xx / refused connections (0 disables)",
+    },
+    Var {
+        name: "OPENAI_RETRY_BUDGET_SECS",
+        default: "10",
+        help: "total time retries may wait; a longer Retry-After is passed to the client instead",
+    },
+    Var {
+        name: "OPENAI_STREAM_IDLE_TIMEOUT_SECS",
+        default: "30",
+        help: "a stream silent this long after its first token fails",
+    },
+    Var {
+        name: "OPENAI_STREAM_MAX_SECS",
+        default: "600",
+        help: "hard limit on one streamed answer",
+    },
+    Var {
+        name: "SSE_KEEPALIVE_SECS",
+        default: "15",
+        help: "a comment is sent on a silent stream this often (keeps proxies from closing it)",
+    },
+    Var {
+        name: "PAPITA_API_URL",
+        default: "http://localhost:3000",
+        help: "Papita: credentials and usage records",
+    },
+    Var {
+        name: "PAPITA_CREDENTIALS_TIMEOUT_MS",
+        default: "2000",
+        help: "timeout of the Papita credentials request",
+    },
+    Var {
+        name: "PAPITA_USAGE_TIMEOUT_SECS",
+        default: "5",
+        help: "timeout of one Papita usage record request",
+    },
+    Var {
+        name: "PAPITA_USAGE_QUEUE_CAPACITY",
+        default: "10000",
+        help: "usage records waiting for Papita; more are dropped and counted",
+    },
+    Var {
+        name: "PAPITA_USAGE_MAX_ATTEMPTS",
+        default: "3",
+        help: "attempts per usage record (connection errors and 5xx are retried)",
+    },
+    Var {
+        name: "CREDENTIALS_CACHE_SECS",
+        default: "300",
+        help: "how long a resolved key is used before asking Papita again",
+    },
+    Var {
+        name: "CREDENTIALS_FAILURE_CACHE_SECS",
+        default: "5",
+        help: "how long a resolution without a Papita key is kept",
+    },
+    Var {
+        name: "AL_CHAT_LOG_DIR",
+        default: "./SessionLog",
+        help: "session log folder (created if missing)",
+    },
+    Var {
+        name: "SESSION_MAX_TRACKED",
+        default: "10000",
+        help: "sessions remembered in memory (oldest forgotten first)",
+    },
+    Var {
+        name: "SESSION_MAX_AGE_HOURS",
+        default: "48",
+        help: "sessions older than this are forgotten (their stop still works from the log)",
+    },
+    Var {
+        name: "PRICING_FILE",
+        default: "",
+        help: "JSON price table replacing the built-in one",
+    },
+    Var {
+        name: "REQUEST_BODY_LIMIT_BYTES",
+        default: "16777216",
+        help: "larger request bodies get 413",
+    },
+    Var {
+        name: "REQUEST_TIMEOUT_SECS",
+        default: "300",
+        help: "limit for producing a response's head (streams then run on)",
+    },
+    Var {
+        name: "CORS_ALLOWED_ORIGINS",
+        default: "",
+        help: "comma-separated origins; empty allows any origin",
+    },
+    Var {
+        name: "SHUTDOWN_GRACE_SECS",
+        default: "30",
+        help: "on SIGTERM/Ctrl-C, how long in-flight requests may finish",
+    },
+    Var {
+        name: "LOG_FORMAT",
+        default: "text",
+        help: "text or json (one JSON object per line)",
+    },
+    Var {
+        name: "RUST_LOG",
+        default: "info",
+        help: "log filter, e.g. debug or al_chat=debug,tower_http=info",
+    },
+    Var {
+        name: "FLASK_ENV",
+        default: "",
+        help: "accepted and ignored (kept for the old deployment)",
+    },
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +195,7 @@ pub struct OpenAiSettings {
     pub retry_budget: Duration,
     pub stream_idle_timeout: Duration,
     pub stream_max: Duration,
+    pub sse_keepalive: Duration,
 }
 
 impl OpenAiSettings {
@@ -119,7 +241,11 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid {name}={value:?}: {reason}")]
-    Invalid { name: &'static str, value: String, reason: String },
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("cannot read env file {path}: {reason}")]
     EnvFile { path: PathBuf, reason: String },
 }
@@ -128,7 +254,9 @@ impl Config {
     /// Reads the process environment and the `.env` file (`env_file`, else `./.env`).
     pub fn load(env_file: Option<&Path>) -> Result<Self, ConfigError> {
         let explicit = env_file.is_some();
-        let path = env_file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".env"));
+        let path = env_file
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".env"));
         let path = std::path::absolute(&path).unwrap_or(path);
         let file_vars = read_env_file(&path, explicit)?;
         let exists = path.is_file();
@@ -143,9 +271,16 @@ impl Config {
         env_file: PathBuf,
         env_file_exists: bool,
     ) -> Result<Self, ConfigError> {
-        let src = Source { env: &env, file: file_vars };
+        let src = Source {
+            env: &env,
+            file: file_vars,
+        };
         let cors = src.raw("CORS_ALLOWED_ORIGINS").map(|v| {
-            v.split(',').map(str::trim).filter(|o| !o.is_empty()).map(String::from).collect::<Vec<_>>()
+            v.split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
         });
         let api_key = src
             .raw("OPENAI_API_KEY")
@@ -156,13 +291,27 @@ impl Config {
             "json" => LogFormat::Json,
             other => return Err(invalid("LOG_FORMAT", other, "expected text or json")),
         };
-        let base_url = src.string("OPENAI_BASE_URL").trim_end_matches('/').to_string();
+        let base_url = src
+            .string("OPENAI_BASE_URL")
+            .trim_end_matches('/')
+            .to_string();
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(invalid("OPENAI_BASE_URL", &base_url, "expected an http:// or https:// URL"));
+            return Err(invalid(
+                "OPENAI_BASE_URL",
+                &base_url,
+                "expected an http:// or https:// URL",
+            ));
         }
-        let papita_url = src.string("PAPITA_API_URL").trim_end_matches('/').to_string();
+        let papita_url = src
+            .string("PAPITA_API_URL")
+            .trim_end_matches('/')
+            .to_string();
         if !(papita_url.starts_with("http://") || papita_url.starts_with("https://")) {
-            return Err(invalid("PAPITA_API_URL", &papita_url, "expected an http:// or https:// URL"));
+            return Err(invalid(
+                "PAPITA_API_URL",
+                &papita_url,
+                "expected an http:// or https:// URL",
+            ));
         }
         Ok(Self {
             host: src.string("HOST"),
@@ -177,10 +326,13 @@ impl Config {
                 retry_budget: src.secs("OPENAI_RETRY_BUDGET_SECS")?,
                 stream_idle_timeout: src.secs("OPENAI_STREAM_IDLE_TIMEOUT_SECS")?,
                 stream_max: src.secs("OPENAI_STREAM_MAX_SECS")?,
+                sse_keepalive: src.secs("SSE_KEEPALIVE_SECS")?,
             },
             papita: PapitaSettings {
                 url: papita_url,
-                credentials_timeout: Duration::from_millis(src.positive("PAPITA_CREDENTIALS_TIMEOUT_MS")?),
+                credentials_timeout: Duration::from_millis(
+                    src.positive("PAPITA_CREDENTIALS_TIMEOUT_MS")?,
+                ),
                 usage_timeout: src.secs("PAPITA_USAGE_TIMEOUT_SECS")?,
                 usage_queue_capacity: src.positive("PAPITA_USAGE_QUEUE_CAPACITY")? as usize,
                 usage_max_attempts: src.positive("PAPITA_USAGE_MAX_ATTEMPTS")? as u32,
@@ -210,23 +362,39 @@ impl Config {
 
     /// `--help` text listing every variable with its default.
     pub fn help_text() -> String {
-        let mut out = String::from("Environment variables (also read from .env; the environment wins):\n");
+        let mut out =
+            String::from("Environment variables (also read from .env; the environment wins):\n");
         for var in VARS {
-            let default = if var.default.is_empty() { "unset" } else { var.default };
-            out.push_str(&format!("  {:<34} {} [default: {}]\n", var.name, var.help, default));
+            let default = if var.default.is_empty() {
+                "unset"
+            } else {
+                var.default
+            };
+            out.push_str(&format!(
+                "  {:<34} {} [default: {}]\n",
+                var.name, var.help, default
+            ));
         }
         out
     }
 }
 
 fn read_env_file(path: &Path, explicit: bool) -> Result<HashMap<String, String>, ConfigError> {
-    let env_err = |reason: String| ConfigError::EnvFile { path: path.to_path_buf(), reason };
+    let env_err = |reason: String| ConfigError::EnvFile {
+        path: path.to_path_buf(),
+        reason,
+    };
     if !path.is_file() {
         // A missing default `.env` is normal; a missing `--env-file` is a mistake.
-        return if explicit { Err(env_err("no such file".into())) } else { Ok(HashMap::new()) };
+        return if explicit {
+            Err(env_err("no such file".into()))
+        } else {
+            Ok(HashMap::new())
+        };
     }
     let iter = dotenvy::from_path_iter(path).map_err(|e| env_err(e.to_string()))?;
-    iter.map(|item| item.map_err(|e| env_err(e.to_string()))).collect()
+    iter.map(|item| item.map_err(|e| env_err(e.to_string())))
+        .collect()
 }
 
 struct Source<'a> {
@@ -239,11 +407,18 @@ impl Source<'_> {
     fn raw(&self, name: &str) -> Option<String> {
         (self.env)(name)
             .filter(|v| !v.trim().is_empty())
-            .or_else(|| self.file.get(name).filter(|v| !v.trim().is_empty()).cloned())
+            .or_else(|| {
+                self.file
+                    .get(name)
+                    .filter(|v| !v.trim().is_empty())
+                    .cloned()
+            })
     }
 
     fn string(&self, name: &'static str) -> String {
-        self.raw(name).map(|v| v.trim().to_string()).unwrap_or_else(|| default_of(name).to_string())
+        self.raw(name)
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| default_of(name).to_string())
     }
 
     fn parse<T: FromStr>(&self, name: &'static str) -> Result<T, ConfigError>
@@ -251,7 +426,9 @@ impl Source<'_> {
         T::Err: std::fmt::Display,
     {
         let value = self.string(name);
-        value.parse().map_err(|e: T::Err| invalid(name, &value, &e.to_string()))
+        value
+            .parse()
+            .map_err(|e: T::Err| invalid(name, &value, &e.to_string()))
     }
 
     fn positive(&self, name: &'static str) -> Result<u64, ConfigError> {
@@ -266,17 +443,28 @@ impl Source<'_> {
         let value = self.string(name);
         match value.parse::<f64>() {
             Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
-            _ => Err(invalid(name, &value, "expected a positive number of seconds")),
+            _ => Err(invalid(
+                name,
+                &value,
+                "expected a positive number of seconds",
+            )),
         }
     }
 }
 
 fn default_of(name: &str) -> &'static str {
-    VARS.iter().find(|v| v.name == name).map(|v| v.default).unwrap_or("")
+    VARS.iter()
+        .find(|v| v.name == name)
+        .map(|v| v.default)
+        .unwrap_or("")
 }
 
 fn invalid(name: &'static str, value: &str, reason: &str) -> ConfigError {
-    ConfigError::Invalid { name, value: value.to_string(), reason: reason.to_string() }
+    ConfigError::Invalid {
+        name,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -284,8 +472,14 @@ mod tests {
     use super::*;
 
     fn build(env: &[(&str, &str)], file: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let file = file.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let file = file
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_sources(|k| env.get(k).cloned(), &file, PathBuf::from(".env"), false)
     }
 
@@ -304,15 +498,31 @@ mod tests {
 
     #[test]
     fn environment_wins_over_env_file() {
-        let c = build(&[("OPENAI_MODEL", "gpt-4o")], &[("OPENAI_MODEL", "gpt-4"), ("PORT", "8080")]).unwrap();
+        let c = build(
+            &[("OPENAI_MODEL", "gpt-4o")],
+            &[("OPENAI_MODEL", "gpt-4"), ("PORT", "8080")],
+        )
+        .unwrap();
         assert_eq!(c.openai.model, "gpt-4o");
         assert_eq!(c.port, 8080);
     }
 
     #[test]
     fn placeholder_and_blank_keys_count_as_unset() {
-        assert!(build(&[("OPENAI_API_KEY", KEY_PLACEHOLDER)], &[]).unwrap().openai.api_key.is_none());
-        assert!(build(&[("OPENAI_API_KEY", "   ")], &[]).unwrap().openai.api_key.is_none());
+        assert!(
+            build(&[("OPENAI_API_KEY", KEY_PLACEHOLDER)], &[])
+                .unwrap()
+                .openai
+                .api_key
+                .is_none()
+        );
+        assert!(
+            build(&[("OPENAI_API_KEY", "   ")], &[])
+                .unwrap()
+                .openai
+                .api_key
+                .is_none()
+        );
         let c = build(&[("OPENAI_API_KEY", " sk-abc ")], &[]).unwrap();
         assert_eq!(c.openai.api_key.as_deref(), Some("sk-abc"));
     }
@@ -321,17 +531,36 @@ mod tests {
     fn bad_values_name_the_variable() {
         let err = build(&[("PORT", "abc")], &[]).unwrap_err().to_string();
         assert!(err.contains("PORT") && err.contains("abc"), "{err}");
-        let err = build(&[("LOG_FORMAT", "xml")], &[]).unwrap_err().to_string();
+        let err = build(&[("LOG_FORMAT", "xml")], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("LOG_FORMAT"), "{err}");
-        let err = build(&[("OPENAI_TIMEOUT_SECS", "-1")], &[]).unwrap_err().to_string();
+        let err = build(&[("OPENAI_TIMEOUT_SECS", "-1")], &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("OPENAI_TIMEOUT_SECS"), "{err}");
     }
 
     #[test]
     fn cors_origins_are_a_trimmed_list() {
-        let c = build(&[("CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example ,")], &[]).unwrap();
-        assert_eq!(c.cors_origins.unwrap(), vec!["https://a.example", "https://b.example"]);
-        assert!(build(&[("CORS_ALLOWED_ORIGINS", "*")], &[]).unwrap().cors_origins.is_none());
+        let c = build(
+            &[(
+                "CORS_ALLOWED_ORIGINS",
+                "https://a.example, https://b.example ,",
+            )],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.cors_origins.unwrap(),
+            vec!["https://a.example", "https://b.example"]
+        );
+        assert!(
+            build(&[("CORS_ALLOWED_ORIGINS", "*")], &[])
+                .unwrap()
+                .cors_origins
+                .is_none()
+        );
     }
 
     #[test]

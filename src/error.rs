@@ -11,7 +11,8 @@ use serde_json::json;
 
 /// Contract §6: the not-configured answer.
 pub const NOT_CONFIGURED: &str = "OpenAI service not configured. Please set OPENAI_API_KEY in .env file or ensure Papita API is running.";
-const INVALID_KEY: &str = "Invalid OpenAI API key. Please check your credentials in Papita API or .env file.";
+const INVALID_KEY: &str =
+    "Invalid OpenAI API key. Please check your credentials in Papita API or .env file.";
 const INVALID_KEY_DETAILS: &str = "The OpenAI API key is invalid or expired. If using Papita API, ensure it's running and has valid credentials.";
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
@@ -27,7 +28,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("Request body is larger than the limit (REQUEST_BODY_LIMIT_BYTES).")]
     PayloadTooLarge,
-    #[error("Content-Type must be application/json (with curl: -H 'Content-Type: application/json').")]
+    #[error(
+        "Content-Type must be application/json (with curl: -H 'Content-Type: application/json')."
+    )]
     UnsupportedMediaType,
     #[error("{NOT_CONFIGURED}")]
     NotConfigured,
@@ -65,7 +68,10 @@ pub enum UpstreamKind {
 
 impl UpstreamError {
     pub fn new(kind: UpstreamKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -92,7 +98,10 @@ impl ApiError {
     /// The JSON body: `error` always, `details` where the contract has one.
     pub fn body(&self) -> serde_json::Value {
         match self {
-            Self::Upstream(UpstreamError { kind: UpstreamKind::Unauthorized, .. }) => {
+            Self::Upstream(UpstreamError {
+                kind: UpstreamKind::Unauthorized,
+                ..
+            }) => {
                 json!({ "error": INVALID_KEY, "details": INVALID_KEY_DETAILS })
             }
             other => json!({ "error": other.to_string() }),
@@ -109,7 +118,13 @@ impl IntoResponse for ApiError {
             tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
         }
         let mut response = (status, axum::Json(self.body())).into_response();
-        if let Self::Upstream(UpstreamError { kind: UpstreamKind::RateLimited { retry_after: Some(wait) }, .. }) = self {
+        if let Self::Upstream(UpstreamError {
+            kind: UpstreamKind::RateLimited {
+                retry_after: Some(wait),
+            },
+            ..
+        }) = self
+        {
             // Whole seconds, rounded up, as Retry-After requires.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
@@ -126,7 +141,11 @@ mod tests {
 
     #[test]
     fn upstream_kinds_map_to_the_contract_statuses() {
-        let status = |kind| ApiError::Upstream(UpstreamError::new(kind, "x")).status().as_u16();
+        let status = |kind| {
+            ApiError::Upstream(UpstreamError::new(kind, "x"))
+                .status()
+                .as_u16()
+        };
         assert_eq!(status(UpstreamKind::Unauthorized), 401);
         assert_eq!(status(UpstreamKind::RateLimited { retry_after: None }), 429);
         assert_eq!(status(UpstreamKind::Rejected), 400);
@@ -137,14 +156,19 @@ mod tests {
 
     #[test]
     fn upstream_errors_start_with_the_contract_prefix() {
-        let e = ApiError::Upstream(UpstreamError::new(UpstreamKind::Rejected, "model not found"));
+        let e = ApiError::Upstream(UpstreamError::new(
+            UpstreamKind::Rejected,
+            "model not found",
+        ));
         assert_eq!(e.body()["error"], "OpenAI API error: model not found");
     }
 
     #[test]
     fn retry_after_is_passed_on_in_whole_seconds() {
         let e = ApiError::Upstream(UpstreamError::new(
-            UpstreamKind::RateLimited { retry_after: Some(Duration::from_millis(1500)) },
+            UpstreamKind::RateLimited {
+                retry_after: Some(Duration::from_millis(1500)),
+            },
             "slow down",
         ));
         let response = e.into_response();

@@ -44,7 +44,11 @@ impl ApiKey {
 
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ApiKey({})", self.prefix().unwrap_or_else(|| "***".into()))
+        write!(
+            f,
+            "ApiKey({})",
+            self.prefix().unwrap_or_else(|| "***".into())
+        )
     }
 }
 
@@ -54,7 +58,10 @@ mod tests {
 
     #[test]
     fn prefix_is_seven_characters_or_none() {
-        assert_eq!(ApiKey::parse("sk-abcdefgh").unwrap().prefix().as_deref(), Some("sk-abcd..."));
+        assert_eq!(
+            ApiKey::parse("sk-abcdefgh").unwrap().prefix().as_deref(),
+            Some("sk-abcd...")
+        );
         assert_eq!(ApiKey::parse("sk-abcd").unwrap().prefix(), None);
         assert!(ApiKey::parse("  ").is_none());
     }
@@ -63,6 +70,9 @@ mod tests {
     fn debug_and_redact_never_show_the_whole_key() {
         let key = ApiKey::parse("sk-secret-1234567890").unwrap();
         assert!(!format!("{key:?}").contains("1234567890"));
-        assert_eq!(key.redact("bad key sk-secret-1234567890!"), "bad key sk-secr...!");
+        assert_eq!(
+            key.redact("bad key sk-secret-1234567890!"),
+            "bad key sk-secr...!"
+        );
     }
 }

@@ -81,13 +81,20 @@ pub struct ChatRequest {
 pub const MESSAGE_REQUIRED: &str = "Message or attachment is required";
 
 impl ChatRequest {
-    pub fn parse(body: ChatBody, header_session_id: Option<&str>, default_model: &str) -> Result<Self, ApiError> {
+    pub fn parse(
+        body: ChatBody,
+        header_session_id: Option<&str>,
+        default_model: &str,
+    ) -> Result<Self, ApiError> {
         let message = body.message.unwrap_or_default();
         let files = match body.attached_files {
             Some(files) if !files.is_empty() => files,
             // Legacy single-file fields, used when `attached_files` is empty or missing.
             _ => match body.attached_content.filter(|c| !c.is_empty()) {
-                Some(content) => vec![AttachedFile { name: body.attached_filename, content: Some(content) }],
+                Some(content) => vec![AttachedFile {
+                    name: body.attached_filename,
+                    content: Some(content),
+                }],
                 None => Vec::new(),
             },
         };
@@ -99,17 +106,38 @@ impl ChatRequest {
             .history
             .unwrap_or_default()
             .into_iter()
-            .map(|item| ChatMessage { role: item.role, content: item.content })
+            .map(|item| ChatMessage {
+                role: item.role,
+                content: item.content,
+            })
             .collect();
-        messages.push(ChatMessage { role: Role::User, content: compose_user_message(&message, &files) });
+        messages.push(ChatMessage {
+            role: Role::User,
+            content: compose_user_message(&message, &files),
+        });
 
         let model = non_blank(body.model).unwrap_or_else(|| default_model.to_string());
         let user = match non_blank(body.username) {
-            Some(name) if name != "guest" => UserIdentity { username: name, is_guest: body.is_guest.unwrap_or(true) },
-            _ => UserIdentity { username: "guest".into(), is_guest: true },
+            Some(name) if name != "guest" => UserIdentity {
+                username: name,
+                is_guest: body.is_guest.unwrap_or(true),
+            },
+            _ => UserIdentity {
+                username: "guest".into(),
+                is_guest: true,
+            },
         };
-        let session_id = header_session_id.map(str::to_string).and_then(|s| non_blank(Some(s))).or_else(|| non_blank(body.session_id));
-        Ok(Self { messages, model, user, session_id, stream: body.stream.unwrap_or(false) })
+        let session_id = header_session_id
+            .map(str::to_string)
+            .and_then(|s| non_blank(Some(s)))
+            .or_else(|| non_blank(body.session_id));
+        Ok(Self {
+            messages,
+            model,
+            user,
+            session_id,
+            stream: body.stream.unwrap_or(false),
+        })
     }
 }
 
@@ -123,8 +151,17 @@ pub fn compose_user_message(message: &str, files: &[AttachedFile]) -> String {
         .iter()
         .enumerate()
         .map(|(i, file)| {
-            let name = file.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("file");
-            format!("[Attached file {}: {}]\n\n{}", i + 1, name, file.content.as_deref().unwrap_or(""))
+            let name = file
+                .name
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or("file");
+            format!(
+                "[Attached file {}: {}]\n\n{}",
+                i + 1,
+                name,
+                file.content.as_deref().unwrap_or("")
+            )
         })
         .collect();
     let prompt = if !message.trim().is_empty() {
@@ -138,7 +175,9 @@ pub fn compose_user_message(message: &str, files: &[AttachedFile]) -> String {
 }
 
 fn non_blank(value: Option<String>) -> Option<String> {
-    value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+    value
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]
@@ -146,7 +185,10 @@ mod tests {
     use super::*;
 
     fn file(name: &str, content: &str) -> AttachedFile {
-        AttachedFile { name: Some(name.into()), content: Some(content.into()) }
+        AttachedFile {
+            name: Some(name.into()),
+            content: Some(content.into()),
+        }
     }
 
     fn parse(json: serde_json::Value) -> Result<ChatRequest, ApiError> {
@@ -172,14 +214,20 @@ mod tests {
             compose_user_message("Diff?", &[file("a", "A"), AttachedFile::default()]),
             "[Attached file 1: a]\n\nA\n\n---\n\n[Attached file 2: file]\n\n\n\n---\n\nDiff?"
         );
-        assert!(compose_user_message("", &[file("a", "A"), file("b", "B")])
-            .ends_with("Please compare and analyze the attached files."));
+        assert!(
+            compose_user_message("", &[file("a", "A"), file("b", "B")])
+                .ends_with("Please compare and analyze the attached files.")
+        );
     }
 
     #[test]
     fn legacy_attachment_fields_make_one_file() {
-        let req = parse(serde_json::json!({"attached_content": "X", "attached_files": []})).unwrap();
-        assert_eq!(req.messages[0].content, "[Attached file 1: file]\n\nX\n\n---\n\nPlease analyze the attached file.");
+        let req =
+            parse(serde_json::json!({"attached_content": "X", "attached_files": []})).unwrap();
+        assert_eq!(
+            req.messages[0].content,
+            "[Attached file 1: file]\n\nX\n\n---\n\nPlease analyze the attached file."
+        );
     }
 
     #[test]
@@ -190,17 +238,32 @@ mod tests {
 
     #[test]
     fn guest_rules() {
-        let req = parse(serde_json::json!({"message": "m", "username": "guest", "isGuest": false})).unwrap();
-        assert_eq!(req.user, UserIdentity { username: "guest".into(), is_guest: true });
-        let req = parse(serde_json::json!({"message": "m", "username": "ana", "isGuest": false})).unwrap();
-        assert_eq!(req.user, UserIdentity { username: "ana".into(), is_guest: false });
+        let req = parse(serde_json::json!({"message": "m", "username": "guest", "isGuest": false}))
+            .unwrap();
+        assert_eq!(
+            req.user,
+            UserIdentity {
+                username: "guest".into(),
+                is_guest: true
+            }
+        );
+        let req = parse(serde_json::json!({"message": "m", "username": "ana", "isGuest": false}))
+            .unwrap();
+        assert_eq!(
+            req.user,
+            UserIdentity {
+                username: "ana".into(),
+                is_guest: false
+            }
+        );
         let req = parse(serde_json::json!({"message": "m", "username": "ana"})).unwrap();
         assert!(req.user.is_guest);
     }
 
     #[test]
     fn header_session_id_wins() {
-        let body = serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "b"})).unwrap();
+        let body =
+            serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "b"})).unwrap();
         let req = ChatRequest::parse(body, Some("a"), "m").unwrap();
         assert_eq!(req.session_id.as_deref(), Some("a"));
     }

@@ -1,7 +1,6 @@
 //! `POST /api/chat` (contract §6): a JSON answer, or with `"stream": true` server-sent events.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -22,15 +21,22 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/chat", post(post_chat))
 }
 
-async fn post_chat(State(state): State<AppState>, headers: HeaderMap, JsonBody(body): JsonBody<ChatBody>) -> Result<Response> {
+async fn post_chat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ChatBody>,
+) -> Result<Response> {
     let header_session = headers.get("x-session-id").and_then(|v| v.to_str().ok());
     let request = ChatRequest::parse(body, header_session, &state.config.openai.model)?;
     if !request.stream {
         return Ok(Json(chat::complete(&state, request).await?).into_response());
     }
-    let events = chat::stream(&state, request).await?.map(|event| Ok::<_, Infallible>(sse_event(event)));
     // Comments during long silences keep proxies and browsers from closing the stream.
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
+    let keepalive = KeepAlive::new().interval(state.config.openai.sse_keepalive);
+    let events = chat::stream(&state, request)
+        .await?
+        .map(|event| Ok::<_, Infallible>(sse_event(event)));
+    Ok(Sse::new(events).keep_alive(keepalive).into_response())
 }
 
 fn sse_event(event: StreamEvent) -> Event {

@@ -4,8 +4,8 @@ use std::any::Any;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::middleware::Next;
 use axum::http::{Method, Response, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::IntoResponse;
 use serde_json::json;
 
@@ -37,13 +37,20 @@ pub async fn ensure_json_error(request: Request, next: Next) -> Response<Body> {
         return response;
     }
     let message = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => "Request body is larger than the limit (REQUEST_BODY_LIMIT_BYTES).",
-        StatusCode::REQUEST_TIMEOUT => "The request took too long to answer (REQUEST_TIMEOUT_SECS).",
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "Request body is larger than the limit (REQUEST_BODY_LIMIT_BYTES)."
+        }
+        StatusCode::REQUEST_TIMEOUT => {
+            "The request took too long to answer (REQUEST_TIMEOUT_SECS)."
+        }
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "Content-Type must be application/json.",
         _ => status.canonical_reason().unwrap_or("Request failed"),
     };
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    parts.headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     Response::from_parts(parts, Body::from(json!({ "error": message }).to_string()))
 }

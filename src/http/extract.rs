@@ -24,15 +24,23 @@ where
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
             .is_some_and(|mime| mime == "application/json" || mime.ends_with("+json"));
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest(format!("Could not read the request body: {rejection}"))
-            }
-        })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge
+                } else {
+                    ApiError::BadRequest(format!("Could not read the request body: {rejection}"))
+                }
+            })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return parse_json(b"{}").map(JsonBody);
         }
@@ -47,7 +55,9 @@ where
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // serde would also accept an array for a struct (as a tuple); the contract wants objects.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::BadRequest("Request body must be a JSON object.".into()));
+        return Err(ApiError::BadRequest(
+            "Request body must be a JSON object.".into(),
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
@@ -61,7 +71,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             format!("Invalid field '{path}': {inner}")
         })
     })?;
-    de.end().map_err(|e| ApiError::BadRequest(format!("Request body is not valid JSON: {e}")))?;
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("Request body is not valid JSON: {e}")))?;
     Ok(value)
 }
 
@@ -72,17 +83,34 @@ mod tests {
 
     #[test]
     fn wrong_field_types_name_the_field() {
-        let err = parse_json::<ChatBody>(br#"{"message": 5}"#).unwrap_err().to_string();
-        assert!(err.starts_with("Invalid field 'message': invalid type: integer `5`, expected a string"), "{err}");
-        let err = parse_json::<ChatBody>(br#"{"history": [{"role": "robot", "content": "x"}]}"#).unwrap_err().to_string();
-        assert!(err.contains("'history[0].role'") && err.contains("robot"), "{err}");
+        let err = parse_json::<ChatBody>(br#"{"message": 5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "Invalid field 'message': invalid type: integer `5`, expected a string"
+            ),
+            "{err}"
+        );
+        let err = parse_json::<ChatBody>(br#"{"history": [{"role": "robot", "content": "x"}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'history[0].role'") && err.contains("robot"),
+            "{err}"
+        );
     }
 
     #[test]
     fn non_objects_and_bad_syntax_are_explained() {
         let err = parse_json::<ChatBody>(b"[1]").unwrap_err().to_string();
-        assert!(err.starts_with("Request body must be a JSON object"), "{err}");
-        let err = parse_json::<ChatBody>(b"{\"message\": ").unwrap_err().to_string();
+        assert!(
+            err.starts_with("Request body must be a JSON object"),
+            "{err}"
+        );
+        let err = parse_json::<ChatBody>(b"{\"message\": ")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("Request body is not valid JSON"), "{err}");
         let err = parse_json::<ChatBody>(b"{} x").unwrap_err().to_string();
         assert!(err.starts_with("Request body is not valid JSON"), "{err}");

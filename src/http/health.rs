@@ -13,7 +13,10 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn health(State(state): State<AppState>) -> Json<Value> {
-    let configured = state.credentials.peek().is_some_and(|c| c.usable_key().is_some());
+    let configured = state
+        .credentials
+        .peek()
+        .is_some_and(|c| c.usable_key().is_some());
     Json(json!({
         "status": "healthy",
         "timestamp": timestamp(&state.clock.now()),

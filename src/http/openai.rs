@@ -59,9 +59,18 @@ fn info_body(state: &AppState, credentials: &Credentials) -> Value {
 /// A real one-message call; not counted in usage statistics.
 async fn test(State(state): State<AppState>) -> Response {
     let model = state.config.openai.model.clone();
-    let messages = [ChatMessage { role: Role::User, content: TEST_PROMPT.into() }];
+    let messages = [ChatMessage {
+        role: Role::User,
+        content: TEST_PROMPT.into(),
+    }];
     let (model_ref, messages_ref, state_ref) = (&model, &messages, &state);
-    let outcome = with_key(&state, |key| async move { state_ref.openai.complete(&key, model_ref, messages_ref).await }).await;
+    let outcome = with_key(&state, |key| async move {
+        state_ref
+            .openai
+            .complete(&key, model_ref, messages_ref)
+            .await
+    })
+    .await;
     match outcome {
         Ok(completion) => Json(json!({
             "status": "success",

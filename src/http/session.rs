@@ -11,13 +11,17 @@ use crate::http::extract::JsonBody;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/session/start", post(start)).route("/api/session/stop", post(stop))
+    Router::new()
+        .route("/api/session/start", post(start))
+        .route("/api/session/stop", post(stop))
 }
 
 /// The body is ignored, as before.
 async fn start(State(state): State<AppState>) -> Result<Json<Value>> {
     let started = state.sessions.start().await?;
-    Ok(Json(json!({ "session_id": started.session_id, "timestamp": started.timestamp })))
+    Ok(Json(
+        json!({ "session_id": started.session_id, "timestamp": started.timestamp }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -29,9 +33,18 @@ struct StopBody {
     metrics: Option<Map<String, Value>>,
 }
 
-async fn stop(State(state): State<AppState>, JsonBody(body): JsonBody<StopBody>) -> Result<Json<Value>> {
-    let session_id = body.session_id.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
-    let stopped = state.sessions.stop(session_id, body.metrics.unwrap_or_default()).await?;
+async fn stop(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<StopBody>,
+) -> Result<Json<Value>> {
+    let session_id = body
+        .session_id
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let stopped = state
+        .sessions
+        .stop(session_id, body.metrics.unwrap_or_default())
+        .await?;
     Ok(Json(json!({
         "status": "stopped",
         "timestamp": stopped.timestamp,

@@ -47,22 +47,42 @@ pub async fn complete(state: &AppState, request: ChatRequest) -> Result<ChatRepl
     let session = state.sessions.resolve(request.session_id.clone());
     let completion = {
         let request = &request;
-        with_key(state, |key| async move { state.openai.complete(&key, &request.model, &request.messages).await }).await?
+        with_key(state, |key| async move {
+            state
+                .openai
+                .complete(&key, &request.model, &request.messages)
+                .await
+        })
+        .await?
     };
     if let Some(usage) = &completion.usage {
         account(state, &request, session.as_deref(), usage);
     }
-    Ok(reply(state, completion.text, completion.usage.unwrap_or_default(), &request.model))
+    Ok(reply(
+        state,
+        completion.text,
+        completion.usage.unwrap_or_default(),
+        &request.model,
+    ))
 }
 
 /// A streamed answer. Failures before the upstream starts answering are ordinary errors; later
 /// ones end the stream with an `Error` event. A stream that ends without reporting usage is a
 /// failure (not a zero-token success) and is not counted.
-pub async fn stream(state: &AppState, request: ChatRequest) -> Result<impl Stream<Item = StreamEvent> + Send + use<>, ApiError> {
+pub async fn stream(
+    state: &AppState,
+    request: ChatRequest,
+) -> Result<impl Stream<Item = StreamEvent> + Send + use<>, ApiError> {
     let session = state.sessions.resolve(request.session_id.clone());
     let upstream = {
         let request = &request;
-        with_key(state, |key| async move { state.openai.stream(&key, &request.model, &request.messages).await }).await?
+        with_key(state, |key| async move {
+            state
+                .openai
+                .stream(&key, &request.model, &request.messages)
+                .await
+        })
+        .await?
     };
     let state = state.clone();
     Ok(async_stream::stream! {
@@ -104,13 +124,18 @@ where
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
     let credentials = state.credentials.get().await;
-    let key = credentials.usable_key().ok_or(ApiError::NotConfigured)?.clone();
+    let key = credentials
+        .usable_key()
+        .ok_or(ApiError::NotConfigured)?
+        .clone();
     match call(key.clone()).await {
         Err(e) if e.kind == UpstreamKind::Unauthorized => {
             let fresh = state.credentials.after_rejection(&key).await;
             match fresh.usable_key() {
                 Some(new_key) if *new_key != key => {
-                    tracing::info!("OpenAI rejected the key; retrying once with the newly resolved key");
+                    tracing::info!(
+                        "OpenAI rejected the key; retrying once with the newly resolved key"
+                    );
                     Ok(call(new_key.clone()).await?)
                 }
                 _ => Err(e.into()),
@@ -135,7 +160,12 @@ fn account(state: &AppState, request: &ChatRequest, session: Option<&str>, usage
         total_tokens: usage.total_tokens,
     });
     if let Some(id) = session {
-        state.session_log.append_background(log_entries::chat_usage(id, &request.model, usage, &state.clock.now()));
+        state.session_log.append_background(log_entries::chat_usage(
+            id,
+            &request.model,
+            usage,
+            &state.clock.now(),
+        ));
     }
 }
 

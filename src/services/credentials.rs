@@ -41,13 +41,19 @@ pub struct Credentials {
     pub problem: Option<&'static str>,
 }
 
-pub const KEY_MISSING: &str = "OPENAI_API_KEY not found in environment variables. Please set it in .env file.";
-pub const KEY_INVALID: &str = "OPENAI_API_KEY appears to be invalid. OpenAI API keys start with 'sk-'.";
+pub const KEY_MISSING: &str =
+    "OPENAI_API_KEY not found in environment variables. Please set it in .env file.";
+pub const KEY_INVALID: &str =
+    "OPENAI_API_KEY appears to be invalid. OpenAI API keys start with 'sk-'.";
 
 impl Credentials {
     /// The key to call OpenAI with, if there is a usable one.
     pub fn usable_key(&self) -> Option<&ApiKey> {
-        if self.problem.is_none() { self.key.as_ref() } else { None }
+        if self.problem.is_none() {
+            self.key.as_ref()
+        } else {
+            None
+        }
     }
 }
 
@@ -116,7 +122,9 @@ impl CredentialProvider {
 
     fn cached(&self) -> Option<(Arc<Credentials>, bool)> {
         let guard = self.cache.read().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().map(|c| (c.credentials.clone(), Instant::now() < c.expires))
+        guard
+            .as_ref()
+            .map(|c| (c.credentials.clone(), Instant::now() < c.expires))
     }
 
     fn refresh_in_background(self: &Arc<Self>) {
@@ -142,14 +150,21 @@ impl CredentialProvider {
         let creds = Arc::new(self.resolve().await);
         // A key from Papita is kept for the full TTL; anything else is retried soon, so a Papita
         // that comes up (or gains a key) is noticed quickly.
-        let ttl = if creds.source == CredentialSource::Papita { self.ttl } else { self.failure_ttl };
+        let ttl = if creds.source == CredentialSource::Papita {
+            self.ttl
+        } else {
+            self.failure_ttl
+        };
         let mut guard = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        *guard = Some(Cached { credentials: creds.clone(), expires: Instant::now() + ttl });
+        *guard = Some(Cached {
+            credentials: creds.clone(),
+            expires: Instant::now() + ttl,
+        });
         creds
     }
 
     async fn resolve(&self) -> Credentials {
-        let (key, source) = match self.from_papita().await {
+        let (key, source) = match self.ask_papita().await {
             Some(key) => (Some(key), CredentialSource::Papita),
             None => match &self.env_key {
                 Some(key) => (Some(key.clone()), CredentialSource::LocalEnv),
@@ -162,13 +177,23 @@ impl CredentialProvider {
             Some(_) => None,
         };
         tracing::info!(source = source.as_str(), usable = problem.is_none(), key = ?key, "resolved OpenAI credentials");
-        Credentials { key, source, problem }
+        Credentials {
+            key,
+            source,
+            problem,
+        }
     }
 
     /// Any failure (refused, timeout, non-200, not JSON, no key) falls through silently.
-    async fn from_papita(&self) -> Option<ApiKey> {
+    async fn ask_papita(&self) -> Option<ApiKey> {
         let url = format!("{}/api/credentials/global/openai", self.papita_url);
-        let response = match self.http.get(&url).timeout(self.papita_timeout).send().await {
+        let response = match self
+            .http
+            .get(&url)
+            .timeout(self.papita_timeout)
+            .send()
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "Papita credentials unavailable");
@@ -176,16 +201,19 @@ impl CredentialProvider {
             }
         };
         if response.status() != reqwest::StatusCode::OK {
-            tracing::debug!(status = response.status().as_u16(), "Papita credentials: no key");
+            tracing::debug!(
+                status = response.status().as_u16(),
+                "Papita credentials: no key"
+            );
             return None;
         }
         let body: Value = response.json().await.ok()?;
-        key_from_papita_body(&body)
+        key_ask_papita_body(&body)
     }
 }
 
 /// The first non-blank string among the contract's five places, in order.
-pub fn key_from_papita_body(body: &Value) -> Option<ApiKey> {
+pub fn key_ask_papita_body(body: &Value) -> Option<ApiKey> {
     const PATHS: [&[&str]; 5] = [
         &["credentials", "credentials", "api_key"],
         &["credentials", "api_key"],
@@ -209,11 +237,23 @@ mod tests {
 
     #[test]
     fn papita_key_is_taken_from_the_first_non_blank_place() {
-        let key = |v: Value| key_from_papita_body(&v).map(|k| k.expose().to_string());
-        assert_eq!(key(json!({"credentials": {"credentials": {"api_key": "sk-1"}}})).as_deref(), Some("sk-1"));
-        assert_eq!(key(json!({"credentials": {"api_key": " sk-2 "}})).as_deref(), Some("sk-2"));
-        assert_eq!(key(json!({"api_key": "", "value": "sk-4"})).as_deref(), Some("sk-4"));
-        assert_eq!(key(json!({"credential_value": "sk-5"})).as_deref(), Some("sk-5"));
+        let key = |v: Value| key_ask_papita_body(&v).map(|k| k.expose().to_string());
+        assert_eq!(
+            key(json!({"credentials": {"credentials": {"api_key": "sk-1"}}})).as_deref(),
+            Some("sk-1")
+        );
+        assert_eq!(
+            key(json!({"credentials": {"api_key": " sk-2 "}})).as_deref(),
+            Some("sk-2")
+        );
+        assert_eq!(
+            key(json!({"api_key": "", "value": "sk-4"})).as_deref(),
+            Some("sk-4")
+        );
+        assert_eq!(
+            key(json!({"credential_value": "sk-5"})).as_deref(),
+            Some("sk-5")
+        );
         assert_eq!(key(json!({"api_key": 5})), None);
         assert_eq!(key(json!(["sk-x"])), None);
         assert_eq!(key(json!({})), None);

@@ -58,17 +58,45 @@ pub fn project_init(at: &DateTime<Local>) -> Line {
             "durability": "session_start and session_stop are fsync'd before the API answers",
         },
     });
-    Line::new(date(at), &ProjectInit { event: "project_init", timestamp: timestamp(at), date: date(at), project_criteria: criteria })
+    Line::new(
+        date(at),
+        &ProjectInit {
+            event: "project_init",
+            timestamp: timestamp(at),
+            date: date(at),
+            project_criteria: criteria,
+        },
+    )
 }
 
 pub fn session_start(session_id: &str, at: &DateTime<Local>) -> Line {
-    Line::new(date(at), &SessionStart { event: "session_start", session_id, timestamp: timestamp(at), date: date(at) })
-}
-
-pub fn session_stop(session_id: &str, at: &DateTime<Local>, duration_seconds: Option<f64>, metrics: &Map<String, Value>) -> Line {
     Line::new(
         date(at),
-        &SessionStop { event: "session_stop", session_id, timestamp: timestamp(at), date: date(at), duration_seconds, metrics },
+        &SessionStart {
+            event: "session_start",
+            session_id,
+            timestamp: timestamp(at),
+            date: date(at),
+        },
+    )
+}
+
+pub fn session_stop(
+    session_id: &str,
+    at: &DateTime<Local>,
+    duration_seconds: Option<f64>,
+    metrics: &Map<String, Value>,
+) -> Line {
+    Line::new(
+        date(at),
+        &SessionStop {
+            event: "session_stop",
+            session_id,
+            timestamp: timestamp(at),
+            date: date(at),
+            duration_seconds,
+            metrics,
+        },
     )
 }
 
@@ -82,7 +110,14 @@ pub fn chat_usage(session_id: &str, model: &str, usage: &TokenUsage, at: &DateTi
     });
     Line::new(
         date(at),
-        &Metric { event: "metric", session_id, metric_name: "chat_usage", metric_value: value, timestamp: timestamp(at), date: date(at) },
+        &Metric {
+            event: "metric",
+            session_id,
+            metric_name: "chat_usage",
+            metric_value: value,
+            timestamp: timestamp(at),
+            date: date(at),
+        },
     )
 }
 

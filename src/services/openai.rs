@@ -8,8 +8,9 @@ use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
-    ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
 };
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
@@ -67,7 +68,10 @@ impl OpenAiService {
     /// `http` is shared by every OpenAI call (connection pooling); it has a connect timeout but
     /// no overall timeout, which would cut long healthy streams. Time limits are applied here.
     pub fn new(settings: &OpenAiSettings, http: reqwest::Client) -> Self {
-        let policy = RetryPolicy { max_retries: settings.max_retries, budget: settings.retry_budget };
+        let policy = RetryPolicy {
+            max_retries: settings.max_retries,
+            budget: settings.retry_budget,
+        };
         Self {
             base_url: settings.base_url.clone(),
             transport: OpenAiTransport::new(http.clone(), policy),
@@ -84,8 +88,13 @@ impl OpenAiService {
         match slot.as_ref() {
             Some((k, client)) if k == key => client.clone(),
             _ => {
-                let config = OpenAIConfig::new().with_api_base(&self.base_url).with_api_key(key.expose());
-                let client = Arc::new(Client::build(self.http.clone(), config).with_http_service(self.transport.clone()));
+                let config = OpenAIConfig::new()
+                    .with_api_base(&self.base_url)
+                    .with_api_key(key.expose());
+                let client = Arc::new(
+                    Client::build(self.http.clone(), config)
+                        .with_http_service(self.transport.clone()),
+                );
                 *slot = Some((key.clone(), client.clone()));
                 client
             }
@@ -93,7 +102,12 @@ impl OpenAiService {
     }
 
     /// One whole answer. Dropping the future drops the upstream request.
-    pub async fn complete(&self, key: &ApiKey, model: &str, messages: &[ChatMessage]) -> Result<Completion, UpstreamError> {
+    pub async fn complete(
+        &self,
+        key: &ApiKey,
+        model: &str,
+        messages: &[ChatMessage],
+    ) -> Result<Completion, UpstreamError> {
         let client = self.client_for(key);
         let request = build_request(model, messages, false);
         let response = tokio::time::timeout(self.timeout, client.chat().create(request))
@@ -104,7 +118,10 @@ impl OpenAiService {
         let choice = response.choices.into_iter().next().ok_or_else(|| {
             UpstreamError::new(UpstreamKind::Unavailable, "the answer had no choices")
         })?;
-        Ok(Completion { text: choice.message.content.unwrap_or_default(), usage })
+        Ok(Completion {
+            text: choice.message.content.unwrap_or_default(),
+            usage,
+        })
     }
 
     /// A streamed answer. Errors before the stream starts (status codes, refused connection,
@@ -115,7 +132,8 @@ impl OpenAiService {
         key: &ApiKey,
         model: &str,
         messages: &[ChatMessage],
-    ) -> Result<impl Stream<Item = Result<StreamPiece, UpstreamError>> + Send + use<>, UpstreamError> {
+    ) -> Result<impl Stream<Item = Result<StreamPiece, UpstreamError>> + Send + use<>, UpstreamError>
+    {
         let started = Instant::now();
         let client = self.client_for(key);
         let request = build_request(model, messages, true);
@@ -157,13 +175,19 @@ impl OpenAiService {
     }
 }
 
-fn build_request(model: &str, messages: &[ChatMessage], stream: bool) -> CreateChatCompletionRequest {
+fn build_request(
+    model: &str,
+    messages: &[ChatMessage],
+    stream: bool,
+) -> CreateChatCompletionRequest {
     let messages = messages
         .iter()
         .map(|m| match m.role {
             Role::System => ChatCompletionRequestSystemMessage::from(m.content.as_str()).into(),
             Role::User => ChatCompletionRequestUserMessage::from(m.content.as_str()).into(),
-            Role::Assistant => ChatCompletionRequestAssistantMessage::from(m.content.as_str()).into(),
+            Role::Assistant => {
+                ChatCompletionRequestAssistantMessage::from(m.content.as_str()).into()
+            }
         })
         .collect::<Vec<ChatCompletionRequestMessage>>();
     CreateChatCompletionRequest {
@@ -171,13 +195,22 @@ fn build_request(model: &str, messages: &[ChatMessage], stream: bool) -> CreateC
         messages,
         stream: stream.then_some(true),
         // Without this, a streamed answer carries no usage and would be counted as zero tokens.
-        stream_options: stream.then(|| ChatCompletionStreamOptions { include_usage: Some(true), ..Default::default() }),
+        stream_options: stream.then(|| ChatCompletionStreamOptions {
+            include_usage: Some(true),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
 
 fn timed_out(what: &str, after: Duration) -> UpstreamError {
-    UpstreamError::new(UpstreamKind::Timeout, format!("{what} from the OpenAI server within {:.0} s", after.as_secs_f64()))
+    UpstreamError::new(
+        UpstreamKind::Timeout,
+        format!(
+            "{what} from the OpenAI server within {:.0} s",
+            after.as_secs_f64()
+        ),
+    )
 }
 
 /// Maps async-openai's error to the client-facing classification; the key is redacted from
@@ -185,17 +218,32 @@ fn timed_out(what: &str, after: Duration) -> UpstreamError {
 fn classify(error: OpenAIError, key: &ApiKey, base_url: &str) -> UpstreamError {
     let (kind, message) = match error {
         OpenAIError::Boxed(boxed) => match boxed.downcast::<UpstreamStatus>() {
-            Ok(status) => (kind_of(status.status, status.retry_after), describe(&status)),
+            Ok(status) => (
+                kind_of(status.status, status.retry_after),
+                describe(&status),
+            ),
             Err(other) => (UpstreamKind::Unavailable, other.to_string()),
         },
         OpenAIError::ApiError(api) => (kind_of(api.status_code, None), api.api_error.message),
-        OpenAIError::Reqwest(e) if e.is_timeout() => (UpstreamKind::Timeout, format!("request timed out: {}", root_cause(&e))),
-        OpenAIError::Reqwest(e) if e.is_connect() => {
-            (UpstreamKind::Unavailable, format!("cannot connect to {base_url}: {}", root_cause(&e)))
+        OpenAIError::Reqwest(e) if e.is_timeout() => (
+            UpstreamKind::Timeout,
+            format!("request timed out: {}", root_cause(&e)),
+        ),
+        OpenAIError::Reqwest(e) if e.is_connect() => (
+            UpstreamKind::Unavailable,
+            format!("cannot connect to {base_url}: {}", root_cause(&e)),
+        ),
+        OpenAIError::Reqwest(e) => (
+            UpstreamKind::Unavailable,
+            format!("connection failed: {}", root_cause(&e)),
+        ),
+        OpenAIError::JSONDeserialize(e, _) => (
+            UpstreamKind::Unavailable,
+            format!("malformed answer from the OpenAI server: {e}"),
+        ),
+        OpenAIError::StreamError(e) => {
+            (UpstreamKind::Unavailable, format!("the stream broke: {e}"))
         }
-        OpenAIError::Reqwest(e) => (UpstreamKind::Unavailable, format!("connection failed: {}", root_cause(&e))),
-        OpenAIError::JSONDeserialize(e, _) => (UpstreamKind::Unavailable, format!("malformed answer from the OpenAI server: {e}")),
-        OpenAIError::StreamError(e) => (UpstreamKind::Unavailable, format!("the stream broke: {e}")),
         other => (UpstreamKind::Unavailable, other.to_string()),
     };
     UpstreamError::new(kind, key.redact(&message))
@@ -213,7 +261,11 @@ fn kind_of(status: reqwest::StatusCode, retry_after: Option<Duration>) -> Upstre
 
 fn describe(status: &UpstreamStatus) -> String {
     if status.status.is_server_error() {
-        format!("server error {}: {}", status.status.as_u16(), status.message)
+        format!(
+            "server error {}: {}",
+            status.status.as_u16(),
+            status.message
+        )
     } else {
         status.message.clone()
     }

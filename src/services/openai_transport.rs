@@ -48,7 +48,11 @@ impl UpstreamStatus {
         let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
         let error = parsed.as_ref().and_then(|v| v.get("error"));
         let message = error
-            .and_then(|e| e.get("message").and_then(|m| m.as_str()).or_else(|| e.as_str()))
+            .and_then(|e| {
+                e.get("message")
+                    .and_then(|m| m.as_str())
+                    .or_else(|| e.as_str())
+            })
             .map(str::to_string)
             .unwrap_or_else(|| {
                 let text = String::from_utf8_lossy(&body);
@@ -59,8 +63,16 @@ impl UpstreamStatus {
                     text.chars().take(300).collect()
                 }
             });
-        let code = error.and_then(|e| e.get("code")).and_then(|c| c.as_str()).map(str::to_string);
-        Self { status, message, code, retry_after }
+        let code = error
+            .and_then(|e| e.get("code"))
+            .and_then(|c| c.as_str())
+            .map(str::to_string);
+        Self {
+            status,
+            message,
+            code,
+            retry_after,
+        }
     }
 
     fn retryable(&self) -> bool {
@@ -79,7 +91,9 @@ impl UpstreamStatus {
 /// HTTP-date values are rare from OpenAI-style servers and are ignored.
 fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
     let value = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
-    let wait = value("retry-after-ms").map(|ms| ms / 1000.0).or_else(|| value("retry-after"))?;
+    let wait = value("retry-after-ms")
+        .map(|ms| ms / 1000.0)
+        .or_else(|| value("retry-after"))?;
     (wait.is_finite() && wait >= 0.0).then(|| Duration::from_secs_f64(wait.min(86_400.0)))
 }
 
@@ -92,12 +106,18 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// How long to wait before attempt `attempt + 1`, or `None` to give up now.
-    fn wait(&self, attempt: u32, started: Instant, requested: Option<Duration>) -> Option<Duration> {
+    fn wait(
+        &self,
+        attempt: u32,
+        started: Instant,
+        requested: Option<Duration>,
+    ) -> Option<Duration> {
         if attempt >= self.max_retries {
             return None;
         }
         // Exponential backoff 250 ms, 500 ms, 1 s, ... unless the server said how long.
-        let wait = requested.unwrap_or_else(|| Duration::from_millis(250u64.saturating_mul(1 << attempt.min(10))));
+        let wait = requested
+            .unwrap_or_else(|| Duration::from_millis(250u64.saturating_mul(1 << attempt.min(10))));
         (started.elapsed() + wait <= self.budget).then_some(wait)
     }
 }
@@ -138,7 +158,11 @@ impl tower::Service<HttpRequestFactory> for OpenAiTransport {
                     Ok(response) if response.status().is_success() => return Ok(response),
                     Ok(response) => {
                         let status = UpstreamStatus::read(response).await;
-                        let wait = if status.retryable() { policy.wait(attempt, started, status.retry_after) } else { None };
+                        let wait = if status.retryable() {
+                            policy.wait(attempt, started, status.retry_after)
+                        } else {
+                            None
+                        };
                         match wait {
                             Some(wait) => (wait, status.to_string()),
                             None => return Err(OpenAIError::Boxed(Box::new(status))),
@@ -173,17 +197,30 @@ mod tests {
         h.insert("retry-after-ms", "1500".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
         let mut h = header::HeaderMap::new();
-        h.insert("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), None);
     }
 
     #[test]
     fn policy_is_bounded_in_count_and_time() {
-        let p = RetryPolicy { max_retries: 2, budget: Duration::from_secs(10) };
+        let p = RetryPolicy {
+            max_retries: 2,
+            budget: Duration::from_secs(10),
+        };
         let now = Instant::now();
         assert_eq!(p.wait(0, now, None), Some(Duration::from_millis(250)));
-        assert_eq!(p.wait(1, now, Some(Duration::from_secs(3))), Some(Duration::from_secs(3)));
+        assert_eq!(
+            p.wait(1, now, Some(Duration::from_secs(3))),
+            Some(Duration::from_secs(3))
+        );
         assert_eq!(p.wait(2, now, None), None, "attempts are bounded");
-        assert_eq!(p.wait(0, now, Some(Duration::from_secs(60))), None, "a long Retry-After is not waited for");
+        assert_eq!(
+            p.wait(0, now, Some(Duration::from_secs(60))),
+            None,
+            "a long Retry-After is not waited for"
+        );
     }
 }

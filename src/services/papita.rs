@@ -55,7 +55,12 @@ const CONCURRENCY: usize = 8;
 impl UsageReporter {
     /// Starts the worker on `tracker`; it stops taking new records when `shutdown` fires, sends
     /// what is queued, and ends.
-    pub fn spawn(settings: &PapitaSettings, http: reqwest::Client, tracker: &TaskTracker, shutdown: CancellationToken) -> Self {
+    pub fn spawn(
+        settings: &PapitaSettings,
+        http: reqwest::Client,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (queue, rx) = mpsc::channel(settings.usage_queue_capacity);
         let stats = Arc::new(ReporterStats::default());
         let sender = Sender {
@@ -73,7 +78,10 @@ impl UsageReporter {
     pub fn submit(&self, record: UsageRecord) {
         if self.queue.try_send(record).is_err() {
             let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(dropped, "Papita usage queue full or closed; usage record dropped");
+            tracing::warn!(
+                dropped,
+                "Papita usage queue full or closed; usage record dropped"
+            );
         }
     }
 
@@ -96,7 +104,9 @@ async fn run(mut rx: mpsc::Receiver<UsageRecord>, sender: Sender, shutdown: Canc
             }
         };
         let Some(record) = record else { break };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
         let sender = sender.clone();
         tasks.spawn(async move {
             sender.send(&record).await;
@@ -123,7 +133,13 @@ struct Sender {
 impl Sender {
     async fn send(&self, record: &UsageRecord) {
         for attempt in 1..=self.max_attempts {
-            let result = self.http.post(&self.url).timeout(self.timeout).json(record).send().await;
+            let result = self
+                .http
+                .post(&self.url)
+                .timeout(self.timeout)
+                .json(record)
+                .send()
+                .await;
             let retryable = match &result {
                 Ok(r) if r.status().is_success() => {
                     self.stats.sent.fetch_add(1, Ordering::Relaxed);

@@ -47,44 +47,78 @@ impl PriceTable {
             None => Self::parse(BUILT_IN, "(built in)"),
             Some(path) => {
                 let name = path.display().to_string();
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| PricingError { source_name: name.clone(), reason: e.to_string() })?;
+                let text = std::fs::read_to_string(path).map_err(|e| PricingError {
+                    source_name: name.clone(),
+                    reason: e.to_string(),
+                })?;
                 Self::parse(&text, &name)
             }
         }
     }
 
     fn parse(text: &str, name: &str) -> Result<Self, PricingError> {
-        let err = |reason: String| PricingError { source_name: name.to_string(), reason };
+        let err = |reason: String| PricingError {
+            source_name: name.to_string(),
+            reason,
+        };
         let file: PricingFile = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
-        if let Some((model, _)) = file.models.iter().find(|(_, p)| !(p.input >= 0.0 && p.output >= 0.0)) {
-            return Err(err(format!("model {model:?} has a negative or missing price")));
-        }
-        let fallback = *file
+        if let Some((model, _)) = file
             .models
-            .get(&file.fallback)
-            .ok_or_else(|| err(format!("fallback model {:?} is not in \"models\"", file.fallback)))?;
-        Ok(Self { models: file.models, fallback })
+            .iter()
+            .find(|(_, p)| !(p.input >= 0.0 && p.output >= 0.0))
+        {
+            return Err(err(format!(
+                "model {model:?} has a negative or missing price"
+            )));
+        }
+        let fallback = *file.models.get(&file.fallback).ok_or_else(|| {
+            err(format!(
+                "fallback model {:?} is not in \"models\"",
+                file.fallback
+            ))
+        })?;
+        Ok(Self {
+            models: file.models,
+            fallback,
+        })
     }
 
     /// Exact name, else the longest known name followed by `-` (dated snapshots), else fallback.
     pub fn quote(&self, model: &str) -> Quote {
         if let Some(price) = self.models.get(model) {
-            return Quote { price: *price, priced: true };
+            return Quote {
+                price: *price,
+                priced: true,
+            };
         }
         let best = self
             .models
             .iter()
-            .filter(|(name, _)| model.len() > name.len() && model.starts_with(name.as_str()) && model.as_bytes()[name.len()] == b'-')
+            .filter(|(name, _)| {
+                model.len() > name.len()
+                    && model.starts_with(name.as_str())
+                    && model.as_bytes()[name.len()] == b'-'
+            })
             .max_by_key(|(name, _)| name.len());
         match best {
-            Some((_, price)) => Quote { price: *price, priced: true },
-            None => Quote { price: self.fallback, priced: false },
+            Some((_, price)) => Quote {
+                price: *price,
+                priced: true,
+            },
+            None => Quote {
+                price: self.fallback,
+                priced: false,
+            },
         }
     }
 
     /// Cost in USD of the given token counts: (prompt, completion).
-    pub fn cost(&self, model: &str, prompt_tokens: u64, completion_tokens: u64) -> (f64, f64, bool) {
+    pub fn cost(
+        &self,
+        model: &str,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> (f64, f64, bool) {
         let quote = self.quote(model);
         (
             prompt_tokens as f64 * quote.price.input / 1_000_000.0,
@@ -101,7 +135,16 @@ mod tests {
     #[test]
     fn built_in_table_loads_and_knows_the_families() {
         let t = PriceTable::load(None).unwrap();
-        for m in ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "o3-mini", "o1", "gpt-3.5-turbo", "gpt-4", "gpt-4-turbo"] {
+        for m in [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "o3-mini",
+            "o1",
+            "gpt-3.5-turbo",
+            "gpt-4",
+            "gpt-4-turbo",
+        ] {
             assert!(t.quote(m).priced, "{m}");
         }
     }
@@ -109,7 +152,10 @@ mod tests {
     #[test]
     fn snapshots_take_the_longest_matching_family() {
         let t = PriceTable::load(None).unwrap();
-        assert_eq!(t.quote("gpt-4o-mini-2024-07-18").price, t.quote("gpt-4o-mini").price);
+        assert_eq!(
+            t.quote("gpt-4o-mini-2024-07-18").price,
+            t.quote("gpt-4o-mini").price
+        );
         assert_eq!(t.quote("gpt-4o-2024-08-06").price, t.quote("gpt-4o").price);
         assert_eq!(t.quote("gpt-4-0613").price, t.quote("gpt-4").price);
         assert!(!t.quote("gpt-4oo").priced);
@@ -127,6 +173,12 @@ mod tests {
     fn bad_tables_are_refused() {
         assert!(PriceTable::parse("{", "x").is_err());
         assert!(PriceTable::parse(r#"{"fallback":"a","models":{}}"#, "x").is_err());
-        assert!(PriceTable::parse(r#"{"fallback":"a","models":{"a":{"input":-1,"output":1}}}"#, "x").is_err());
+        assert!(
+            PriceTable::parse(
+                r#"{"fallback":"a","models":{"a":{"input":-1,"output":1}}}"#,
+                "x"
+            )
+            .is_err()
+        );
     }
 }

@@ -33,7 +33,9 @@ impl Line {
     pub fn new<T: Serialize>(date: String, entry: &T) -> Self {
         let mut bytes = Vec::with_capacity(160);
         let mut ser = serde_json::Serializer::with_formatter(&mut bytes, PythonFormatter);
-        entry.serialize(&mut ser).expect("log entries always serialize");
+        entry
+            .serialize(&mut ser)
+            .expect("log entries always serialize");
         bytes.push(b'\n');
         Self { date, bytes }
     }
@@ -43,11 +45,27 @@ impl Line {
 struct PythonFormatter;
 
 impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
-        if first { Ok(()) } else { writer.write_all(b", ") }
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
     }
-    fn begin_object_key<W: ?Sized + Write>(&mut self, writer: &mut W, first: bool) -> io::Result<()> {
-        if first { Ok(()) } else { writer.write_all(b", ") }
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
     }
     fn begin_object_value<W: ?Sized + Write>(&mut self, writer: &mut W) -> io::Result<()> {
         writer.write_all(b": ")
@@ -55,7 +73,10 @@ impl serde_json::ser::Formatter for PythonFormatter {
 }
 
 enum Command {
-    Append { line: Line, ack: Option<oneshot::Sender<io::Result<()>>> },
+    Append {
+        line: Line,
+        ack: Option<oneshot::Sender<io::Result<()>>>,
+    },
     /// Answered once everything queued before it has been handled.
     Flush(oneshot::Sender<()>),
 }
@@ -73,9 +94,20 @@ impl SessionLog {
     pub fn start(dir: PathBuf, capacity: usize) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity);
         let syncs = Arc::new(AtomicU64::new(0));
-        let writer = Writer { files: Vec::new(), dir: dir.clone(), syncs: syncs.clone() };
-        std::thread::Builder::new().name("session-log".into()).spawn(move || writer.run(rx))?;
-        Ok(Self { tx, dir: Arc::new(dir), dropped: Arc::default(), syncs })
+        let writer = Writer {
+            files: Vec::new(),
+            dir: dir.clone(),
+            syncs: syncs.clone(),
+        };
+        std::thread::Builder::new()
+            .name("session-log".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Self {
+            tx,
+            dir: Arc::new(dir),
+            dropped: Arc::default(),
+            syncs,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -96,16 +128,24 @@ impl SessionLog {
     pub async fn append_durable(&self, line: Line) -> io::Result<()> {
         let (ack, done) = oneshot::channel();
         self.tx
-            .send(Command::Append { line, ack: Some(ack) })
+            .send(Command::Append {
+                line,
+                ack: Some(ack),
+            })
             .await
             .map_err(|_| io::Error::other("the session log writer has stopped"))?;
-        done.await.unwrap_or_else(|_| Err(io::Error::other("the session log writer has stopped")))
+        done.await
+            .unwrap_or_else(|_| Err(io::Error::other("the session log writer has stopped")))
     }
 
     /// Queues a line without waiting (metric lines: a slow disk must not slow a chat).
     /// When the queue is full the line is dropped and counted.
     pub fn append_background(&self, line: Line) {
-        if self.tx.try_send(Command::Append { line, ack: None }).is_err() {
+        if self
+            .tx
+            .try_send(Command::Append { line, ack: None })
+            .is_err()
+        {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(dropped, "session log queue full; metric line dropped");
         }
@@ -124,15 +164,18 @@ impl SessionLog {
     pub fn find_start_timestamp(dir: &Path, date: &str, session_id: &str) -> Option<String> {
         let file = File::open(file_path(dir, date)).ok()?;
         let needle = serde_json::to_string(session_id).ok()?;
-        BufReader::new(file).lines().map_while(Result::ok).find_map(|line| {
-            if !line.contains("\"session_start\"") || !line.contains(&needle) {
-                return None;
-            }
-            let value: serde_json::Value = serde_json::from_str(&line).ok()?;
-            (value["event"] == "session_start" && value["session_id"] == session_id)
-                .then(|| value["timestamp"].as_str().map(str::to_string))
-                .flatten()
-        })
+        BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                if !line.contains("\"session_start\"") || !line.contains(&needle) {
+                    return None;
+                }
+                let value: serde_json::Value = serde_json::from_str(&line).ok()?;
+                (value["event"] == "session_start" && value["session_id"] == session_id)
+                    .then(|| value["timestamp"].as_str().map(str::to_string))
+                    .flatten()
+            })
     }
 }
 
@@ -168,7 +211,11 @@ impl Writer {
                         let group = match groups.iter_mut().position(|g| g.date == line.date) {
                             Some(i) => &mut groups[i],
                             None => {
-                                groups.push(Group { date: line.date.clone(), bytes: Vec::new(), acks: Vec::new() });
+                                groups.push(Group {
+                                    date: line.date.clone(),
+                                    bytes: Vec::new(),
+                                    acks: Vec::new(),
+                                });
                                 groups.last_mut().expect("just pushed")
                             }
                         };
@@ -187,7 +234,12 @@ impl Writer {
                     tracing::error!(date = %group.date, error = %e, dir = %self.dir.display(), "session log write failed");
                 }
                 for ack in group.acks {
-                    let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| io::Error::new(e.kind(), e.to_string())));
+                    let _ = ack.send(
+                        result
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|e| io::Error::new(e.kind(), e.to_string())),
+                    );
                 }
             }
             for ack in flushes {
@@ -246,19 +298,37 @@ mod tests {
         let mut acks = Vec::new();
         for i in 0..300 {
             let (ack, done) = oneshot::channel();
-            let date = if i % 3 == 0 { "2026-11-23" } else { "2026-11-24" };
+            let date = if i % 3 == 0 {
+                "2026-11-23"
+            } else {
+                "2026-11-24"
+            };
             let line = Line::new(date.into(), &serde_json::json!({"i": i}));
-            tx.try_send(Command::Append { line, ack: Some(ack) }).unwrap();
+            tx.try_send(Command::Append {
+                line,
+                ack: Some(ack),
+            })
+            .unwrap();
             acks.push(done);
         }
         drop(tx);
         let syncs = Arc::new(AtomicU64::new(0));
-        Writer { dir: dir.path().to_path_buf(), syncs: syncs.clone(), files: Vec::new() }.run(rx);
+        Writer {
+            dir: dir.path().to_path_buf(),
+            syncs: syncs.clone(),
+            files: Vec::new(),
+        }
+        .run(rx);
         assert_eq!(syncs.load(Ordering::Relaxed), 2, "one batch, two files");
         for done in acks {
             done.blocking_recv().unwrap().unwrap();
         }
-        let lines = |d: &str| std::fs::read_to_string(file_path(dir.path(), d)).unwrap().lines().count();
+        let lines = |d: &str| {
+            std::fs::read_to_string(file_path(dir.path(), d))
+                .unwrap()
+                .lines()
+                .count()
+        };
         assert_eq!((lines("2026-11-23"), lines("2026-11-24")), (100, 200));
     }
 
@@ -274,7 +344,12 @@ mod tests {
     fn lines_are_formatted_like_pythons_json_dumps() {
         let line = Line::new(
             "2026-11-23".into(),
-            &Sample { event: "café", n: 1.5, list: vec![1, 2], nested: serde_json::json!({"b": 1, "a": "x"}) },
+            &Sample {
+                event: "café",
+                n: 1.5,
+                list: vec![1, 2],
+                nested: serde_json::json!({"b": 1, "a": "x"}),
+            },
         );
         assert_eq!(
             String::from_utf8(line.bytes).unwrap(),

@@ -48,7 +48,12 @@ pub struct Stopped {
 }
 
 impl Sessions {
-    pub fn new(log: SessionLog, clock: Arc<dyn Clock>, max_tracked: usize, max_age: Duration) -> Self {
+    pub fn new(
+        log: SessionLog,
+        clock: Arc<dyn Clock>,
+        max_tracked: usize,
+        max_age: Duration,
+    ) -> Self {
         Self {
             registry: Mutex::default(),
             log,
@@ -67,20 +72,34 @@ impl Sessions {
     pub async fn start(&self) -> Result<Started, ApiError> {
         let now = self.clock.now();
         let id = self.reserve_id(now);
-        match self.log.append_durable(log_entries::session_start(&id, &now)).await {
+        match self
+            .log
+            .append_durable(log_entries::session_start(&id, &now))
+            .await
+        {
             Ok(()) => {
                 self.registry().latest = Some(id.clone());
-                Ok(Started { session_id: id, timestamp: timestamp(&now) })
+                Ok(Started {
+                    session_id: id,
+                    timestamp: timestamp(&now),
+                })
             }
             Err(e) => {
                 self.registry().started.remove(&id);
-                Err(ApiError::SessionLog(format!("{e} (log folder {})", self.log.dir().display())))
+                Err(ApiError::SessionLog(format!(
+                    "{e} (log folder {})",
+                    self.log.dir().display()
+                )))
             }
         }
     }
 
     /// Stops (or saves) a session; it may be stopped again later, each time from its start.
-    pub async fn stop(&self, session_id: Option<String>, metrics: Map<String, Value>) -> Result<Stopped, ApiError> {
+    pub async fn stop(
+        &self,
+        session_id: Option<String>,
+        metrics: Map<String, Value>,
+    ) -> Result<Stopped, ApiError> {
         let id = session_id
             .or_else(|| self.registry().latest.clone())
             .ok_or_else(|| ApiError::BadRequest(SESSION_ID_REQUIRED.into()))?;
@@ -90,12 +109,19 @@ impl Sessions {
             None => self.recover_start(&id).await,
         };
         let now = self.clock.now();
-        let duration = start.and_then(|s| (now - s).num_microseconds()).map(|us| us as f64 / 1e6);
+        let duration = start
+            .and_then(|s| (now - s).num_microseconds())
+            .map(|us| us as f64 / 1e6);
         self.log
             .append_durable(log_entries::session_stop(&id, &now, duration, &metrics))
             .await
-            .map_err(|e| ApiError::SessionLog(format!("{e} (log folder {})", self.log.dir().display())))?;
-        Ok(Stopped { timestamp: timestamp(&now), duration_seconds: duration })
+            .map_err(|e| {
+                ApiError::SessionLog(format!("{e} (log folder {})", self.log.dir().display()))
+            })?;
+        Ok(Stopped {
+            timestamp: timestamp(&now),
+            duration_seconds: duration,
+        })
     }
 
     /// Sessions remembered in memory (bounded by `SESSION_MAX_TRACKED` and `SESSION_MAX_AGE_HOURS`).
@@ -119,7 +145,11 @@ impl Sessions {
         };
         // The clock can step back (NTP, DST): check what is still remembered, too.
         let id = loop {
-            let candidate = if n == 1 { base.clone() } else { format!("{base}_{n}") };
+            let candidate = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}_{n}")
+            };
             if !reg.started.contains_key(&candidate) {
                 break candidate;
             }
@@ -134,7 +164,10 @@ impl Sessions {
     fn evict(&self, reg: &mut Registry, now: DateTime<Local>) {
         while let Some(oldest) = reg.order.front() {
             let too_many = reg.order.len() >= self.max_tracked;
-            let too_old = reg.started.get(oldest).is_none_or(|start| now - *start > self.max_age);
+            let too_old = reg
+                .started
+                .get(oldest)
+                .is_none_or(|start| now - *start > self.max_age);
             if !(too_many || too_old) {
                 break;
             }
@@ -155,12 +188,16 @@ impl Sessions {
             None => self.clock.now().format("%Y-%m-%d").to_string(),
         };
         let (dir, id_owned): (PathBuf, String) = (self.log.dir().to_path_buf(), id.to_string());
-        let logged = tokio::task::spawn_blocking(move || SessionLog::find_start_timestamp(&dir, &date, &id_owned))
-            .await
-            .ok()
-            .flatten()
-            .and_then(|ts| NaiveDateTime::parse_from_str(&ts, "%Y-%m-%dT%H:%M:%S%.f").ok());
-        logged.or(from_id).and_then(|naive| Local.from_local_datetime(&naive).earliest())
+        let logged = tokio::task::spawn_blocking(move || {
+            SessionLog::find_start_timestamp(&dir, &date, &id_owned)
+        })
+        .await
+        .ok()
+        .flatten()
+        .and_then(|ts| NaiveDateTime::parse_from_str(&ts, "%Y-%m-%dT%H:%M:%S%.f").ok());
+        logged
+            .or(from_id)
+            .and_then(|naive| Local.from_local_datetime(&naive).earliest())
     }
 }
 
@@ -181,7 +218,10 @@ mod tests {
     #[test]
     fn ids_parse_back_to_their_time() {
         let t = parse_id_time("session_20261123_140509_3").unwrap();
-        assert_eq!(t.format("%Y-%m-%d %H:%M:%S").to_string(), "2026-11-23 14:05:09");
+        assert_eq!(
+            t.format("%Y-%m-%d %H:%M:%S").to_string(),
+            "2026-11-23 14:05:09"
+        );
         assert!(parse_id_time("session_20261123_140509").is_some());
         assert!(parse_id_time("session_20261123_14050x").is_none());
         assert!(parse_id_time("session_20261123_140509x").is_none());

@@ -78,11 +78,17 @@ pub struct ModelUsage {
 
 pub const USAGE_DASHBOARD_URL: &str = "https://platform.openai.com/account/usage";
 pub const BILLING_DASHBOARD_URL: &str = "https://platform.openai.com/account/billing";
-const NOTE: &str = "For full account usage and billing credit balance, visit the OpenAI Billing Dashboard";
+const NOTE: &str =
+    "For full account usage and billing credit balance, visit the OpenAI Billing Dashboard";
 
 impl UsageStats {
     pub fn new(pricing: PriceTable, default_model: &str, max_sessions: usize) -> Self {
-        Self { state: Mutex::default(), pricing, default_model: default_model.to_string(), max_sessions }
+        Self {
+            state: Mutex::default(),
+            pricing,
+            default_model: default_model.to_string(),
+            max_sessions,
+        }
     }
 
     /// Counts one successful chat.
@@ -93,7 +99,11 @@ impl UsageStats {
             if !state.sessions.contains_key(id) && state.sessions.len() >= self.max_sessions {
                 state.sessions.shift_remove_index(0);
             }
-            state.sessions.entry(id.to_string()).or_default().add(model, usage);
+            state
+                .sessions
+                .entry(id.to_string())
+                .or_default()
+                .add(model, usage);
         }
     }
 
@@ -106,7 +116,13 @@ impl UsageStats {
                 None => Some(&state.all),
             };
             match ledger {
-                Some(l) => (l.by_model.iter().map(|(m, t)| (m.clone(), *t)).collect::<Vec<_>>(), l.latest_model.clone()),
+                Some(l) => (
+                    l.by_model
+                        .iter()
+                        .map(|(m, t)| (m.clone(), *t))
+                        .collect::<Vec<_>>(),
+                    l.latest_model.clone(),
+                ),
                 None => (Vec::new(), None),
             }
         };
@@ -114,7 +130,8 @@ impl UsageStats {
         let mut by_model = IndexMap::new();
         let mut unpriced = Vec::new();
         for (model, tally) in rows {
-            let (p_cost, c_cost, priced) = self.pricing.cost(&model, tally.prompt, tally.completion);
+            let (p_cost, c_cost, priced) =
+                self.pricing.cost(&model, tally.prompt, tally.completion);
             total.prompt += tally.prompt;
             total.completion += tally.completion;
             total.total += tally.total;
@@ -124,14 +141,17 @@ impl UsageStats {
             if !priced {
                 unpriced.push(model.clone());
             }
-            by_model.insert(model, ModelUsage {
-                prompt_tokens: tally.prompt,
-                completion_tokens: tally.completion,
-                total_tokens: tally.total,
-                request_count: tally.requests,
-                cost_usd: round4(p_cost + c_cost),
-                priced,
-            });
+            by_model.insert(
+                model,
+                ModelUsage {
+                    prompt_tokens: tally.prompt,
+                    completion_tokens: tally.completion,
+                    total_tokens: tally.total,
+                    request_count: tally.requests,
+                    cost_usd: round4(p_cost + c_cost),
+                    priced,
+                },
+            );
         }
         let mut report = json!({
             "total_prompt_tokens": total.prompt,
@@ -166,7 +186,11 @@ mod tests {
     use super::*;
 
     fn usage(p: u64, c: u64) -> TokenUsage {
-        TokenUsage { prompt_tokens: p, completion_tokens: c, total_tokens: p + c }
+        TokenUsage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            total_tokens: p + c,
+        }
     }
 
     #[test]
@@ -188,10 +212,17 @@ mod tests {
         stats.record(Some("a"), "gpt-4o", &usage(10, 5));
         stats.record(Some("b"), "gpt-4o", &usage(1, 1));
         stats.record(Some("c"), "gpt-4o", &usage(1, 1));
-        assert_eq!(stats.report(Some("a"), json!({}))["request_count"], 0, "oldest session forgotten");
+        assert_eq!(
+            stats.report(Some("a"), json!({}))["request_count"],
+            0,
+            "oldest session forgotten"
+        );
         assert_eq!(stats.report(Some("c"), json!({}))["total_tokens"], 2);
         assert_eq!(stats.report(None, json!({}))["total_tokens"], 19);
-        assert_eq!(stats.report(Some("zzz"), json!({}))["model"], "gpt-3.5-turbo");
+        assert_eq!(
+            stats.report(Some("zzz"), json!({}))["model"],
+            "gpt-3.5-turbo"
+        );
     }
 
     #[test]

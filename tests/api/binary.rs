@@ -13,13 +13,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_al-chat");
 /// A command with a clean environment (nothing from the developer's shell leaks in).
 fn al_chat(dir: &Path) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.env_clear().current_dir(dir).env("PAPITA_API_URL", "http://127.0.0.1:9").env("RUST_LOG", "warn");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env_clear()
+        .current_dir(dir)
+        .env("PAPITA_API_URL", "http://127.0.0.1:9")
+        .env("RUST_LOG", "warn");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_until_listening(port: u16) {
@@ -34,7 +43,11 @@ fn wait_until_listening(port: u16) {
 }
 
 fn sigterm(child: &Child) {
-    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok);
 }
 
@@ -48,8 +61,18 @@ fn wait_exit(mut child: Child) -> Output {
 }
 
 fn get_json(port: u16, path: &str) -> serde_json::Value {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async { reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap().json().await.unwrap() })
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
 }
 
 #[test]
@@ -77,7 +100,10 @@ fn a_bad_value_stops_start_up_with_one_clear_line_and_exit_code_2() {
 #[test]
 fn a_missing_env_file_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = al_chat(tmp.path()).args(["--env-file", "nope.env"]).output().unwrap();
+    let out = al_chat(tmp.path())
+        .args(["--env-file", "nope.env"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.env"));
 }
@@ -87,10 +113,17 @@ fn a_busy_port_fails_with_a_message_not_a_panic() {
     let tmp = tempfile::tempdir().unwrap();
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
-    let out = al_chat(tmp.path()).env("HOST", "127.0.0.1").env("PORT", port.to_string()).output().unwrap();
+    let out = al_chat(tmp.path())
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot listen on 127.0.0.1:") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("cannot listen on 127.0.0.1:") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -102,25 +135,47 @@ fn env_file_is_read_and_the_environment_wins_then_sigterm_exits_0() {
         format!("PORT={port}\nHOST=127.0.0.1\nOPENAI_MODEL=model-from-dotenv\nOPENAI_API_KEY=sk-from-dotenv-123456\nAL_CHAT_LOG_DIR=logs\n"),
     )
     .unwrap();
-    let child = al_chat(tmp.path()).env("OPENAI_MODEL", "model-from-env").spawn().unwrap();
+    let child = al_chat(tmp.path())
+        .env("OPENAI_MODEL", "model-from-env")
+        .spawn()
+        .unwrap();
     wait_until_listening(port);
 
     let info = get_json(port, "/api/openai/info");
     assert_eq!(info["model"], "model-from-env", "environment wins: {info}");
     assert_eq!(info["credentials_info"]["credential_source"], "local_env");
-    assert_eq!(info["credentials_info"]["openai_api_key_prefix"], "sk-from...");
+    assert_eq!(
+        info["credentials_info"]["openai_api_key_prefix"],
+        "sk-from..."
+    );
     assert_eq!(info["credentials_info"]["env_file_exists"], true);
-    assert!(info["credentials_info"]["env_file_path"].as_str().unwrap().ends_with(".env"));
+    assert!(
+        info["credentials_info"]["env_file_path"]
+            .as_str()
+            .unwrap()
+            .ends_with(".env")
+    );
 
     // The healthcheck subcommand reads the same configuration and finds the service healthy.
     let check = al_chat(tmp.path()).arg("healthcheck").output().unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     sigterm(&child);
     let out = wait_exit(child);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The project_init line was written to the configured folder before exit.
-    let logs: Vec<_> = std::fs::read_dir(tmp.path().join("logs")).unwrap().collect();
+    let logs: Vec<_> = std::fs::read_dir(tmp.path().join("logs"))
+        .unwrap()
+        .collect();
     assert_eq!(logs.len(), 1);
 
     let check = al_chat(tmp.path()).arg("healthcheck").output().unwrap();
@@ -131,21 +186,56 @@ fn env_file_is_read_and_the_environment_wins_then_sigterm_exits_0() {
 fn with_no_key_at_all_every_route_answers_and_chat_says_how_to_configure() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    let child = al_chat(tmp.path()).env("HOST", "127.0.0.1").env("PORT", port.to_string()).spawn().unwrap();
+    let child = al_chat(tmp.path())
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .spawn()
+        .unwrap();
     wait_until_listening(port);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
         let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
-        let chat = client.post(url("/api/chat")).json(&serde_json::json!({"message": "hi"})).send().await.unwrap();
+        let chat = client
+            .post(url("/api/chat"))
+            .json(&serde_json::json!({"message": "hi"}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(chat.status(), 503);
         let body: serde_json::Value = chat.json().await.unwrap();
-        assert!(body["error"].as_str().unwrap().contains("OPENAI_API_KEY"), "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("OPENAI_API_KEY"),
+            "{body}"
+        );
         for path in ["/api/health", "/api/openai/info", "/api/openai/usage"] {
-            assert_eq!(client.get(url(path)).send().await.unwrap().status(), 200, "{path}");
+            assert_eq!(
+                client.get(url(path)).send().await.unwrap().status(),
+                200,
+                "{path}"
+            );
         }
-        assert_eq!(client.get(url("/api/openai/test")).send().await.unwrap().status(), 500);
-        assert_eq!(client.post(url("/api/session/start")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            client
+                .get(url("/api/openai/test"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            500
+        );
+        assert_eq!(
+            client
+                .post(url("/api/session/start"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     });
     sigterm(&child);
     assert_eq!(wait_exit(child).status.code(), Some(0));

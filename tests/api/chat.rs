@@ -19,7 +19,10 @@ async fn chat_answers_with_message_usage_and_timestamp() {
         json!({"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18, "model": "gpt-3.5-turbo"})
     );
     let ts = body["timestamp"].as_str().unwrap();
-    assert!(chrono::NaiveDateTime::parse_from_str(ts, "%Y-%m-%dT%H:%M:%S%.6f").is_ok(), "{ts}");
+    assert!(
+        chrono::NaiveDateTime::parse_from_str(ts, "%Y-%m-%dT%H:%M:%S%.6f").is_ok(),
+        "{ts}"
+    );
 }
 
 #[tokio::test]
@@ -30,7 +33,12 @@ async fn history_goes_upstream_before_the_message_without_extra_fields() {
         {"role": "user", "content": "Hi", "timestamp": "2026-01-01", "id": 7},
         {"role": "assistant", "content": "Hello!"}
     ]);
-    assert_eq!(app.post_chat(&json!({"message": "And now?", "history": history})).await.status(), 200);
+    assert_eq!(
+        app.post_chat(&json!({"message": "And now?", "history": history}))
+            .await
+            .status(),
+        200
+    );
     let sent = &app.openai.requests()[0];
     assert_eq!(sent.authorization, format!("Bearer {TEST_KEY}"));
     assert_eq!(sent.body["model"], "gpt-3.5-turbo");
@@ -49,17 +57,43 @@ async fn history_goes_upstream_before_the_message_without_extra_fields() {
 async fn attached_files_are_composed_exactly() {
     let app = spawn_app().await;
     let files = json!([{"name": "a.txt", "content": "AAA"}, {"name": "b.md", "content": "BBB"}]);
-    assert_eq!(app.post_chat(&json!({"message": "Which is longer?", "attached_files": files})).await.status(), 200);
-    assert_eq!(app.post_chat(&json!({"attached_files": [{"content": "only"}]})).await.status(), 200);
-    assert_eq!(app.post_chat(&json!({"attached_files": files})).await.status(), 200);
+    assert_eq!(
+        app.post_chat(&json!({"message": "Which is longer?", "attached_files": files}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.post_chat(&json!({"attached_files": [{"content": "only"}]}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.post_chat(&json!({"attached_files": files}))
+            .await
+            .status(),
+        200
+    );
     let sent: Vec<String> = app
         .openai
         .requests()
         .iter()
-        .map(|r| r.body["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap().to_string())
+        .map(|r| {
+            r.body["messages"].as_array().unwrap().last().unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
-    assert_eq!(sent[0], "[Attached file 1: a.txt]\n\nAAA\n\n---\n\n[Attached file 2: b.md]\n\nBBB\n\n---\n\nWhich is longer?");
-    assert_eq!(sent[1], "[Attached file 1: file]\n\nonly\n\n---\n\nPlease analyze the attached file.");
+    assert_eq!(
+        sent[0],
+        "[Attached file 1: a.txt]\n\nAAA\n\n---\n\n[Attached file 2: b.md]\n\nBBB\n\n---\n\nWhich is longer?"
+    );
+    assert_eq!(
+        sent[1],
+        "[Attached file 1: file]\n\nonly\n\n---\n\nPlease analyze the attached file."
+    );
     assert!(sent[2].ends_with("\n\n---\n\nPlease compare and analyze the attached files."));
 }
 
@@ -68,17 +102,38 @@ async fn legacy_attachment_fields_still_work() {
     let app = spawn_app().await;
     let body = json!({"message": "Summarise", "attached_content": "text", "attached_filename": "notes.txt"});
     assert_eq!(app.post_chat(&body).await.status(), 200);
-    assert_eq!(app.post_chat(&json!({"attached_content": "t2"})).await.status(), 200);
+    assert_eq!(
+        app.post_chat(&json!({"attached_content": "t2"}))
+            .await
+            .status(),
+        200
+    );
     let requests = app.openai.requests();
-    let last = |i: usize| requests[i].body["messages"][0]["content"].as_str().unwrap().to_string();
-    assert_eq!(last(0), "[Attached file 1: notes.txt]\n\ntext\n\n---\n\nSummarise");
-    assert_eq!(last(1), "[Attached file 1: file]\n\nt2\n\n---\n\nPlease analyze the attached file.");
+    let last = |i: usize| {
+        requests[i].body["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        last(0),
+        "[Attached file 1: notes.txt]\n\ntext\n\n---\n\nSummarise"
+    );
+    assert_eq!(
+        last(1),
+        "[Attached file 1: file]\n\nt2\n\n---\n\nPlease analyze the attached file."
+    );
 }
 
 #[tokio::test]
 async fn model_in_the_request_overrides_the_default() {
     let app = spawn_app().await;
-    let body: Value = app.post_chat(&json!({"message": "hi", "model": "gpt-4o"})).await.json().await.unwrap();
+    let body: Value = app
+        .post_chat(&json!({"message": "hi", "model": "gpt-4o"}))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["usage"]["model"], "gpt-4o");
     assert_eq!(app.openai.requests()[0].body["model"], "gpt-4o");
 }
@@ -86,10 +141,17 @@ async fn model_in_the_request_overrides_the_default() {
 #[tokio::test]
 async fn no_message_and_no_file_is_a_400() {
     let app = spawn_app().await;
-    for body in [json!({}), json!({"message": ""}), json!({"message": "   ", "attached_files": []})] {
+    for body in [
+        json!({}),
+        json!({"message": ""}),
+        json!({"message": "   ", "attached_files": []}),
+    ] {
         let r = app.post_chat(&body).await;
         assert_eq!(r.status(), 400);
-        assert_eq!(r.json::<Value>().await.unwrap()["error"], "Message or attachment is required");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"],
+            "Message or attachment is required"
+        );
     }
     assert_eq!(app.openai.request_count(), 0);
 }
@@ -112,7 +174,10 @@ async fn upstream_401_is_a_401_with_the_contract_text() {
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 401);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "Invalid OpenAI API key. Please check your credentials in Papita API or .env file.");
+    assert_eq!(
+        body["error"],
+        "Invalid OpenAI API key. Please check your credentials in Papita API or .env file."
+    );
     assert_eq!(
         body["details"],
         "The OpenAI API key is invalid or expired. If using Papita API, ensure it's running and has valid credentials."
@@ -122,25 +187,40 @@ async fn upstream_401_is_a_401_with_the_contract_text() {
 #[tokio::test]
 async fn upstream_429_with_a_long_retry_after_is_passed_on_at_once() {
     let app = spawn_app().await;
-    app.openai.set_default(Reply::status(429, "Rate limit reached").with_header("retry-after", "60"));
+    app.openai
+        .set_default(Reply::status(429, "Rate limit reached").with_header("retry-after", "60"));
     let started = Instant::now();
     let r = app.post_chat(&json!({"message": "hi"})).await;
-    assert!(started.elapsed() < Duration::from_secs(2), "a 429 must not hold the request: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a 429 must not hold the request: {:?}",
+        started.elapsed()
+    );
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "60");
-    let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.starts_with("OpenAI API error: ") && error.contains("Rate limit reached"), "{error}");
+    let error = r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.starts_with("OpenAI API error: ") && error.contains("Rate limit reached"),
+        "{error}"
+    );
     assert_eq!(app.openai.request_count(), 1, "no retry beyond the budget");
 }
 
 #[tokio::test]
 async fn upstream_429_with_a_short_retry_after_is_retried() {
     let app = spawn_app().await;
-    app.openai.enqueue(Reply::status(429, "slow down").with_header("retry-after", "1"));
+    app.openai
+        .enqueue(Reply::status(429, "slow down").with_header("retry-after", "1"));
     let started = Instant::now();
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 200);
-    assert!(started.elapsed() >= Duration::from_millis(950), "waited as told");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "waited as told"
+    );
     assert_eq!(app.openai.request_count(), 2);
 }
 
@@ -148,7 +228,11 @@ async fn upstream_429_with_a_short_retry_after_is_retried() {
 async fn insufficient_quota_is_not_retried() {
     let app = spawn_app().await;
     let body = json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}});
-    app.openai.set_default(Reply::Status { status: 429, body: body.to_string(), headers: vec![] });
+    app.openai.set_default(Reply::Status {
+        status: 429,
+        body: body.to_string(),
+        headers: vec![],
+    });
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 429);
     assert_eq!(app.openai.request_count(), 1);
@@ -158,10 +242,16 @@ async fn insufficient_quota_is_not_retried() {
 async fn upstream_rejections_are_400s_with_the_upstreams_reason() {
     let app = spawn_app().await;
     for status in [400, 404, 422] {
-        app.openai.enqueue(Reply::status(status, "The model `gpt-9` does not exist"));
-        let r = app.post_chat(&json!({"message": "hi", "model": "gpt-9"})).await;
+        app.openai
+            .enqueue(Reply::status(status, "The model `gpt-9` does not exist"));
+        let r = app
+            .post_chat(&json!({"message": "hi", "model": "gpt-9"}))
+            .await;
         assert_eq!(r.status(), 400, "upstream {status}");
-        let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+        let error = r.json::<Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert_eq!(error, "OpenAI API error: The model `gpt-9` does not exist");
     }
 }
@@ -172,8 +262,14 @@ async fn upstream_5xx_is_a_502_after_bounded_retries() {
     app.openai.set_default(Reply::status(500, "boom"));
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 502);
-    let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.starts_with("OpenAI API error: ") && error.contains("500"), "{error}");
+    let error = r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.starts_with("OpenAI API error: ") && error.contains("500"),
+        "{error}"
+    );
     assert_eq!(app.openai.request_count(), 3, "one attempt and two retries");
 }
 
@@ -190,21 +286,35 @@ async fn a_malformed_answer_is_a_502() {
     app.openai.set_default(Reply::Malformed);
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 502);
-    assert!(r.json::<Value>().await.unwrap()["error"].as_str().unwrap().starts_with("OpenAI API error: malformed answer"));
+    assert!(
+        r.json::<Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("OpenAI API error: malformed answer")
+    );
 }
 
 #[tokio::test]
 async fn a_refused_connection_is_a_502() {
     let app = spawn_app_with(|c, _, _| {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         c.openai.base_url = format!("http://{closed}/v1");
         c.openai.retry_budget = Duration::from_millis(600);
     })
     .await;
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 502);
-    let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.starts_with("OpenAI API error: cannot connect"), "{error}");
+    let error = r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.starts_with("OpenAI API error: cannot connect"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -218,7 +328,12 @@ async fn a_hanging_upstream_is_a_504_when_the_timeout_fires() {
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 504);
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(r.json::<Value>().await.unwrap()["error"].as_str().unwrap().starts_with("OpenAI API error: "));
+    assert!(
+        r.json::<Value>().await.unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("OpenAI API error: ")
+    );
     // The upstream request was abandoned, not left running.
     eventually("upstream connection closed", || app.openai.abandoned() == 1).await;
 }
@@ -226,11 +341,22 @@ async fn a_hanging_upstream_is_a_504_when_the_timeout_fires() {
 #[tokio::test]
 async fn a_client_that_disconnects_cancels_the_upstream_request() {
     let app = spawn_app().await;
-    app.openai.enqueue(Reply::slow("too late", Duration::from_secs(10)));
-    let client = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
-    let result = client.post(format!("{}/api/chat", app.url)).json(&json!({"message": "hi"})).send().await;
+    app.openai
+        .enqueue(Reply::slow("too late", Duration::from_secs(10)));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let result = client
+        .post(format!("{}/api/chat", app.url))
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await;
     assert!(result.is_err(), "the client gave up");
-    eventually("the mock sees its connection closed", || app.openai.abandoned() == 1).await;
+    eventually("the mock sees its connection closed", || {
+        app.openai.abandoned() == 1
+    })
+    .await;
     assert_eq!(app.openai.completed(), 0);
     // And nothing was counted for the abandoned chat.
     let usage: Value = app.get("/api/openai/usage").await.json().await.unwrap();
@@ -240,7 +366,10 @@ async fn a_client_that_disconnects_cancels_the_upstream_request() {
 #[tokio::test]
 async fn upstream_errors_never_echo_the_key() {
     let app = spawn_app().await;
-    app.openai.set_default(Reply::status(400, &format!("bad request for key {TEST_KEY}")));
+    app.openai.set_default(Reply::status(
+        400,
+        &format!("bad request for key {TEST_KEY}"),
+    ));
     let r = app.post_chat(&json!({"message": "hi"})).await;
     let text = r.text().await.unwrap();
     assert!(!text.contains(TEST_KEY), "{text}");

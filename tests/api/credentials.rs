@@ -18,7 +18,10 @@ async fn source(app: &crate::helpers::TestApp) -> Value {
 async fn papitas_key_is_used_first() {
     let app = spawn_app_with(|_, _, papita| papita.set_key(PAPITA_KEY)).await;
     assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
-    assert_eq!(app.openai.requests()[0].authorization, format!("Bearer {PAPITA_KEY}"));
+    assert_eq!(
+        app.openai.requests()[0].authorization,
+        format!("Bearer {PAPITA_KEY}")
+    );
     assert_eq!(source(&app).await, "papita_api");
 }
 
@@ -31,10 +34,15 @@ async fn every_papita_answer_shape_is_understood() {
         json!({"value": PAPITA_KEY}),
         json!({"credential_value": format!("  {PAPITA_KEY}  ")}),
     ] {
-        let app = spawn_app_with(|_, _, papita| papita.set_credentials(Credentials::Json(body.clone()))).await;
+        let app =
+            spawn_app_with(|_, _, papita| papita.set_credentials(Credentials::Json(body.clone())))
+                .await;
         assert_eq!(source(&app).await, "papita_api", "{body}");
         let info: Value = app.get("/api/openai/info").await.json().await.unwrap();
-        assert_eq!(info["credentials_info"]["openai_api_key_length"], PAPITA_KEY.len());
+        assert_eq!(
+            info["credentials_info"]["openai_api_key_length"],
+            PAPITA_KEY.len()
+        );
     }
 }
 
@@ -51,14 +59,20 @@ async fn papita_failures_fall_through_to_the_environment() {
         let app = spawn_app_with(|_, _, papita| papita.set_credentials(behaviour.clone())).await;
         assert_eq!(source(&app).await, "local_env", "{behaviour:?}");
         assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
-        assert_eq!(app.openai.requests()[0].authorization, format!("Bearer {TEST_KEY}"));
+        assert_eq!(
+            app.openai.requests()[0].authorization,
+            format!("Bearer {TEST_KEY}")
+        );
     }
 }
 
 #[tokio::test]
 async fn a_papita_that_is_down_falls_through() {
     let app = spawn_app_with(|c, _, _| {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         c.papita.url = format!("http://{closed}");
     })
     .await;
@@ -70,12 +84,19 @@ async fn a_papita_that_is_down_falls_through() {
 async fn a_slow_papita_costs_at_most_its_timeout() {
     let app = spawn_app_with(|c, _, papita| {
         c.papita.credentials_timeout = Duration::from_millis(300);
-        papita.set_credentials(Credentials::Slow(Duration::from_secs(10), json!({"api_key": PAPITA_KEY})));
+        papita.set_credentials(Credentials::Slow(
+            Duration::from_secs(10),
+            json!({"api_key": PAPITA_KEY}),
+        ));
     })
     .await;
     let started = Instant::now();
     assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(source(&app).await, "local_env");
 }
 
@@ -88,7 +109,10 @@ async fn no_key_anywhere_is_not_configured() {
 #[tokio::test]
 async fn a_hundred_chats_on_a_cold_cache_make_one_papita_request() {
     let app = spawn_app_with(|_, _, papita| {
-        papita.set_credentials(Credentials::Slow(Duration::from_millis(300), json!({"api_key": PAPITA_KEY})));
+        papita.set_credentials(Credentials::Slow(
+            Duration::from_millis(300),
+            json!({"api_key": PAPITA_KEY}),
+        ));
     })
     .await;
     let chats = (0..100).map(|_| app.post_chat(&json!({"message": "hi"})));
@@ -104,14 +128,29 @@ async fn a_rotated_key_is_picked_up_after_a_401_without_a_restart() {
         openai.accept_only_keys(&["sk-old-key-1234567890"]);
     })
     .await;
-    assert_eq!(app.post_chat(&json!({"message": "one"})).await.status(), 200);
+    assert_eq!(
+        app.post_chat(&json!({"message": "one"})).await.status(),
+        200
+    );
     // Papita rotates the key; OpenAI revokes the old one.
     app.papita.set_key("sk-new-key-0987654321");
     app.openai.accept_only_keys(&["sk-new-key-0987654321"]);
     let r = app.post_chat(&json!({"message": "two"})).await;
     assert_eq!(r.status(), 200);
-    let auth: Vec<String> = app.openai.requests().iter().map(|r| r.authorization.clone()).collect();
-    assert_eq!(auth, ["Bearer sk-old-key-1234567890", "Bearer sk-old-key-1234567890", "Bearer sk-new-key-0987654321"]);
+    let auth: Vec<String> = app
+        .openai
+        .requests()
+        .iter()
+        .map(|r| r.authorization.clone())
+        .collect();
+    assert_eq!(
+        auth,
+        [
+            "Bearer sk-old-key-1234567890",
+            "Bearer sk-old-key-1234567890",
+            "Bearer sk-new-key-0987654321"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -125,7 +164,11 @@ async fn a_key_still_rejected_after_refresh_is_a_401_and_asks_papita_once() {
     let before = app.papita.credential_requests();
     assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 401);
     assert_eq!(app.papita.credential_requests(), before + 1);
-    assert_eq!(app.openai.request_count(), 1, "same key again: no second call");
+    assert_eq!(
+        app.openai.request_count(),
+        1,
+        "same key again: no second call"
+    );
 }
 
 #[tokio::test]
@@ -171,18 +214,38 @@ async fn the_key_never_appears_beyond_its_prefix_in_answers_or_logs() {
     })
     .await;
     let mut bodies = Vec::new();
-    for path in ["/api/health", "/api/openai/info", "/api/openai/usage", "/api/openai/test"] {
+    for path in [
+        "/api/health",
+        "/api/openai/info",
+        "/api/openai/usage",
+        "/api/openai/test",
+    ] {
         bodies.push(app.get(path).await.text().await.unwrap());
     }
-    bodies.push(app.post_chat(&json!({"message": "hi"})).await.text().await.unwrap());
+    bodies.push(
+        app.post_chat(&json!({"message": "hi"}))
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
     app.openai.accept_only_keys(&[SECRET]);
-    bodies.push(app.post_chat(&json!({"message": "hi"})).await.text().await.unwrap());
+    bodies.push(
+        app.post_chat(&json!({"message": "hi"}))
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
     bodies.push(app.get("/api/openai/usage").await.text().await.unwrap());
     bodies.push(app.get("/api/openai/test").await.text().await.unwrap());
     for body in &bodies {
         assert!(!body.contains(SECRET), "{body}");
     }
-    assert!(bodies.iter().any(|b| b.contains("sk-UNIQ...")), "the prefix is shown");
+    assert!(
+        bodies.iter().any(|b| b.contains("sk-UNIQ...")),
+        "the prefix is shown"
+    );
     let logs = captured_logs();
     assert!(!logs.contains(SECRET), "the key is in the logs");
     assert!(!logs.contains("secret-value"));

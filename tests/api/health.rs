@@ -11,7 +11,12 @@ async fn health_answers_healthy_with_a_local_timestamp() {
     let app = spawn_app().await;
     let response = app.get("/api/health").await;
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("application/json"));
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["status"], "healthy");
     let ts = body["timestamp"].as_str().unwrap();
@@ -38,11 +43,18 @@ async fn health_never_waits_on_a_hanging_papita() {
     use crate::mock_papita::Credentials;
     let app = spawn_app_with(|c, _, papita| {
         c.papita.credentials_timeout = std::time::Duration::from_secs(30);
-        papita.set_credentials(Credentials::Slow(std::time::Duration::from_secs(30), serde_json::json!({})));
+        papita.set_credentials(Credentials::Slow(
+            std::time::Duration::from_secs(30),
+            serde_json::json!({}),
+        ));
     })
     .await;
     let started = std::time::Instant::now();
     let response = app.get("/api/health").await;
     assert_eq!(response.status(), 200);
-    assert!(started.elapsed() < std::time::Duration::from_secs(1), "health waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "health waited {:?}",
+        started.elapsed()
+    );
 }

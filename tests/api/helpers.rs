@@ -41,7 +41,10 @@ pub async fn spawn_app_with(setup: impl FnOnce(&mut Config, &MockOpenAi, &MockPa
     spawn_app_with_clock(Arc::new(SystemClock), setup).await
 }
 
-pub async fn spawn_app_with_clock(clock: Arc<dyn Clock>, setup: impl FnOnce(&mut Config, &MockOpenAi, &MockPapita)) -> TestApp {
+pub async fn spawn_app_with_clock(
+    clock: Arc<dyn Clock>,
+    setup: impl FnOnce(&mut Config, &MockOpenAi, &MockPapita),
+) -> TestApp {
     init_logs();
     let openai = MockOpenAi::start().await;
     let papita = MockPapita::start().await;
@@ -58,7 +61,9 @@ pub async fn spawn_app_with_clock(clock: Arc<dyn Clock>, setup: impl FnOnce(&mut
     setup(&mut config, &openai, &papita);
     let log_dir = config.log_dir.clone();
 
-    let app = Application::build_with_clock(config, clock).await.expect("app builds");
+    let app = Application::build_with_clock(config, clock)
+        .await
+        .expect("app builds");
     let url = format!("http://{}", app.local_addr());
     let state = app.state().clone();
     let (tx, rx) = oneshot::channel::<()>();
@@ -79,13 +84,30 @@ pub async fn spawn_app_with_clock(clock: Arc<dyn Clock>, setup: impl FnOnce(&mut
 }
 
 /// A clock the test moves, starting at the given local time.
-pub fn manual_clock(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micros: u32) -> Arc<ManualClock> {
+pub fn manual_clock(
+    y: i32,
+    mo: u32,
+    d: u32,
+    h: u32,
+    mi: u32,
+    s: u32,
+    micros: u32,
+) -> Arc<ManualClock> {
     Arc::new(ManualClock::new(local(y, mo, d, h, mi, s, micros)))
 }
 
-pub fn local(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micros: u32) -> chrono::DateTime<chrono::Local> {
+pub fn local(
+    y: i32,
+    mo: u32,
+    d: u32,
+    h: u32,
+    mi: u32,
+    s: u32,
+    micros: u32,
+) -> chrono::DateTime<chrono::Local> {
     use chrono::TimeZone;
-    chrono::Local.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap() + chrono::Duration::microseconds(micros.into())
+    chrono::Local.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+        + chrono::Duration::microseconds(micros.into())
 }
 
 impl TestApp {
@@ -96,7 +118,11 @@ impl TestApp {
         async move { request.send().await.expect("request sent") }
     }
 
-    pub fn post_json(&self, path: &str, body: &Value) -> impl Future<Output = reqwest::Response> + use<> {
+    pub fn post_json(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> impl Future<Output = reqwest::Response> + use<> {
         let request = self.client.post(format!("{}{path}", self.url)).json(body);
         async move { request.send().await.expect("request sent") }
     }
@@ -106,7 +132,9 @@ impl TestApp {
     }
 
     pub async fn start_session(&self) -> Value {
-        let response = self.post_json("/api/session/start", &serde_json::json!({})).await;
+        let response = self
+            .post_json("/api/session/start", &serde_json::json!({}))
+            .await;
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
@@ -138,7 +166,10 @@ impl TestApp {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
-            server.await.expect("server task").expect("server exits cleanly");
+            server
+                .await
+                .expect("server task")
+                .expect("server exits cleanly");
         }
     }
 
@@ -150,14 +181,20 @@ impl TestApp {
 
     pub async fn wait_stopped(&mut self) {
         if let Some(server) = self.server.take() {
-            server.await.expect("server task").expect("server exits cleanly");
+            server
+                .await
+                .expect("server task")
+                .expect("server exits cleanly");
         }
     }
 }
 
 pub fn read_log(dir: &Path, date: &str) -> Vec<Value> {
     match std::fs::read_to_string(dir.join(format!("session_{date}.log"))) {
-        Ok(text) => text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"))).collect(),
+        Ok(text) => text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+            .collect(),
         Err(_) => Vec::new(),
     }
 }

@@ -8,7 +8,7 @@ mod mock_papita;
 mod binary;
 mod chat;
 mod credentials;
-
+mod faults;
 mod health;
 mod http_errors;
 mod openai_routes;
@@ -16,5 +16,6 @@ mod papita_usage;
 mod session_log;
 mod sessions;
 mod shutdown;
-
+mod sse;
+mod streaming;
 mod usage_stats;

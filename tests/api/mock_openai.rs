@@ -19,15 +19,27 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone)]
 pub enum Reply {
     /// A normal answer: whole, or as deltas (one per word) when the request streams.
-    Text { text: String, prompt_tokens: u64, completion_tokens: u64, delay: Duration },
+    Text {
+        text: String,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        delay: Duration,
+    },
     /// Any status with a body and headers.
-    Status { status: u16, body: String, headers: Vec<(String, String)> },
+    Status {
+        status: u16,
+        body: String,
+        headers: Vec<(String, String)>,
+    },
     /// Accepts the request and never answers.
     Hang,
     /// 200 with a body that is not a chat completion.
     Malformed,
     /// A stream with full control over its shape.
     Stream(StreamScript),
+    /// A whole (non-streamed) answer sent in ten pieces, `gap` apart; `cut` breaks the
+    /// connection halfway.
+    Trickle { gap: Duration, cut: bool },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -48,16 +60,31 @@ pub struct StreamScript {
 
 impl Reply {
     pub fn text(text: &str, prompt_tokens: u64, completion_tokens: u64) -> Self {
-        Self::Text { text: text.into(), prompt_tokens, completion_tokens, delay: Duration::ZERO }
+        Self::Text {
+            text: text.into(),
+            prompt_tokens,
+            completion_tokens,
+            delay: Duration::ZERO,
+        }
     }
 
     pub fn slow(text: &str, delay: Duration) -> Self {
-        Self::Text { text: text.into(), prompt_tokens: 3, completion_tokens: 2, delay }
+        Self::Text {
+            text: text.into(),
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            delay,
+        }
     }
 
     pub fn status(status: u16, message: &str) -> Self {
-        let body = json!({"error": {"message": message, "type": "test_error", "code": null}}).to_string();
-        Self::Status { status, body, headers: Vec::new() }
+        let body =
+            json!({"error": {"message": message, "type": "test_error", "code": null}}).to_string();
+        Self::Status {
+            status,
+            body,
+            headers: Vec::new(),
+        }
     }
 
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
@@ -167,9 +194,20 @@ impl Drop for Watch {
     }
 }
 
-async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    state.requests.lock().unwrap().push(Recorded { authorization: authorization.clone(), body: body.clone() });
+async fn chat(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let authorization = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    state.requests.lock().unwrap().push(Recorded {
+        authorization: authorization.clone(),
+        body: body.clone(),
+    });
     if let Some(keys) = state.valid_keys.lock().unwrap().as_ref() {
         let key = authorization.strip_prefix("Bearer ").unwrap_or("");
         if !keys.iter().any(|k| k == key) {
@@ -177,26 +215,61 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, Json(body
             return (StatusCode::UNAUTHORIZED, Json(error)).into_response();
         }
     }
-    let reply = state.script.lock().unwrap().pop_front().unwrap_or_else(|| state.default.lock().unwrap().clone());
-    let model = body["model"].as_str().unwrap_or("gpt-3.5-turbo").to_string();
+    let reply = state
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(|| state.default.lock().unwrap().clone());
+    let model = body["model"]
+        .as_str()
+        .unwrap_or("gpt-3.5-turbo")
+        .to_string();
     let streaming = body["stream"] == true;
-    let watch = Watch { state: state.clone(), finished: false };
+    let watch = Watch {
+        state: state.clone(),
+        finished: false,
+    };
     match reply {
-        Reply::Text { text, prompt_tokens, completion_tokens, delay } if streaming => {
+        Reply::Text {
+            text,
+            prompt_tokens,
+            completion_tokens,
+            delay,
+        } if streaming => {
             let deltas = text.split_inclusive(' ').map(str::to_string).collect();
-            let script = StreamScript { deltas, usage: Some((prompt_tokens, completion_tokens)), head_delay: delay, ..Default::default() };
+            let script = StreamScript {
+                deltas,
+                usage: Some((prompt_tokens, completion_tokens)),
+                head_delay: delay,
+                ..Default::default()
+            };
             stream_reply(script, model, watch).await
         }
-        Reply::Text { text, prompt_tokens, completion_tokens, delay } => {
+        Reply::Text {
+            text,
+            prompt_tokens,
+            completion_tokens,
+            delay,
+        } => {
             tokio::time::sleep(delay).await;
             watch.finish();
             Json(completion(&model, &text, prompt_tokens, completion_tokens)).into_response()
         }
-        Reply::Status { status, body, headers } => {
+        Reply::Status {
+            status,
+            body,
+            headers,
+        } => {
             let mut response = (StatusCode::from_u16(status).unwrap(), body).into_response();
-            response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
             for (name, value) in headers {
-                response.headers_mut().insert(axum::http::HeaderName::try_from(name).unwrap(), value.parse().unwrap());
+                response.headers_mut().insert(
+                    axum::http::HeaderName::try_from(name).unwrap(),
+                    value.parse().unwrap(),
+                );
             }
             watch.finish();
             response
@@ -208,9 +281,39 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, Json(body
         }
         Reply::Malformed => {
             watch.finish();
-            (StatusCode::OK, [("content-type", "application/json")], "{\"this is\": not a completion").into_response()
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                "{\"this is\": not a completion",
+            )
+                .into_response()
         }
         Reply::Stream(script) => stream_reply(script, model, watch).await,
+        Reply::Trickle { gap, cut } => {
+            let bytes = completion(&model, "trickled", 3, 2)
+                .to_string()
+                .into_bytes();
+            let pieces: Vec<Vec<u8>> = bytes
+                .chunks(bytes.len().div_ceil(10))
+                .map(<[u8]>::to_vec)
+                .collect();
+            let body = async_stream::stream! {
+                let watch = watch;
+                for (i, piece) in pieces.into_iter().enumerate() {
+                    if cut && i == 5 {
+                        yield Err(std::io::Error::other("connection cut by the mock"));
+                        return;
+                    }
+                    tokio::time::sleep(gap).await;
+                    yield Ok::<_, std::io::Error>(Bytes::from(piece));
+                }
+                watch.finish();
+            };
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from_stream(body))
+                .unwrap()
+        }
     }
 }
 

@@ -75,7 +75,9 @@ impl MockPapita {
     }
 
     pub fn set_key(&self, key: &str) {
-        self.set_credentials(Credentials::Json(serde_json::json!({"credentials": {"api_key": key}})));
+        self.set_credentials(Credentials::Json(
+            serde_json::json!({"credentials": {"api_key": key}}),
+        ));
     }
 
     pub fn set_usage(&self, u: Usage) {

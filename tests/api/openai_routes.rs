@@ -31,7 +31,10 @@ async fn info_without_a_key() {
     let r = app.get("/api/openai/info").await;
     assert_eq!(r.status(), 200);
     let info: Value = r.json().await.unwrap();
-    assert_eq!(info["error"], "OPENAI_API_KEY not found in environment variables. Please set it in .env file.");
+    assert_eq!(
+        info["error"],
+        "OPENAI_API_KEY not found in environment variables. Please set it in .env file."
+    );
     let ci = &info["credentials_info"];
     assert_eq!(ci["openai_api_key_set"], false);
     assert_eq!(ci["openai_api_key_length"], 0);
@@ -47,8 +50,14 @@ async fn a_key_without_sk_is_invalid_for_openai_itself() {
     })
     .await;
     let info: Value = app.get("/api/openai/info").await.json().await.unwrap();
-    assert_eq!(info["error"], "OPENAI_API_KEY appears to be invalid. OpenAI API keys start with 'sk-'.");
-    assert_eq!(info["credentials_info"]["openai_api_key_prefix"], "not-a-r...");
+    assert_eq!(
+        info["error"],
+        "OPENAI_API_KEY appears to be invalid. OpenAI API keys start with 'sk-'."
+    );
+    assert_eq!(
+        info["credentials_info"]["openai_api_key_prefix"],
+        "not-a-r..."
+    );
     assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 503);
 }
 
@@ -57,14 +66,19 @@ async fn any_key_is_fine_for_a_compatible_server() {
     let app = spawn_app_with(|c, _, _| c.openai.api_key = Some("ollama".into())).await;
     let info: Value = app.get("/api/openai/info").await.json().await.unwrap();
     assert_eq!(info["credentials_valid"], true);
-    assert_eq!(info["credentials_info"]["openai_api_key_prefix"], Value::Null, "7 characters or fewer: no prefix");
+    assert_eq!(
+        info["credentials_info"]["openai_api_key_prefix"],
+        Value::Null,
+        "7 characters or fewer: no prefix"
+    );
     assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
 }
 
 #[tokio::test]
 async fn test_route_success_is_not_counted_in_usage() {
     let app = spawn_app().await;
-    app.openai.enqueue(Reply::text("Connection successful", 20, 3));
+    app.openai
+        .enqueue(Reply::text("Connection successful", 20, 3));
     let r = app.get("/api/openai/test").await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
@@ -85,12 +99,16 @@ async fn test_route_success_is_not_counted_in_usage() {
 #[tokio::test]
 async fn test_route_upstream_failure_is_a_200_with_status_error() {
     let app = spawn_app().await;
-    app.openai.set_default(Reply::status(404, "The model does not exist"));
+    app.openai
+        .set_default(Reply::status(404, "The model does not exist"));
     let r = app.get("/api/openai/test").await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "error");
-    assert_eq!(body["message"], "OpenAI connection failed: The model does not exist");
+    assert_eq!(
+        body["message"],
+        "OpenAI connection failed: The model does not exist"
+    );
     assert_eq!(body["model"], "gpt-3.5-turbo");
 }
 
@@ -102,6 +120,9 @@ async fn test_route_not_configured_is_a_500_with_the_info() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "error");
     assert_eq!(body["message"], "OpenAI service not configured");
-    assert_eq!(body["info"]["credentials_info"]["credential_source"], "none");
+    assert_eq!(
+        body["info"]["credentials_info"]["credential_source"],
+        "none"
+    );
     assert!(body["info"]["error"].is_string());
 }

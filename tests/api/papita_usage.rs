@@ -24,34 +24,49 @@ async fn a_successful_chat_sends_one_record_of_the_contract_shape() {
 #[tokio::test]
 async fn guests_are_recorded_as_guests() {
     let app = spawn_app().await;
-    app.post_chat(&json!({"message": "hi", "username": "  ", "isGuest": false})).await;
+    app.post_chat(&json!({"message": "hi", "username": "  ", "isGuest": false}))
+        .await;
     eventually("record arrives", || app.papita.records().len() == 1).await;
     let record = &app.papita.records()[0];
-    assert_eq!((record["username"].clone(), record["isGuest"].clone()), (json!("guest"), json!(true)));
+    assert_eq!(
+        (record["username"].clone(), record["isGuest"].clone()),
+        (json!("guest"), json!(true))
+    );
     assert_eq!(record["sessionId"], serde_json::Value::Null);
 }
 
 #[tokio::test]
 async fn a_slow_papita_adds_nothing_to_chat_latency() {
-    let app = spawn_app_with(|_, _, papita| papita.set_usage(Usage::Slow(Duration::from_secs(5)))).await;
+    let app =
+        spawn_app_with(|_, _, papita| papita.set_usage(Usage::Slow(Duration::from_secs(5)))).await;
     app.wait_configured(true).await;
     let started = Instant::now();
     for _ in 0..3 {
         assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
     }
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn a_papita_that_is_down_never_fails_a_chat_and_drops_are_counted() {
     let app = spawn_app_with(|c, _, _| {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         c.papita.url = format!("http://{closed}");
     })
     .await;
     assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
     let stats = app.state.papita.stats();
-    eventually("the record is dropped after its attempts", || stats.dropped.load(Ordering::Relaxed) == 1).await;
+    eventually("the record is dropped after its attempts", || {
+        stats.dropped.load(Ordering::Relaxed) == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -91,7 +106,8 @@ async fn a_full_queue_drops_and_counts_instead_of_growing() {
 #[tokio::test]
 async fn no_record_for_a_failed_chat() {
     let app = spawn_app().await;
-    app.openai.enqueue(crate::mock_openai::Reply::status(400, "bad"));
+    app.openai
+        .enqueue(crate::mock_openai::Reply::status(400, "bad"));
     app.post_chat(&json!({"message": "hi"})).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(app.papita.records().is_empty());

@@ -26,11 +26,18 @@ async fn project_init_is_written_at_start_up() {
 async fn lines_are_written_as_the_flask_service_wrote_them() {
     let clock = manual_clock(2026, 11, 23, 7, 0, 0, 0);
     let app = spawn_app_with_clock(clock, |_, _, _| {}).await;
-    let id = app.start_session().await["session_id"].as_str().unwrap().to_string();
-    app.stop_session(&json!({"session_id": id, "metrics": {"note": "café ☕", "list": [1, 2]}})).await;
+    let id = app.start_session().await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.stop_session(&json!({"session_id": id, "metrics": {"note": "café ☕", "list": [1, 2]}}))
+        .await;
     let text = std::fs::read_to_string(app.log_dir.join("session_2026-11-23.log")).unwrap();
     assert!(text.contains("{\"event\": \"session_start\", \"session_id\": \"session_20261123_070000\", \"timestamp\": \"2026-11-23T07:00:00.000000\", \"date\": \"2026-11-23\"}\n"), "{text}");
-    assert!(text.contains("\"metrics\": {\"note\": \"café ☕\", \"list\": [1, 2]}}\n"), "{text}");
+    assert!(
+        text.contains("\"metrics\": {\"note\": \"café ☕\", \"list\": [1, 2]}}\n"),
+        "{text}"
+    );
     assert!(text.ends_with('\n'));
 }
 
@@ -38,13 +45,25 @@ async fn lines_are_written_as_the_flask_service_wrote_them() {
 async fn lines_either_side_of_midnight_land_in_their_own_files() {
     let clock = manual_clock(2026, 11, 23, 23, 59, 59, 999_999);
     let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
-    let id = app.start_session().await["session_id"].as_str().unwrap().to_string();
+    let id = app.start_session().await["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     clock.set(local(2026, 11, 24, 0, 0, 0, 0));
-    let body: Value = app.stop_session(&json!({"session_id": id})).await.json().await.unwrap();
+    let body: Value = app
+        .stop_session(&json!({"session_id": id}))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["duration_seconds"], 0.000001);
     let before: Vec<Value> = app.log_lines("2026-11-23");
     let after: Vec<Value> = app.log_lines("2026-11-24");
-    assert!(before.iter().any(|l| l["event"] == "session_start" && l["date"] == "2026-11-23"));
+    assert!(
+        before
+            .iter()
+            .any(|l| l["event"] == "session_start" && l["date"] == "2026-11-23")
+    );
     assert_eq!(after.len(), 1);
     assert_eq!(after[0]["event"], "session_stop");
     assert_eq!(after[0]["date"], "2026-11-24");
@@ -61,19 +80,35 @@ async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers
 
     let r = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(r.status(), 500);
-    let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
-    assert!(error.starts_with("Could not write the session log"), "{error}");
+    let error = r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.starts_with("Could not write the session log"),
+        "{error}"
+    );
     assert_eq!(app.state.sessions.tracked(), 0, "no session half-started");
-    let r = app.stop_session(&json!({"session_id": "session_20261123_070000"})).await;
+    let r = app
+        .stop_session(&json!({"session_id": "session_20261123_070000"}))
+        .await;
     assert_eq!(r.status(), 500);
     assert_eq!(app.get("/api/health").await.status(), 200);
-    assert_eq!(app.post_chat(&json!({"message": "hi", "sessionId": "x"})).await.status(), 200);
+    assert_eq!(
+        app.post_chat(&json!({"message": "hi", "sessionId": "x"}))
+            .await
+            .status(),
+        200
+    );
 
     // The folder becomes writable: logging resumes without a restart.
     std::fs::remove_file(&blocker).unwrap();
     let r = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(r.status(), 200);
-    let id = r.json::<Value>().await.unwrap()["session_id"].as_str().unwrap().to_string();
+    let id = r.json::<Value>().await.unwrap()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let lines = crate::helpers::read_log(&blocker.join("SessionLog"), &today());
     assert!(lines.iter().any(|l| l["session_id"] == id.as_str()));
 }
@@ -88,11 +123,19 @@ async fn a_full_disk_fails_start_with_a_clear_error_and_leaves_no_torn_line() {
     clock.set(local(2026, 11, 24, 7, 0, 0, 0));
     let r = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(r.status(), 500);
-    let error = r.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_string();
+    let error = r.json::<Value>().await.unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(error.contains("No space left"), "{error}");
     // Space is freed (the file is a real file again): the next start succeeds.
     std::fs::remove_file(app.log_dir.join("session_2026-11-24.log")).unwrap();
-    assert_eq!(app.post_json("/api/session/start", &json!({})).await.status(), 200);
+    assert_eq!(
+        app.post_json("/api/session/start", &json!({}))
+            .await
+            .status(),
+        200
+    );
     let lines = app.log_lines("2026-11-24");
     assert_eq!(lines.len(), 1, "only the successful start: {lines:?}");
 }
@@ -100,7 +143,12 @@ async fn a_full_disk_fails_start_with_a_clear_error_and_leaves_no_torn_line() {
 #[tokio::test]
 async fn the_log_folder_is_created_when_missing() {
     let app = spawn_app().await;
-    assert_eq!(app.post_json("/api/session/start", &json!({})).await.status(), 200);
+    assert_eq!(
+        app.post_json("/api/session/start", &json!({}))
+            .await
+            .status(),
+        200
+    );
     assert!(app.log_dir.is_dir());
 }
 
@@ -108,7 +156,11 @@ async fn the_log_folder_is_created_when_missing() {
 fn a_200_means_the_line_survives_a_kill() {
     use std::process::{Command, Stdio};
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_al-chat"))
         .env_clear()
         .current_dir(tmp.path())
@@ -119,13 +171,23 @@ fn a_200_means_the_line_survives_a_kill() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let id = rt.block_on(async {
         let client = reqwest::Client::new();
         for _ in 0..500 {
-            if let Ok(r) = client.post(format!("http://127.0.0.1:{port}/api/session/start")).send().await {
+            if let Ok(r) = client
+                .post(format!("http://127.0.0.1:{port}/api/session/start"))
+                .send()
+                .await
+            {
                 assert_eq!(r.status(), 200);
-                return r.json::<Value>().await.unwrap()["session_id"].as_str().unwrap().to_string();
+                return r.json::<Value>().await.unwrap()["session_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -137,5 +199,8 @@ fn a_200_means_the_line_survives_a_kill() {
         .unwrap()
         .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
         .collect();
-    assert!(text.contains(&format!("\"session_id\": \"{id}\"")), "{text}");
+    assert!(
+        text.contains(&format!("\"session_id\": \"{id}\"")),
+        "{text}"
+    );
 }

@@ -10,19 +10,35 @@ use crate::mock_openai::Reply;
 #[tokio::test]
 async fn an_in_flight_chat_completes_after_shutdown_begins() {
     let mut app = spawn_app().await;
-    app.openai.enqueue(Reply::slow("late but whole", Duration::from_millis(700)));
+    app.openai
+        .enqueue(Reply::slow("late but whole", Duration::from_millis(700)));
     let client = app.client.clone();
     let url = format!("{}/api/chat", app.url);
-    let in_flight = tokio::spawn(async move { client.post(url).json(&json!({"message": "hi"})).send().await });
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"message": "hi"}))
+            .send()
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(200)).await;
     app.trigger_shutdown();
-    let response = in_flight.await.unwrap().expect("the in-flight request is answered");
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["message"], "late but whole");
     app.wait_stopped().await;
     // And no new connections are taken.
-    assert!(app.client.get(format!("{}/api/health", app.url)).send().await.is_err());
+    assert!(
+        app.client
+            .get(format!("{}/api/health", app.url))
+            .send()
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
@@ -30,11 +46,22 @@ async fn shutdown_writes_out_queued_log_lines_and_usage_records() {
     let mut app = spawn_app().await;
     let session = app.start_session().await;
     let sid = session["session_id"].as_str().unwrap().to_string();
-    let r = app.post_chat(&json!({"message": "hi", "sessionId": sid})).await;
+    let r = app
+        .post_chat(&json!({"message": "hi", "sessionId": sid}))
+        .await;
     assert_eq!(r.status(), 200);
     app.shutdown().await;
     let today = chrono::Local::now().format("%Y-%m-%d").to_string();
     let lines = app.log_lines(&today);
-    assert!(lines.iter().any(|l| l["event"] == "metric" && l["session_id"] == sid.as_str()), "metric line written before exit");
-    assert_eq!(app.papita.records().len(), 1, "usage record sent before exit");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "metric" && l["session_id"] == sid.as_str()),
+        "metric line written before exit"
+    );
+    assert_eq!(
+        app.papita.records().len(),
+        1,
+        "usage record sent before exit"
+    );
 }

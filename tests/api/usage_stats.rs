@@ -28,14 +28,28 @@ async fn fresh_usage_has_every_contract_field() {
         ("prompt_cost_usd", json!(0.0)),
         ("completion_cost_usd", json!(0.0)),
         ("billing_credit_balance", Value::Null),
-        ("usage_dashboard_url", json!("https://platform.openai.com/account/usage")),
-        ("billing_dashboard_url", json!("https://platform.openai.com/account/billing")),
-        ("note", json!("For full account usage and billing credit balance, visit the OpenAI Billing Dashboard")),
+        (
+            "usage_dashboard_url",
+            json!("https://platform.openai.com/account/usage"),
+        ),
+        (
+            "billing_dashboard_url",
+            json!("https://platform.openai.com/account/billing"),
+        ),
+        (
+            "note",
+            json!(
+                "For full account usage and billing credit balance, visit the OpenAI Billing Dashboard"
+            ),
+        ),
         ("by_model", json!({})),
     ] {
         assert_eq!(u[field], value, "{field}");
     }
-    assert_eq!(u["account_info"], json!({"api_key_prefix": "sk-test...", "model": "gpt-3.5-turbo", "status": "active"}));
+    assert_eq!(
+        u["account_info"],
+        json!({"api_key_prefix": "sk-test...", "model": "gpt-3.5-turbo", "status": "active"})
+    );
 }
 
 #[tokio::test]
@@ -50,9 +64,24 @@ async fn totals_and_costs_are_summed_per_model() {
     app.openai.enqueue(Reply::text("a", 1_000_000, 0));
     app.openai.enqueue(Reply::text("b", 1_000_000, 1_000_000));
     app.openai.enqueue(Reply::text("c", 1000, 1000));
-    assert_eq!(app.post_chat(&json!({"message": "1", "model": "gpt-4"})).await.status(), 200);
-    assert_eq!(app.post_chat(&json!({"message": "2", "model": "gpt-3.5-turbo"})).await.status(), 200);
-    assert_eq!(app.post_chat(&json!({"message": "3", "model": "local-llama"})).await.status(), 200);
+    assert_eq!(
+        app.post_chat(&json!({"message": "1", "model": "gpt-4"}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.post_chat(&json!({"message": "2", "model": "gpt-3.5-turbo"}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.post_chat(&json!({"message": "3", "model": "local-llama"}))
+            .await
+            .status(),
+        200
+    );
     let u = usage(&app, "").await;
     assert_eq!(u["request_count"], 3);
     assert_eq!(u["total_prompt_tokens"], 2_001_000);
@@ -63,7 +92,10 @@ async fn totals_and_costs_are_summed_per_model() {
     assert_eq!(u["prompt_cost_usd"], 30.5005);
     assert_eq!(u["completion_cost_usd"], 1.5015);
     assert_eq!(u["estimated_cost_usd"], 32.002);
-    assert_eq!(u["by_model"]["gpt-4"], json!({"prompt_tokens": 1_000_000, "completion_tokens": 0, "total_tokens": 1_000_000, "request_count": 1, "cost_usd": 30.0, "priced": true}));
+    assert_eq!(
+        u["by_model"]["gpt-4"],
+        json!({"prompt_tokens": 1_000_000, "completion_tokens": 0, "total_tokens": 1_000_000, "request_count": 1, "cost_usd": 30.0, "priced": true})
+    );
     assert_eq!(u["by_model"]["local-llama"]["priced"], false);
     assert_eq!(u["unpriced_models"], json!(["local-llama"]));
 }
@@ -71,9 +103,12 @@ async fn totals_and_costs_are_summed_per_model() {
 #[tokio::test]
 async fn session_id_restricts_the_answer() {
     let app = spawn_app().await;
-    app.post_chat(&json!({"message": "a", "sessionId": "s1", "model": "gpt-4o"})).await;
-    app.post_chat(&json!({"message": "b", "sessionId": "s2"})).await;
-    app.post_chat(&json!({"message": "c", "sessionId": "s1", "model": "gpt-4o"})).await;
+    app.post_chat(&json!({"message": "a", "sessionId": "s1", "model": "gpt-4o"}))
+        .await;
+    app.post_chat(&json!({"message": "b", "sessionId": "s2"}))
+        .await;
+    app.post_chat(&json!({"message": "c", "sessionId": "s1", "model": "gpt-4o"}))
+        .await;
     let s1 = usage(&app, "?session_id=s1").await;
     assert_eq!(s1["request_count"], 2);
     assert_eq!(s1["total_tokens"], 36);
@@ -95,7 +130,11 @@ async fn failed_chats_are_not_counted() {
 #[tokio::test]
 async fn a_hundred_concurrent_chats_give_exact_totals() {
     let app = spawn_app().await;
-    let chats = (0..100).map(|i| app.post_chat(&json!({"message": "hi", "model": if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" }})));
+    let chats = (0..100).map(|i| {
+        app.post_chat(
+            &json!({"message": "hi", "model": if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" }}),
+        )
+    });
     let responses = futures_util::future::join_all(chats).await;
     assert!(responses.iter().all(|r| r.status() == 200));
     let u = usage(&app, "").await;
@@ -110,11 +149,16 @@ async fn a_hundred_concurrent_chats_give_exact_totals() {
 #[tokio::test]
 async fn pricing_file_replaces_the_table() {
     let mut file = tempfile::NamedTempFile::new().unwrap();
-    write!(file, r#"{{"fallback": "house", "models": {{"house": {{"input": 1.0, "output": 2.0}}}}}}"#).unwrap();
+    write!(
+        file,
+        r#"{{"fallback": "house", "models": {{"house": {{"input": 1.0, "output": 2.0}}}}}}"#
+    )
+    .unwrap();
     let path = file.path().to_path_buf();
     let app = spawn_app_with(move |c, _, _| c.pricing_file = Some(path)).await;
     app.openai.enqueue(Reply::text("x", 1_000_000, 1_000_000));
-    app.post_chat(&json!({"message": "a", "model": "house"})).await;
+    app.post_chat(&json!({"message": "a", "model": "house"}))
+        .await;
     let u = usage(&app, "").await;
     assert_eq!(u["estimated_cost_usd"], 3.0);
     assert_eq!(u["unpriced_models"], json!([]));
@@ -132,5 +176,8 @@ async fn a_bad_pricing_file_stops_start_up_with_a_clear_message() {
         Ok(_) => panic!("start-up must fail"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("price table") && err.contains(&file.path().display().to_string()), "{err}");
+    assert!(
+        err.contains("price table") && err.contains(&file.path().display().to_string()),
+        "{err}"
+    );
 }
