@@ -484,6 +484,17 @@ mod tests {
     }
 
     #[test]
+    fn every_variable_is_documented_in_the_template_and_the_docs() {
+        let template = include_str!("../env_template.txt");
+        let docs = include_str!("../Docs/CONFIGURATION.md");
+        for var in VARS {
+            let line = format!("{}={}", var.name, if var.name == "OPENAI_API_KEY" { KEY_PLACEHOLDER } else { var.default });
+            assert!(template.lines().any(|l| l == line), "env_template.txt lacks {line}");
+            assert!(docs.contains(&format!("`{}`", var.name)), "Docs/CONFIGURATION.md lacks {}", var.name);
+        }
+    }
+
+    #[test]
     fn defaults_match_the_contract() {
         let c = Config::defaults();
         assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 5000));
