@@ -488,9 +488,24 @@ mod tests {
         let template = include_str!("../env_template.txt");
         let docs = include_str!("../Docs/CONFIGURATION.md");
         for var in VARS {
-            let line = format!("{}={}", var.name, if var.name == "OPENAI_API_KEY" { KEY_PLACEHOLDER } else { var.default });
-            assert!(template.lines().any(|l| l == line), "env_template.txt lacks {line}");
-            assert!(docs.contains(&format!("`{}`", var.name)), "Docs/CONFIGURATION.md lacks {}", var.name);
+            let line = format!(
+                "{}={}",
+                var.name,
+                if var.name == "OPENAI_API_KEY" {
+                    KEY_PLACEHOLDER
+                } else {
+                    var.default
+                }
+            );
+            assert!(
+                template.lines().any(|l| l == line),
+                "env_template.txt lacks {line}"
+            );
+            assert!(
+                docs.contains(&format!("`{}`", var.name)),
+                "Docs/CONFIGURATION.md lacks {}",
+                var.name
+            );
         }
     }
 
