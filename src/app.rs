@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -132,7 +133,12 @@ impl Application {
         let grace = self.state.config.shutdown_grace;
         let stopping = CancellationToken::new();
         let signal = stopping.clone();
-        let server = axum::serve(self.listener, router).with_graceful_shutdown(async move {
+        // Without TCP_NODELAY, small writes (SSE events, short answers) wait on the client's
+        // delayed ACK: ~40 ms per streamed event.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections; finishing in-flight requests");
             signal.cancel();

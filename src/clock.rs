@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use chrono::{DateTime, Local};
+use chrono::{DateTime, Datelike, Local, Timelike};
 
 /// Source of the local time used for timestamps, session ids and log file dates.
 pub trait Clock: Send + Sync + 'static {
@@ -42,12 +42,22 @@ impl Clock for ManualClock {
 /// The contract's timestamp: local time, ISO 8601, microseconds, no offset
 /// (`2026-11-23T14:05:09.123456`), as Python's `datetime.now().isoformat()` wrote it.
 pub fn timestamp(at: &DateTime<Local>) -> String {
-    at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+    // Written field by field: chrono's `format` re-parses a pattern on every call, which showed
+    // up in the chat path's profile.
+    let micros = at.nanosecond() % 1_000_000_000 / 1_000;
+    format!(
+        "{}T{:02}:{:02}:{:02}.{:06}",
+        date(at),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        micros
+    )
 }
 
 /// The local date of `at` as `YYYY-MM-DD` (log file names and the `date` field).
 pub fn date(at: &DateTime<Local>) -> String {
-    at.format("%Y-%m-%d").to_string()
+    format!("{:04}-{:02}-{:02}", at.year(), at.month(), at.day())
 }
 
 #[cfg(test)]
@@ -64,5 +74,12 @@ mod tests {
             .unwrap();
         assert_eq!(timestamp(&at), "2026-11-23T14:05:09.123456");
         assert_eq!(date(&at), "2026-11-23");
+        assert_eq!(
+            timestamp(&at),
+            at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
+        );
+        // A leap second (nanosecond >= 1e9) still prints six digits.
+        let leap = at.with_nanosecond(1_999_999_000).unwrap();
+        assert_eq!(timestamp(&leap), "2026-11-23T14:05:09.999999");
     }
 }

@@ -295,24 +295,12 @@ impl Config {
             .string("OPENAI_BASE_URL")
             .trim_end_matches('/')
             .to_string();
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(invalid(
-                "OPENAI_BASE_URL",
-                &base_url,
-                "expected an http:// or https:// URL",
-            ));
-        }
+        check_http_url("OPENAI_BASE_URL", &base_url)?;
         let papita_url = src
             .string("PAPITA_API_URL")
             .trim_end_matches('/')
             .to_string();
-        if !(papita_url.starts_with("http://") || papita_url.starts_with("https://")) {
-            return Err(invalid(
-                "PAPITA_API_URL",
-                &papita_url,
-                "expected an http:// or https:// URL",
-            ));
-        }
+        check_http_url("PAPITA_API_URL", &papita_url)?;
         Ok(Self {
             host: src.string("HOST"),
             port: src.parse("PORT")?,
@@ -449,6 +437,13 @@ impl Source<'_> {
                 "expected a positive number of seconds",
             )),
         }
+    }
+}
+
+fn check_http_url(name: &'static str, value: &str) -> Result<(), ConfigError> {
+    match reqwest::Url::parse(value) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(()),
+        _ => Err(invalid(name, value, "expected an http:// or https:// URL")),
     }
 }
 

@@ -8,7 +8,10 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber. Keep the guard alive until exit: dropping it flushes.
 pub fn init(format: LogFormat, filter: &str) -> WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The worker flushes whenever its queue runs empty, so buffering costs no latency but turns
+    // one write(2) per line into one per burst (stdout itself is line-buffered).
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(stdout);
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("warning: RUST_LOG={filter:?} is not a valid filter ({e}); using info");
         EnvFilter::new("info")

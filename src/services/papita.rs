@@ -65,7 +65,8 @@ impl UsageReporter {
         let stats = Arc::new(ReporterStats::default());
         let sender = Sender {
             http,
-            url: format!("{}/api/usage/log", settings.url),
+            url: reqwest::Url::parse(&format!("{}/api/usage/log", settings.url))
+                .expect("PAPITA_API_URL was checked at start-up"),
             timeout: settings.usage_timeout,
             max_attempts: settings.usage_max_attempts,
             stats: stats.clone(),
@@ -124,7 +125,8 @@ async fn run(mut rx: mpsc::Receiver<UsageRecord>, sender: Sender, shutdown: Canc
 
 struct Sender {
     http: reqwest::Client,
-    url: String,
+    /// Parsed once, not per record.
+    url: reqwest::Url,
     timeout: Duration,
     max_attempts: u32,
     stats: Arc<ReporterStats>,
@@ -135,7 +137,7 @@ impl Sender {
         for attempt in 1..=self.max_attempts {
             let result = self
                 .http
-                .post(&self.url)
+                .post(self.url.clone())
                 .timeout(self.timeout)
                 .json(record)
                 .send()

@@ -7,6 +7,10 @@
 //! concurrent sessions cost one sync, not a hundred. A failed write is cut back to the last whole
 //! line and the file is reopened on the next batch, so logging resumes by itself once the folder
 //! is writable again.
+//!
+//! Lines nobody waits for (`chat_usage` metrics) do not wake the writer: they collect in a bounded
+//! buffer that the writer takes with its next batch, or at the latest every `BACKGROUND_EVERY`.
+//! At thousands of chats a second that is one `write` per tick instead of one wake-up per line.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
@@ -19,6 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Lines taken into one batch at most.
 const MAX_BATCH: usize = 4096;
+/// How long a background line may wait for the writer.
+const BACKGROUND_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A finished log line for the file of `date` (`YYYY-MM-DD`, the line's own timestamp date).
 #[derive(Debug)]
@@ -79,31 +85,57 @@ enum Command {
     },
     /// Answered once everything queued before it has been handled.
     Flush(oneshot::Sender<()>),
+    /// Write what the background buffer holds.
+    Tick,
 }
+
+/// Background lines waiting for the writer, bounded.
+type Backlog = Arc<std::sync::Mutex<Vec<Line>>>;
 
 #[derive(Clone)]
 pub struct SessionLog {
     tx: mpsc::Sender<Command>,
+    backlog: Backlog,
+    /// Most background lines held at once; more are dropped and counted.
+    backlog_capacity: usize,
     dir: Arc<PathBuf>,
     dropped: Arc<AtomicU64>,
     syncs: Arc<AtomicU64>,
 }
 
 impl SessionLog {
-    /// Starts the writer thread for `dir` (created when first needed).
+    /// Starts the writer thread for `dir` (created when first needed) and the ticker that has it
+    /// write background lines. Call from within the Tokio runtime.
     pub fn start(dir: PathBuf, capacity: usize) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity);
         let syncs = Arc::new(AtomicU64::new(0));
+        let backlog = Backlog::default();
         let writer = Writer {
             files: Vec::new(),
             dir: dir.clone(),
             syncs: syncs.clone(),
+            backlog: backlog.clone(),
         };
         std::thread::Builder::new()
             .name("session-log".into())
             .spawn(move || writer.run(rx))?;
+        // The ticker holds only a weak sender, so it ends when the log is dropped.
+        let (weak, pending) = (tx.downgrade(), backlog.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(BACKGROUND_EVERY);
+            loop {
+                every.tick().await;
+                let Some(tx) = weak.upgrade() else { break };
+                let waiting = !pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+                if waiting {
+                    let _ = tx.try_send(Command::Tick);
+                }
+            }
+        });
         Ok(Self {
             tx,
+            backlog,
+            backlog_capacity: capacity,
             dir: Arc::new(dir),
             dropped: Arc::default(),
             syncs,
@@ -138,14 +170,19 @@ impl SessionLog {
             .unwrap_or_else(|_| Err(io::Error::other("the session log writer has stopped")))
     }
 
-    /// Queues a line without waiting (metric lines: a slow disk must not slow a chat).
-    /// When the queue is full the line is dropped and counted.
+    /// Queues a line without waiting (metric lines: a slow disk must not slow a chat). It is
+    /// written within `BACKGROUND_EVERY`, not synced on its own. When the buffer is full the line
+    /// is dropped and counted.
     pub fn append_background(&self, line: Line) {
-        if self
-            .tx
-            .try_send(Command::Append { line, ack: None })
-            .is_err()
-        {
+        let accepted = {
+            let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+            let room = backlog.len() < self.backlog_capacity;
+            if room {
+                backlog.push(line);
+            }
+            room
+        };
+        if !accepted {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(dropped, "session log queue full; metric line dropped");
         }
@@ -186,6 +223,7 @@ pub fn file_path(dir: &Path, date: &str) -> PathBuf {
 struct Writer {
     dir: PathBuf,
     syncs: Arc<AtomicU64>,
+    backlog: Backlog,
     /// Open files by date; at most two (today and, around midnight, yesterday).
     files: Vec<(String, File)>,
 }
@@ -208,28 +246,23 @@ impl Writer {
                 taken += 1;
                 match command {
                     Command::Append { line, ack } => {
-                        let group = match groups.iter_mut().position(|g| g.date == line.date) {
-                            Some(i) => &mut groups[i],
-                            None => {
-                                groups.push(Group {
-                                    date: line.date.clone(),
-                                    bytes: Vec::new(),
-                                    acks: Vec::new(),
-                                });
-                                groups.last_mut().expect("just pushed")
-                            }
-                        };
-                        group.bytes.extend_from_slice(&line.bytes);
-                        group.acks.extend(ack);
+                        // Background lines queued before this one go first.
+                        self.take_backlog(&mut groups);
+                        add(&mut groups, line, ack);
                     }
                     Command::Flush(ack) => flushes.push(ack),
+                    Command::Tick => {}
                 }
                 if taken < MAX_BATCH {
                     next = rx.try_recv().ok();
                 }
             }
+            self.take_backlog(&mut groups);
+            // Only start/stop lines wait for durability; a batch of metric lines alone is written
+            // without a sync (the next durable batch, or shutdown, syncs it).
+            let sync = !flushes.is_empty() || groups.iter().any(|g| !g.acks.is_empty());
             for group in groups {
-                let result = self.write_durably(&group.date, &group.bytes);
+                let result = self.write(&group.date, &group.bytes, sync);
                 if let Err(e) = &result {
                     tracing::error!(date = %group.date, error = %e, dir = %self.dir.display(), "session log write failed");
                 }
@@ -242,18 +275,34 @@ impl Writer {
                     );
                 }
             }
+            if !flushes.is_empty() {
+                // Shutdown: make the metric lines written without a sync durable too.
+                for (_, file) in &self.files {
+                    let _ = file.sync_data();
+                }
+            }
             for ack in flushes {
                 let _ = ack.send(());
             }
         }
     }
 
-    fn write_durably(&mut self, date: &str, bytes: &[u8]) -> io::Result<()> {
+    fn take_backlog(&self, groups: &mut Vec<Group>) {
+        let lines = std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
+        for line in lines {
+            add(groups, line, None);
+        }
+    }
+
+    fn write(&mut self, date: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
         let syncs = self.syncs.clone();
         let result = self.file(date).and_then(|file| {
             let before = file.metadata()?.len();
-            let written = file.write_all(bytes).and_then(|_| file.sync_data());
-            syncs.fetch_add(1, Ordering::Relaxed);
+            let mut written = file.write_all(bytes);
+            if sync && written.is_ok() {
+                written = file.sync_data();
+                syncs.fetch_add(1, Ordering::Relaxed);
+            }
             if written.is_err() {
                 // Cut back to the last whole line, so a full disk never leaves half a line.
                 let _ = file.set_len(before);
@@ -287,9 +336,54 @@ impl Writer {
     }
 }
 
+/// Appends `line` to its date's group, keeping the order of arrival within a date.
+fn add(groups: &mut Vec<Group>, line: Line, ack: Option<oneshot::Sender<io::Result<()>>>) {
+    let group = match groups.iter_mut().position(|g| g.date == line.date) {
+        Some(i) => &mut groups[i],
+        None => {
+            groups.push(Group {
+                date: line.date.clone(),
+                bytes: Vec::new(),
+                acks: Vec::new(),
+            });
+            groups.last_mut().expect("just pushed")
+        }
+    };
+    group.bytes.extend_from_slice(&line.bytes);
+    group.acks.extend(ack);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn background_lines_are_written_on_a_tick_without_a_sync_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let backlog = Backlog::default();
+        for i in 0..50 {
+            backlog
+                .lock()
+                .unwrap()
+                .push(Line::new("2026-11-23".into(), &serde_json::json!({"i": i})));
+        }
+        let (tx, rx) = mpsc::channel(10);
+        tx.try_send(Command::Tick).unwrap();
+        drop(tx);
+        let syncs = Arc::new(AtomicU64::new(0));
+        Writer {
+            dir: dir.path().to_path_buf(),
+            syncs: syncs.clone(),
+            files: Vec::new(),
+            backlog: backlog.clone(),
+        }
+        .run(rx);
+        assert_eq!(syncs.load(Ordering::Relaxed), 0);
+        assert!(backlog.lock().unwrap().is_empty());
+        let text = std::fs::read_to_string(file_path(dir.path(), "2026-11-23")).unwrap();
+        assert_eq!(text.lines().count(), 50);
+        assert!(text.starts_with("{\"i\": 0}\n"));
+    }
 
     #[test]
     fn queued_lines_are_committed_together_with_one_sync_per_file() {
@@ -317,6 +411,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
             syncs: syncs.clone(),
             files: Vec::new(),
+            backlog: Backlog::default(),
         }
         .run(rx);
         assert_eq!(syncs.load(Ordering::Relaxed), 2, "one batch, two files");
