@@ -66,11 +66,15 @@ impl Application {
 
         // One pooled client per upstream. No overall timeout on the OpenAI one: it would cut
         // long, healthy streams; the OpenAI service applies its own limits.
+        // Neither OpenAI nor Papita redirects; reqwest's redirect hook costs ~6% of a chat's
+        // instructions (callgrind, Docs/BENCHMARKS.md), so it is off.
         let openai_http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.openai.connect_timeout)
             .tcp_nodelay(true)
             .build()?;
         let papita_http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(PAPITA_CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .build()?;

@@ -42,22 +42,43 @@ impl Clock for ManualClock {
 /// The contract's timestamp: local time, ISO 8601, microseconds, no offset
 /// (`2026-11-23T14:05:09.123456`), as Python's `datetime.now().isoformat()` wrote it.
 pub fn timestamp(at: &DateTime<Local>) -> String {
-    // Written field by field: chrono's `format` re-parses a pattern on every call, which showed
-    // up in the chat path's profile.
-    let micros = at.nanosecond() % 1_000_000_000 / 1_000;
-    format!(
-        "{}T{:02}:{:02}:{:02}.{:06}",
-        date(at),
-        at.hour(),
-        at.minute(),
-        at.second(),
-        micros
-    )
+    // Digits written directly: chrono's `format` (and even `format!`) cost thousands of
+    // instructions per call, and every chat writes two timestamps (Docs/BENCHMARKS.md).
+    let mut out = String::with_capacity(26);
+    push_date(&mut out, at);
+    out.push('T');
+    push_digits(&mut out, at.hour(), 2);
+    out.push(':');
+    push_digits(&mut out, at.minute(), 2);
+    out.push(':');
+    push_digits(&mut out, at.second(), 2);
+    out.push('.');
+    // A leap second carries nanosecond >= 1e9; it still prints six digits.
+    push_digits(&mut out, at.nanosecond() % 1_000_000_000 / 1_000, 6);
+    out
 }
 
 /// The local date of `at` as `YYYY-MM-DD` (log file names and the `date` field).
 pub fn date(at: &DateTime<Local>) -> String {
-    format!("{:04}-{:02}-{:02}", at.year(), at.month(), at.day())
+    let mut out = String::with_capacity(10);
+    push_date(&mut out, at);
+    out
+}
+
+fn push_date(out: &mut String, at: &DateTime<Local>) {
+    push_digits(out, at.year().clamp(0, 9999) as u32, 4);
+    out.push('-');
+    push_digits(out, at.month(), 2);
+    out.push('-');
+    push_digits(out, at.day(), 2);
+}
+
+/// `value` zero-padded to exactly `width` digits.
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    for i in (0..width).rev() {
+        let digit = value / 10u32.pow(i) % 10;
+        out.push(char::from(b'0' + digit as u8));
+    }
 }
 
 #[cfg(test)]

@@ -59,8 +59,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "Request body must be a JSON object.".into(),
         ));
     }
+    // The plain parse is the fast path; only a failure is parsed again, with path tracking, to
+    // say which field is wrong.
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         ApiError::BadRequest(if inner.is_syntax() || inner.is_eof() {

@@ -36,13 +36,22 @@ struct SessionStop<'a> {
 }
 
 #[derive(Serialize)]
-struct Metric<'a> {
+struct Metric<'a, V: Serialize> {
     event: &'static str,
     session_id: &'a str,
     metric_name: &'a str,
-    metric_value: Value,
+    metric_value: V,
     timestamp: String,
     date: String,
+}
+
+/// `chat_usage`'s value: a struct rather than a `json!` map, since one is built per chat.
+#[derive(Serialize)]
+struct ChatUsage<'a> {
+    model: &'a str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
 }
 
 /// Written once at start-up: what wrote these files and by which rules.
@@ -102,12 +111,12 @@ pub fn session_stop(
 
 /// The `chat_usage` metric after a successful chat.
 pub fn chat_usage(session_id: &str, model: &str, usage: &TokenUsage, at: &DateTime<Local>) -> Line {
-    let value = json!({
-        "model": model,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    });
+    let value = ChatUsage {
+        model,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        total_tokens: usage.total_tokens,
+    };
     Line::new(
         date(at),
         &Metric {

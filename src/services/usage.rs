@@ -96,14 +96,17 @@ impl UsageStats {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.all.add(model, usage);
         if let Some(id) = session_id {
-            if !state.sessions.contains_key(id) && state.sessions.len() >= self.max_sessions {
-                state.sessions.shift_remove_index(0);
+            // Look up before inserting: `entry` would allocate the key on every chat.
+            if let Some(ledger) = state.sessions.get_mut(id) {
+                ledger.add(model, usage);
+            } else {
+                if state.sessions.len() >= self.max_sessions {
+                    state.sessions.shift_remove_index(0);
+                }
+                let mut ledger = Ledger::default();
+                ledger.add(model, usage);
+                state.sessions.insert(id.to_string(), ledger);
             }
-            state
-                .sessions
-                .entry(id.to_string())
-                .or_default()
-                .add(model, usage);
         }
     }
 
