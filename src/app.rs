@@ -66,8 +66,8 @@ impl Application {
 
         // One pooled client per upstream. No overall timeout on the OpenAI one: it would cut
         // long, healthy streams; the OpenAI service applies its own limits.
-        // Neither OpenAI nor Papita redirects; reqwest's redirect hook costs ~6% of a chat's
-        // instructions (callgrind, Docs/BENCHMARKS.md), so it is off.
+        // Neither OpenAI nor Papita redirects; a redirect would be a misconfiguration, and
+        // following it would send the request (and its key) somewhere else.
         let openai_http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.openai.connect_timeout)
