@@ -198,10 +198,7 @@ async fn upstream_429_with_a_long_retry_after_is_passed_on_at_once() {
     );
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "60");
-    let error = r.json::<Value>().await.unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = crate::helpers::error_of(r).await;
     assert!(
         error.starts_with("OpenAI API error: ") && error.contains("Rate limit reached"),
         "{error}"
@@ -248,10 +245,7 @@ async fn upstream_rejections_are_400s_with_the_upstreams_reason() {
             .post_chat(&json!({"message": "hi", "model": "gpt-9"}))
             .await;
         assert_eq!(r.status(), 400, "upstream {status}");
-        let error = r.json::<Value>().await.unwrap()["error"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let error = crate::helpers::error_of(r).await;
         assert_eq!(error, "OpenAI API error: The model `gpt-9` does not exist");
     }
 }
@@ -262,10 +256,7 @@ async fn upstream_5xx_is_a_502_after_bounded_retries() {
     app.openai.set_default(Reply::status(500, "boom"));
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 502);
-    let error = r.json::<Value>().await.unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = crate::helpers::error_of(r).await;
     assert!(
         error.starts_with("OpenAI API error: ") && error.contains("500"),
         "{error}"
@@ -297,20 +288,14 @@ async fn a_malformed_answer_is_a_502() {
 #[tokio::test]
 async fn a_refused_connection_is_a_502() {
     let app = spawn_app_with(|c, _, _| {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let closed = crate::helpers::closed_address();
         c.openai.base_url = format!("http://{closed}/v1");
         c.openai.retry_budget = Duration::from_millis(600);
     })
     .await;
     let r = app.post_chat(&json!({"message": "hi"})).await;
     assert_eq!(r.status(), 502);
-    let error = r.json::<Value>().await.unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = crate::helpers::error_of(r).await;
     assert!(
         error.starts_with("OpenAI API error: cannot connect"),
         "{error}"

@@ -69,10 +69,7 @@ async fn papita_failures_fall_through_to_the_environment() {
 #[tokio::test]
 async fn a_papita_that_is_down_falls_through() {
     let app = spawn_app_with(|c, _, _| {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let closed = crate::helpers::closed_address();
         c.papita.url = format!("http://{closed}");
     })
     .await;

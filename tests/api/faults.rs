@@ -171,10 +171,7 @@ async fn check(case: &Case, streaming: bool) {
         c.openai.stream_max = Duration::from_secs(3);
         c.openai.retry_budget = Duration::from_millis(800);
         if refused {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap();
+            let closed = crate::helpers::closed_address();
             c.openai.base_url = format!("http://{closed}/v1");
         }
     })

@@ -199,6 +199,23 @@ pub fn read_log(dir: &Path, date: &str) -> Vec<Value> {
     }
 }
 
+/// An address where nothing listens (connections are refused at once).
+pub fn closed_address() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The `error` text of a JSON error answer.
+pub async fn error_of(response: reqwest::Response) -> String {
+    let body: Value = response.json().await.expect("a JSON body");
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error text: {body}"))
+        .to_string()
+}
+
 /// Polls `check` until it holds or two seconds pass.
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..200 {

@@ -54,10 +54,7 @@ async fn a_slow_papita_adds_nothing_to_chat_latency() {
 #[tokio::test]
 async fn a_papita_that_is_down_never_fails_a_chat_and_drops_are_counted() {
     let app = spawn_app_with(|c, _, _| {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let closed = crate::helpers::closed_address();
         c.papita.url = format!("http://{closed}");
     })
     .await;

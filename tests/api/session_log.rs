@@ -80,10 +80,7 @@ async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers
 
     let r = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(r.status(), 500);
-    let error = r.json::<Value>().await.unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = crate::helpers::error_of(r).await;
     assert!(
         error.starts_with("Could not write the session log"),
         "{error}"
@@ -123,10 +120,7 @@ async fn a_full_disk_fails_start_with_a_clear_error_and_leaves_no_torn_line() {
     clock.set(local(2026, 11, 24, 7, 0, 0, 0));
     let r = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(r.status(), 500);
-    let error = r.json::<Value>().await.unwrap()["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let error = crate::helpers::error_of(r).await;
     assert!(error.contains("No space left"), "{error}");
     // Space is freed (the file is a real file again): the next start succeeds.
     std::fs::remove_file(app.log_dir.join("session_2026-11-24.log")).unwrap();
