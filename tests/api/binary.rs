@@ -240,3 +240,49 @@ fn with_no_key_at_all_every_route_answers_and_chat_says_how_to_configure() {
     sigterm(&child);
     assert_eq!(wait_exit(child).status.code(), Some(0));
 }
+
+#[test]
+fn json_logs_have_one_line_per_request_with_route_status_latency_and_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = al_chat(tmp.path())
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env("FLASK_ENV", "production") // accepted and ignored
+        .spawn()
+        .unwrap();
+    wait_until_listening(port);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/api/session/start");
+        let r = client
+            .post(url)
+            .header("x-request-id", "req-json-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    sigterm(&child);
+    let out = wait_exit(child);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    let access = lines
+        .iter()
+        .find(|l| l["span"]["request_id"] == "req-json-1")
+        .unwrap_or_else(|| panic!("no access line: {stdout}"));
+    assert_eq!(access["level"], "INFO");
+    assert_eq!(access["span"]["method"], "POST");
+    assert_eq!(access["span"]["path"], "/api/session/start");
+    assert_eq!(access["fields"]["status"], 200);
+    assert!(access["fields"]["latency"].is_string(), "{access}");
+}
