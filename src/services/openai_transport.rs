@@ -164,7 +164,9 @@ impl tower::Service<HttpRequestFactory> for OpenAiTransport {
                             None
                         };
                         match wait {
-                            Some(wait) => (wait, status.to_string()),
+                            // Only the status: the upstream's text may echo the key, and the transport
+                            // does not know it to redact it (the error mapping does).
+                            Some(wait) => (wait, format!("status {}", status.status.as_u16())),
                             None => return Err(OpenAIError::Boxed(Box::new(status))),
                         }
                     }

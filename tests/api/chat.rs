@@ -349,6 +349,29 @@ async fn a_client_that_disconnects_cancels_the_upstream_request() {
 }
 
 #[tokio::test]
+async fn a_5xx_that_echoes_the_key_reaches_neither_the_answer_nor_the_logs() {
+    const ECHOED: &str = "sk-ECHOED-by-a-broken-upstream-123456";
+    let app = spawn_app_with(|c, _, _| c.openai.api_key = Some(ECHOED.into())).await;
+    app.openai.set_default(Reply::status(
+        500,
+        &format!("internal error handling key {ECHOED}"),
+    ));
+    let r = app.post_chat(&json!({"message": "hi"})).await;
+    assert_eq!(r.status(), 502);
+    let text = r.text().await.unwrap();
+    assert!(
+        !text.contains(ECHOED) && text.contains("sk-ECHO..."),
+        "{text}"
+    );
+    assert_eq!(
+        app.openai.request_count(),
+        3,
+        "retried, so the retry log line was written"
+    );
+    assert!(!crate::helpers::captured_logs().contains(ECHOED));
+}
+
+#[tokio::test]
 async fn upstream_errors_never_echo_the_key() {
     let app = spawn_app().await;
     app.openai.set_default(Reply::status(
