@@ -23,6 +23,26 @@ fn al_chat(dir: &Path) -> Command {
     cmd
 }
 
+/// Starts the service on a free loopback port with `env` added, and waits until it listens.
+fn start_service(dir: &Path, env: &[(&str, &str)]) -> (Child, u16) {
+    let port = free_port();
+    let mut cmd = al_chat(dir);
+    cmd.env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .envs(env.iter().copied());
+    let child = cmd.spawn().unwrap();
+    wait_until_listening(port);
+    (child, port)
+}
+
+/// A single-threaded runtime for the async client calls of these synchronous tests.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -61,10 +81,7 @@ fn wait_exit(mut child: Child) -> Output {
 }
 
 fn get_json(port: u16, path: &str) -> serde_json::Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         reqwest::get(format!("http://127.0.0.1:{port}{path}"))
             .await
@@ -185,17 +202,8 @@ fn env_file_is_read_and_the_environment_wins_then_sigterm_exits_0() {
 #[test]
 fn with_no_key_at_all_every_route_answers_and_chat_says_how_to_configure() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let child = al_chat(tmp.path())
-        .env("HOST", "127.0.0.1")
-        .env("PORT", port.to_string())
-        .spawn()
-        .unwrap();
-    wait_until_listening(port);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (child, port) = start_service(tmp.path(), &[]);
+    let rt = runtime();
     rt.block_on(async {
         let client = reqwest::Client::new();
         let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
@@ -244,20 +252,14 @@ fn with_no_key_at_all_every_route_answers_and_chat_says_how_to_configure() {
 #[test]
 fn json_logs_have_one_line_per_request_with_route_status_latency_and_id() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let child = al_chat(tmp.path())
-        .env("HOST", "127.0.0.1")
-        .env("PORT", port.to_string())
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .env("FLASK_ENV", "production") // accepted and ignored
-        .spawn()
-        .unwrap();
-    wait_until_listening(port);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // FLASK_ENV is accepted and ignored.
+    let env = [
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+        ("FLASK_ENV", "production"),
+    ];
+    let (child, port) = start_service(tmp.path(), &env);
+    let rt = runtime();
     rt.block_on(async {
         let client = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{port}/api/session/start");
