@@ -150,7 +150,7 @@ async fn cors_allows_any_origin_by_default() {
         .header("access-control-request-method", "POST")
         .header(
             "access-control-request-headers",
-            "content-type,x-session-id",
+            "content-type,x-session-id,x-some-site-header",
         )
         .send()
         .await
@@ -167,7 +167,9 @@ async fn cors_allows_any_origin_by_default() {
         .unwrap()
         .to_ascii_lowercase();
     assert!(
-        headers.contains("content-type") && headers.contains("x-session-id"),
+        headers.contains("content-type")
+            && headers.contains("x-session-id")
+            && headers.contains("x-some-site-header"),
         "{headers}"
     );
 }
