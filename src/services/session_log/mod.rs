@@ -1,0 +1,169 @@
+//! The session log (contract §10): daily JSON-lines files, one writer, group commit.
+//!
+//! One OS thread owns the files. Handlers hand it finished lines over a bounded channel; it takes
+//! whatever is queued, appends each date's lines with one `write`, makes them durable with one
+//! `fdatasync` per file, and only then acknowledges every line of the batch. So lines are never
+//! interleaved or torn, a 200 for a session start/stop means its line is on disk, and a hundred
+//! concurrent sessions cost one sync, not a hundred. A failed write is cut back to the last whole
+//! line and the file is reopened on the next batch, so logging resumes by itself once the folder
+//! is writable again.
+//!
+//! Lines nobody waits for (`chat_usage` metrics) do not wake the writer: they collect in a bounded
+//! buffer that the writer takes with its next batch, or at the latest every `BACKGROUND_EVERY`.
+//! At thousands of chats a second that is one `write` per tick instead of one wake-up per line.
+
+mod line;
+mod writer;
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use line::Line;
+use writer::Writer;
+
+/// Lines taken into one batch at most.
+const MAX_BATCH: usize = 4096;
+/// How long a background line may wait for the writer.
+const BACKGROUND_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+enum Command {
+    Append {
+        line: Line,
+        ack: Option<oneshot::Sender<io::Result<()>>>,
+    },
+    /// Answered once everything queued before it has been handled.
+    Flush(oneshot::Sender<()>),
+    /// Write what the background buffer holds.
+    Tick,
+}
+
+/// Background lines waiting for the writer, bounded.
+type Backlog = Arc<std::sync::Mutex<Vec<Line>>>;
+
+#[derive(Clone)]
+pub struct SessionLog {
+    tx: mpsc::Sender<Command>,
+    backlog: Backlog,
+    /// Most background lines held at once; more are dropped and counted.
+    backlog_capacity: usize,
+    dir: Arc<PathBuf>,
+    dropped: Arc<AtomicU64>,
+    syncs: Arc<AtomicU64>,
+}
+
+impl SessionLog {
+    /// Starts the writer thread for `dir` (created when first needed) and the ticker that has it
+    /// write background lines. Call from within the Tokio runtime.
+    pub fn start(dir: PathBuf, capacity: usize) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel(capacity);
+        let syncs = Arc::new(AtomicU64::new(0));
+        let backlog = Backlog::default();
+        let writer = Writer::new(dir.clone(), syncs.clone(), backlog.clone());
+        std::thread::Builder::new()
+            .name("session-log".into())
+            .spawn(move || writer.run(rx))?;
+        // The ticker holds only a weak sender, so it ends when the log is dropped.
+        let (weak, pending) = (tx.downgrade(), backlog.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(BACKGROUND_EVERY);
+            loop {
+                every.tick().await;
+                let Some(tx) = weak.upgrade() else { break };
+                let waiting = !pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+                if waiting {
+                    let _ = tx.try_send(Command::Tick);
+                }
+            }
+        });
+        Ok(Self {
+            tx,
+            backlog,
+            backlog_capacity: capacity,
+            dir: Arc::new(dir),
+            dropped: Arc::default(),
+            syncs,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How many `fdatasync`s the writer has made (one per file per batch, not per line).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Lines dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Appends a line and returns once it is on disk (fsync'd).
+    pub async fn append_durable(&self, line: Line) -> io::Result<()> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Command::Append {
+                line,
+                ack: Some(ack),
+            })
+            .await
+            .map_err(|_| io::Error::other("the session log writer has stopped"))?;
+        done.await
+            .unwrap_or_else(|_| Err(io::Error::other("the session log writer has stopped")))
+    }
+
+    /// Queues a line without waiting (metric lines: a slow disk must not slow a chat). It is
+    /// written within `BACKGROUND_EVERY`, not synced on its own. When the buffer is full the line
+    /// is dropped and counted.
+    pub fn append_background(&self, line: Line) {
+        let accepted = {
+            let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+            let room = backlog.len() < self.backlog_capacity;
+            if room {
+                backlog.push(line);
+            }
+            room
+        };
+        if !accepted {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(dropped, "session log queue full; metric line dropped");
+        }
+    }
+
+    /// Waits until everything queued so far has been written (shutdown).
+    pub async fn flush(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Command::Flush(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// The start time of `session_id` as logged in `date`'s file, if it is there
+    /// (sessions this process did not start). Blocking: call from `spawn_blocking`.
+    pub fn find_start_timestamp(dir: &Path, date: &str, session_id: &str) -> Option<String> {
+        let file = File::open(file_path(dir, date)).ok()?;
+        let needle = serde_json::to_string(session_id).ok()?;
+        BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                if !line.contains("\"session_start\"") || !line.contains(&needle) {
+                    return None;
+                }
+                let value: serde_json::Value = serde_json::from_str(&line).ok()?;
+                (value["event"] == "session_start" && value["session_id"] == session_id)
+                    .then(|| value["timestamp"].as_str().map(str::to_string))
+                    .flatten()
+            })
+    }
+}
+
+pub fn file_path(dir: &Path, date: &str) -> PathBuf {
+    dir.join(format!("session_{date}.log"))
+}

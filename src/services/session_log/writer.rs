@@ -1,0 +1,228 @@
+//! The writer thread: owns the files, batches what is queued, writes and syncs, acknowledges.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Backlog, Command, Line, MAX_BATCH, file_path};
+
+pub(super) struct Writer {
+    dir: PathBuf,
+    syncs: Arc<AtomicU64>,
+    backlog: Backlog,
+    /// Open files by date; at most two (today and, around midnight, yesterday).
+    files: Vec<(String, File)>,
+}
+
+/// The lines of one batch that go to one file.
+struct Group {
+    date: String,
+    bytes: Vec<u8>,
+    acks: Vec<oneshot::Sender<io::Result<()>>>,
+}
+
+impl Writer {
+    pub(super) fn new(dir: PathBuf, syncs: Arc<AtomicU64>, backlog: Backlog) -> Self {
+        Self {
+            dir,
+            syncs,
+            backlog,
+            files: Vec::new(),
+        }
+    }
+
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut groups: Vec<Group> = Vec::new();
+            let mut flushes = Vec::new();
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(command) = next.take() {
+                taken += 1;
+                match command {
+                    Command::Append { line, ack } => {
+                        // Background lines queued before this one go first.
+                        self.take_backlog(&mut groups);
+                        add(&mut groups, line, ack);
+                    }
+                    Command::Flush(ack) => flushes.push(ack),
+                    Command::Tick => {}
+                }
+                if taken < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.take_backlog(&mut groups);
+            // Only start/stop lines wait for durability; a batch of metric lines alone is written
+            // without a sync (the next durable batch, or shutdown, syncs it).
+            let sync = !flushes.is_empty() || groups.iter().any(|g| !g.acks.is_empty());
+            for group in groups {
+                let result = self.write(&group.date, &group.bytes, sync);
+                if let Err(e) = &result {
+                    tracing::error!(date = %group.date, error = %e, dir = %self.dir.display(), "session log write failed");
+                }
+                for ack in group.acks {
+                    let _ = ack.send(
+                        result
+                            .as_ref()
+                            .map(|_| ())
+                            .map_err(|e| io::Error::new(e.kind(), e.to_string())),
+                    );
+                }
+            }
+            if !flushes.is_empty() {
+                // Shutdown: make the metric lines written without a sync durable too.
+                for (_, file) in &self.files {
+                    let _ = file.sync_data();
+                }
+            }
+            for ack in flushes {
+                let _ = ack.send(());
+            }
+        }
+    }
+
+    fn take_backlog(&self, groups: &mut Vec<Group>) {
+        let lines = std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
+        for line in lines {
+            add(groups, line, None);
+        }
+    }
+
+    fn write(&mut self, date: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
+        let syncs = self.syncs.clone();
+        let result = self.file(date).and_then(|file| {
+            let before = file.metadata()?.len();
+            let mut written = file.write_all(bytes);
+            if sync && written.is_ok() {
+                written = file.sync_data();
+                syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            if written.is_err() {
+                // Cut back to the last whole line, so a full disk never leaves half a line.
+                let _ = file.set_len(before);
+            }
+            written
+        });
+        if result.is_err() {
+            // Reopen next time: the folder may have been replaced, fixed or freed.
+            self.files.retain(|(d, _)| d != date);
+        }
+        result
+    }
+
+    fn file(&mut self, date: &str) -> io::Result<&mut File> {
+        if let Some(i) = self.files.iter().position(|(d, _)| d == date) {
+            return Ok(&mut self.files[i].1);
+        }
+        std::fs::create_dir_all(&self.dir)?;
+        let path = file_path(&self.dir, date);
+        let existed = path.exists();
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if !existed {
+            // Make the new directory entry itself durable.
+            File::open(&self.dir).and_then(|d| d.sync_all())?;
+        }
+        if self.files.len() >= 2 {
+            self.files.remove(0);
+        }
+        self.files.push((date.to_string(), file));
+        Ok(&mut self.files.last_mut().expect("just pushed").1)
+    }
+}
+
+/// Appends `line` to its date's group, keeping the order of arrival within a date.
+fn add(groups: &mut Vec<Group>, line: Line, ack: Option<oneshot::Sender<io::Result<()>>>) {
+    let group = match groups.iter_mut().position(|g| g.date == line.date) {
+        Some(i) => &mut groups[i],
+        None => {
+            groups.push(Group {
+                date: line.date.clone(),
+                bytes: Vec::new(),
+                acks: Vec::new(),
+            });
+            groups.last_mut().expect("just pushed")
+        }
+    };
+    group.bytes.extend_from_slice(&line.bytes);
+    group.acks.extend(ack);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_lines_are_written_on_a_tick_without_a_sync_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let backlog = Backlog::default();
+        for i in 0..50 {
+            backlog
+                .lock()
+                .unwrap()
+                .push(Line::new("2026-11-23".into(), &serde_json::json!({"i": i})));
+        }
+        let (tx, rx) = mpsc::channel(10);
+        tx.try_send(Command::Tick).unwrap();
+        drop(tx);
+        let syncs = Arc::new(AtomicU64::new(0));
+        Writer {
+            dir: dir.path().to_path_buf(),
+            syncs: syncs.clone(),
+            files: Vec::new(),
+            backlog: backlog.clone(),
+        }
+        .run(rx);
+        assert_eq!(syncs.load(Ordering::Relaxed), 0);
+        assert!(backlog.lock().unwrap().is_empty());
+        let text = std::fs::read_to_string(file_path(dir.path(), "2026-11-23")).unwrap();
+        assert_eq!(text.lines().count(), 50);
+        assert!(text.starts_with("{\"i\": 0}\n"));
+    }
+
+    #[test]
+    fn queued_lines_are_committed_together_with_one_sync_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = mpsc::channel(1000);
+        let mut acks = Vec::new();
+        for i in 0..300 {
+            let (ack, done) = oneshot::channel();
+            let date = if i % 3 == 0 {
+                "2026-11-23"
+            } else {
+                "2026-11-24"
+            };
+            let line = Line::new(date.into(), &serde_json::json!({"i": i}));
+            tx.try_send(Command::Append {
+                line,
+                ack: Some(ack),
+            })
+            .unwrap();
+            acks.push(done);
+        }
+        drop(tx);
+        let syncs = Arc::new(AtomicU64::new(0));
+        Writer {
+            dir: dir.path().to_path_buf(),
+            syncs: syncs.clone(),
+            files: Vec::new(),
+            backlog: Backlog::default(),
+        }
+        .run(rx);
+        assert_eq!(syncs.load(Ordering::Relaxed), 2, "one batch, two files");
+        for done in acks {
+            done.blocking_recv().unwrap().unwrap();
+        }
+        let lines = |d: &str| {
+            std::fs::read_to_string(file_path(dir.path(), d))
+                .unwrap()
+                .lines()
+                .count()
+        };
+        assert_eq!((lines("2026-11-23"), lines("2026-11-24")), (100, 200));
+    }
+}
