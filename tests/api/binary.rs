@@ -288,3 +288,57 @@ fn json_logs_have_one_line_per_request_with_route_status_latency_and_id() {
     assert_eq!(access["fields"]["status"], 200);
     assert!(access["fields"]["latency"].is_string(), "{access}");
 }
+
+#[test]
+fn sigterm_with_a_hanging_request_exits_within_the_grace() {
+    // The mock upstream runs on its own runtime threads while this test blocks.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
+    openai.set_default(crate::mock_openai::Reply::Hang);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = openai.base_url();
+    let env = [
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "sk-test-1234567890"),
+        ("SHUTDOWN_GRACE_SECS", "0.5"),
+    ];
+    let (child, port) = start_service(tmp.path(), &env);
+    let in_flight = rt.spawn(async move {
+        let url = format!("http://127.0.0.1:{port}/api/chat");
+        let body = serde_json::json!({"message": "hi"});
+        reqwest::Client::new().post(url).json(&body).send().await
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while openai.request_count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the chat never reached the upstream"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopping = Instant::now();
+    sigterm(&child);
+    let out = wait_exit(child);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "exit took {:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        rt.block_on(in_flight).unwrap().is_err(),
+        "the hanging request was cut at exit"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while openai.abandoned() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream connection stayed open"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -234,3 +234,23 @@ async fn request_id_is_echoed_or_generated() {
         "the request id is in the request's log line"
     );
 }
+
+#[tokio::test]
+async fn a_request_past_the_request_timeout_is_a_json_408() {
+    let app = spawn_app_with(|c, openai, _| {
+        c.request_timeout = std::time::Duration::from_millis(300);
+        openai.set_default(crate::mock_openai::Reply::slow(
+            "late",
+            std::time::Duration::from_secs(3),
+        ));
+    })
+    .await;
+    let body = assert_json_error(app.post_chat(&json!({"message": "hi"})).await, 408).await;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("REQUEST_TIMEOUT_SECS"),
+        "{body}"
+    );
+}

@@ -65,3 +65,33 @@ async fn shutdown_writes_out_queued_log_lines_and_usage_records() {
         "usage record sent before exit"
     );
 }
+
+#[tokio::test]
+async fn run_until_stopped_returns_after_the_grace_period_despite_a_hanging_request() {
+    let mut app = crate::helpers::spawn_app_with(|c, openai, _| {
+        c.shutdown_grace = Duration::from_millis(300);
+        c.openai.timeout = Duration::from_secs(60);
+        openai.set_default(Reply::Hang);
+    })
+    .await;
+    let client = app.client.clone();
+    let url = format!("{}/api/chat", app.url);
+    let hanging = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"message": "hi"}))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    app.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    // `run_until_stopped` returns once the grace period is over. Connection tasks still running
+    // then end with the process (binary::sigterm_with_a_hanging_request_exits_within_the_grace).
+    hanging.abort();
+}
