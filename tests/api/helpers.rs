@@ -131,6 +131,16 @@ impl TestApp {
         self.post_json("/api/chat", body)
     }
 
+    /// Sends `{"message": "hi"}` to /api/chat on a task of its own (for shutdown tests).
+    pub fn chat_in_background(&self) -> JoinHandle<reqwest::Result<reqwest::Response>> {
+        tokio::spawn(
+            self.client
+                .post(format!("{}/api/chat", self.url))
+                .json(&serde_json::json!({"message": "hi"}))
+                .send(),
+        )
+    }
+
     pub async fn start_session(&self) -> Value {
         let response = self
             .post_json("/api/session/start", &serde_json::json!({}))

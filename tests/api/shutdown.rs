@@ -12,15 +12,7 @@ async fn an_in_flight_chat_completes_after_shutdown_begins() {
     let mut app = spawn_app().await;
     app.openai
         .enqueue(Reply::slow("late but whole", Duration::from_millis(700)));
-    let client = app.client.clone();
-    let url = format!("{}/api/chat", app.url);
-    let in_flight = tokio::spawn(async move {
-        client
-            .post(url)
-            .json(&json!({"message": "hi"}))
-            .send()
-            .await
-    });
+    let in_flight = app.chat_in_background();
     tokio::time::sleep(Duration::from_millis(200)).await;
     app.trigger_shutdown();
     let response = in_flight
@@ -74,15 +66,7 @@ async fn run_until_stopped_returns_after_the_grace_period_despite_a_hanging_requ
         openai.set_default(Reply::Hang);
     })
     .await;
-    let client = app.client.clone();
-    let url = format!("{}/api/chat", app.url);
-    let hanging = tokio::spawn(async move {
-        client
-            .post(url)
-            .json(&json!({"message": "hi"}))
-            .send()
-            .await
-    });
+    let hanging = app.chat_in_background();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     app.shutdown().await;

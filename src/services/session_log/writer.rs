@@ -170,13 +170,7 @@ mod tests {
         tx.try_send(Command::Tick).unwrap();
         drop(tx);
         let syncs = Arc::new(AtomicU64::new(0));
-        Writer {
-            dir: dir.path().to_path_buf(),
-            syncs: syncs.clone(),
-            files: Vec::new(),
-            backlog: backlog.clone(),
-        }
-        .run(rx);
+        Writer::new(dir.path().to_path_buf(), syncs.clone(), backlog.clone()).run(rx);
         assert_eq!(syncs.load(Ordering::Relaxed), 0);
         assert!(backlog.lock().unwrap().is_empty());
         let text = std::fs::read_to_string(file_path(dir.path(), "2026-11-23")).unwrap();
@@ -206,13 +200,7 @@ mod tests {
         }
         drop(tx);
         let syncs = Arc::new(AtomicU64::new(0));
-        Writer {
-            dir: dir.path().to_path_buf(),
-            syncs: syncs.clone(),
-            files: Vec::new(),
-            backlog: Backlog::default(),
-        }
-        .run(rx);
+        Writer::new(dir.path().to_path_buf(), syncs.clone(), Backlog::default()).run(rx);
         assert_eq!(syncs.load(Ordering::Relaxed), 2, "one batch, two files");
         for done in acks {
             done.blocking_recv().unwrap().unwrap();
