@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use chrono::{DateTime, Local, TimeZone};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,8 +19,7 @@ use crate::services::credentials::CredentialProvider;
 use crate::services::log_entries;
 use crate::services::openai::OpenAiService;
 use crate::services::papita::UsageReporter;
-use crate::services::pricing::{PriceTable, PricingError};
-use crate::services::session_log::SessionLog;
+use crate::services::session_log::{self, SessionLog};
 use crate::services::sessions::Sessions;
 use crate::services::usage::UsageStats;
 use crate::state::{AppState, Services};
@@ -33,8 +33,6 @@ const PAPITA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum StartupError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: io::Error },
-    #[error(transparent)]
-    Pricing(#[from] PricingError),
     #[error("cannot start the session log writer: {0}")]
     SessionLog(io::Error),
     #[error("cannot build the HTTP client: {0}")]
@@ -58,7 +56,6 @@ impl Application {
         config: Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
-        let pricing = PriceTable::load(config.pricing_file.as_deref())?;
         let addr = format!("{}:{}", config.host, config.port);
         let listener = TcpListener::bind((config.host.as_str(), config.port))
             .await
@@ -85,13 +82,18 @@ impl Application {
             .map_err(StartupError::SessionLog)?;
         session_log.append_background(log_entries::project_init(&clock.now()));
 
+        let logged_starts = logged_starts(&config, clock.as_ref()).await;
         let credentials = Arc::new(CredentialProvider::new(&config, papita_http.clone()));
         // Resolve the key now, in the background, so health soon tells the truth.
         credentials.peek();
 
         let state = AppState::new(Services {
             openai: OpenAiService::new(&config.openai, openai_http),
-            usage: UsageStats::new(pricing, &config.openai.model, config.sessions_max),
+            usage: UsageStats::new(
+                config.pricing.clone(),
+                &config.openai.model,
+                config.sessions_max,
+            ),
             papita: UsageReporter::spawn(
                 &config.papita,
                 papita_http,
@@ -103,6 +105,7 @@ impl Application {
                 clock.clone(),
                 config.sessions_max,
                 config.sessions_max_age,
+                logged_starts,
             ),
             session_log,
             credentials,
@@ -165,6 +168,31 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The session starts still within `SESSION_MAX_AGE_HOURS`, read once from the log files of the
+/// days that window touches, oldest first: the index that lets a stop after a restart find its
+/// session's start without reading a file per request.
+async fn logged_starts(config: &Config, clock: &dyn Clock) -> Vec<(String, DateTime<Local>)> {
+    let now = clock.now();
+    let max_age =
+        chrono::Duration::from_std(config.sessions_max_age).unwrap_or(chrono::Duration::MAX);
+    let first = now.checked_sub_signed(max_age).unwrap_or(now).date_naive();
+    let dates: Vec<String> = first
+        .iter_days()
+        .take_while(|d| *d <= now.date_naive())
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .collect();
+    let dir = config.log_dir.clone();
+    let mut starts: Vec<(String, DateTime<Local>)> =
+        tokio::task::spawn_blocking(move || session_log::read_starts(&dir, &dates))
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(id, naive)| Some((id, Local.from_local_datetime(&naive).earliest()?)))
+            .collect();
+    starts.sort_by_key(|(_, at)| *at);
+    starts
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

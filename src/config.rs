@@ -10,8 +10,13 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::services::pricing::PriceTable;
+
 /// The template's placeholder; counts as "no key" (contract §2).
 pub const KEY_PLACEHOLDER: &str = "your_openai_api_key_here";
+/// The longest time setting accepted, in seconds: larger values are typos, and would overflow
+/// the clocks they are added to.
+const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
 /// OpenAI's own endpoint; only with this base URL must keys start with `sk-` (contract §3).
 pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 
@@ -225,7 +230,8 @@ pub struct Config {
     pub log_dir: PathBuf,
     pub sessions_max: usize,
     pub sessions_max_age: Duration,
-    pub pricing_file: Option<PathBuf>,
+    /// `PRICING_FILE`, else the built-in table; checked at start-up like every other setting.
+    pub pricing: PriceTable,
     pub body_limit: usize,
     pub request_timeout: Duration,
     /// `None`: any origin.
@@ -322,16 +328,23 @@ impl Config {
                     src.positive("PAPITA_CREDENTIALS_TIMEOUT_MS")?,
                 ),
                 usage_timeout: src.secs("PAPITA_USAGE_TIMEOUT_SECS")?,
-                usage_queue_capacity: src.positive("PAPITA_USAGE_QUEUE_CAPACITY")? as usize,
-                usage_max_attempts: src.positive("PAPITA_USAGE_MAX_ATTEMPTS")? as u32,
+                usage_queue_capacity: src.positive("PAPITA_USAGE_QUEUE_CAPACITY")?,
+                usage_max_attempts: src.positive("PAPITA_USAGE_MAX_ATTEMPTS")?,
             },
             credentials_ttl: src.secs("CREDENTIALS_CACHE_SECS")?,
             credentials_failure_ttl: src.secs("CREDENTIALS_FAILURE_CACHE_SECS")?,
             log_dir: PathBuf::from(src.string("AL_CHAT_LOG_DIR")),
-            sessions_max: src.positive("SESSION_MAX_TRACKED")? as usize,
-            sessions_max_age: Duration::from_secs(src.positive("SESSION_MAX_AGE_HOURS")? * 3600),
-            pricing_file: src.raw("PRICING_FILE").map(PathBuf::from),
-            body_limit: src.positive("REQUEST_BODY_LIMIT_BYTES")? as usize,
+            sessions_max: src.positive("SESSION_MAX_TRACKED")?,
+            sessions_max_age: src.hours("SESSION_MAX_AGE_HOURS")?,
+            pricing: PriceTable::load(src.raw("PRICING_FILE").map(PathBuf::from).as_deref())
+                .map_err(|e| {
+                    invalid(
+                        "PRICING_FILE",
+                        &src.string("PRICING_FILE"),
+                        &e.reason().to_string(),
+                    )
+                })?,
+            body_limit: src.positive("REQUEST_BODY_LIMIT_BYTES")?,
             request_timeout: src.secs("REQUEST_TIMEOUT_SECS")?,
             cors_origins: cors.filter(|list| !list.is_empty() && !list.iter().any(|o| o == "*")),
             shutdown_grace: src.secs("SHUTDOWN_GRACE_SECS")?,
@@ -419,24 +432,38 @@ impl Source<'_> {
             .map_err(|e: T::Err| invalid(name, &value, &e.to_string()))
     }
 
-    fn positive(&self, name: &'static str) -> Result<u64, ConfigError> {
-        let n: u64 = self.parse(name)?;
+    /// A whole number greater than 0 that fits `T`: `4294967296` for a `u32` is an error, never
+    /// a silent wrap to 0.
+    fn positive<T: TryFrom<u64>>(&self, name: &'static str) -> Result<T, ConfigError> {
+        let value = self.string(name);
+        let n: u64 = value.parse().map_err(|e: std::num::ParseIntError| {
+            invalid(name, &value, &format!("expected a whole number ({e})"))
+        })?;
         if n == 0 {
             return Err(invalid(name, "0", "must be greater than 0"));
         }
-        Ok(n)
+        T::try_from(n).map_err(|_| invalid(name, &value, "too large"))
     }
 
     fn secs(&self, name: &'static str) -> Result<Duration, ConfigError> {
         let value = self.string(name);
         match value.parse::<f64>() {
-            Ok(s) if s.is_finite() && s > 0.0 => Ok(Duration::from_secs_f64(s)),
+            Ok(s) if s.is_finite() && s > 0.0 && s <= MAX_SECS => Ok(Duration::from_secs_f64(s)),
             _ => Err(invalid(
                 name,
                 &value,
-                "expected a positive number of seconds",
+                "expected a positive number of seconds, at most a year",
             )),
         }
+    }
+
+    fn hours(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let hours: u64 = self.positive(name)?;
+        hours
+            .checked_mul(3600)
+            .filter(|s| *s as f64 <= MAX_SECS * 100.0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| invalid(name, &hours.to_string(), "too large"))
     }
 }
 
@@ -560,6 +587,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("OPENAI_TIMEOUT_SECS"), "{err}");
+    }
+
+    #[test]
+    fn numbers_that_do_not_fit_are_refused_not_wrapped() {
+        let err = build(&[("PAPITA_USAGE_MAX_ATTEMPTS", "4294967296")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("PAPITA_USAGE_MAX_ATTEMPTS") && err.contains("too large"),
+            "{err}"
+        );
+        assert_eq!(
+            build(&[("PAPITA_USAGE_MAX_ATTEMPTS", "4294967295")], &[])
+                .unwrap()
+                .papita
+                .usage_max_attempts,
+            u32::MAX
+        );
+        for (name, value) in [
+            ("SESSION_MAX_AGE_HOURS", "18446744073709551615"),
+            ("OPENAI_TIMEOUT_SECS", "1e300"),
+            ("SESSION_MAX_TRACKED", "99999999999999999999999"),
+        ] {
+            let err = build(&[(name, value)], &[]).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_pricing_file_names_the_variable() {
+        let err = build(&[("PRICING_FILE", "/nonexistent/prices.json")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid PRICING_FILE=\"/nonexistent/prices.json\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 
+use crate::domain::session_id::{client_session_id, header_session_id};
 use crate::error::ApiError;
 
 /// The request body. Unknown fields are ignored; `null` counts as absent.
@@ -73,7 +74,7 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub model: String,
     pub user: UserIdentity,
-    /// From `X-Session-ID`, else `sessionId`; the service falls back to the latest session.
+    /// From `X-Session-ID`, else `sessionId`; the service falls back to the current session.
     pub session_id: Option<String>,
     pub stream: bool,
 }
@@ -83,9 +84,11 @@ pub const MESSAGE_REQUIRED: &str = "Message or attachment is required";
 impl ChatRequest {
     pub fn parse(
         body: ChatBody,
-        header_session_id: Option<&str>,
+        session_header: Option<&[u8]>,
         default_model: &str,
     ) -> Result<Self, ApiError> {
+        // A bad header is refused before anything else is looked at.
+        let header_session = header_session_id(session_header)?;
         let message = body.message.unwrap_or_default();
         let files = match body.attached_files {
             Some(files) if !files.is_empty() => files,
@@ -127,10 +130,7 @@ impl ChatRequest {
                 is_guest: true,
             },
         };
-        let session_id = header_session_id
-            .map(str::to_string)
-            .and_then(|s| non_blank(Some(s)))
-            .or_else(|| non_blank(body.session_id));
+        let session_id = header_session.or_else(|| client_session_id(body.session_id.as_deref()));
         Ok(Self {
             messages,
             model,
@@ -264,7 +264,20 @@ mod tests {
     fn header_session_id_wins() {
         let body =
             serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "b"})).unwrap();
-        let req = ChatRequest::parse(body, Some("a"), "m").unwrap();
+        let req = ChatRequest::parse(body, Some(b"a"), "m").unwrap();
         assert_eq!(req.session_id.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_null_header_does_not_override_the_body() {
+        let body =
+            serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "b"})).unwrap();
+        let req = ChatRequest::parse(body, Some(b"null"), "m").unwrap();
+        assert_eq!(req.session_id.as_deref(), Some("b"));
+        let body =
+            serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "undefined"}))
+                .unwrap();
+        let req = ChatRequest::parse(body, None, "m").unwrap();
+        assert_eq!(req.session_id, None);
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod api_key;
 pub mod chat;
+pub mod session_id;
 
 pub use api_key::ApiKey;
 pub use chat::{ChatBody, ChatMessage, ChatRequest, Role, UserIdentity};

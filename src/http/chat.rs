@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde_json::json;
 
+use crate::domain::session_id::SESSION_HEADER;
 use crate::domain::{ChatBody, ChatRequest};
 use crate::error::Result;
 use crate::http::extract::JsonBody;
@@ -26,8 +27,8 @@ async fn post_chat(
     headers: HeaderMap,
     JsonBody(body): JsonBody<ChatBody>,
 ) -> Result<Response> {
-    let header_session = headers.get("x-session-id").and_then(|v| v.to_str().ok());
-    let request = ChatRequest::parse(body, header_session, &state.config.openai.model)?;
+    let session_header = headers.get(SESSION_HEADER).map(|v| v.as_bytes());
+    let request = ChatRequest::parse(body, session_header, &state.config.openai.model)?;
     if !request.stream {
         return Ok(Json(chat::complete(&state, request).await?).into_response());
     }

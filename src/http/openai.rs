@@ -8,9 +8,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::domain::session_id::client_session_id;
 use crate::domain::{ChatMessage, Role};
 use crate::error::ApiError;
-use crate::services::chat::with_key;
+use crate::services::chat::{ReplyUsage, with_key};
 use crate::services::credentials::Credentials;
 use crate::state::AppState;
 
@@ -77,7 +78,8 @@ async fn test(State(state): State<AppState>) -> Response {
             "message": "OpenAI connection is working",
             "test_response": completion.text,
             "model": model,
-            "usage": completion.usage.unwrap_or_default(),
+            // Like the chat answer's usage, with the model (as Flask's test answer had).
+            "usage": ReplyUsage::new(completion.usage.unwrap_or_default(), &model),
         }))
         .into_response(),
         Err(ApiError::NotConfigured) => {
@@ -114,6 +116,6 @@ async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery>) -
         }),
         None => json!({}),
     };
-    let session = query.session_id.filter(|s| !s.trim().is_empty());
+    let session = client_session_id(query.session_id.as_deref());
     Json(state.usage.report(session.as_deref(), account_info))
 }

@@ -6,6 +6,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::domain::session_id::client_session_id;
 use crate::error::Result;
 use crate::http::extract::JsonBody;
 use crate::state::AppState;
@@ -37,10 +38,7 @@ async fn stop(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<StopBody>,
 ) -> Result<Json<Value>> {
-    let session_id = body
-        .session_id
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty());
+    let session_id = client_session_id(body.session_id.as_deref());
     let stopped = state
         .sessions
         .stop(session_id, body.metrics.unwrap_or_default())

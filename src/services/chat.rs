@@ -172,12 +172,18 @@ fn account(state: &AppState, request: &ChatRequest, session: Option<&str>, usage
 fn reply(state: &AppState, message: String, usage: TokenUsage, model: &str) -> ChatReply {
     ChatReply {
         message,
-        usage: ReplyUsage {
+        usage: ReplyUsage::new(usage, model),
+        timestamp: timestamp(&state.clock.now()),
+    }
+}
+
+impl ReplyUsage {
+    pub fn new(usage: TokenUsage, model: &str) -> Self {
+        Self {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.total_tokens,
             model: model.to_string(),
-        },
-        timestamp: timestamp(&state.clock.now()),
+        }
     }
 }

@@ -13,7 +13,6 @@ use async_openai::types::chat::{
     ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
 };
 use futures_util::{Stream, StreamExt};
-use serde::Serialize;
 
 use crate::config::OpenAiSettings;
 use crate::domain::{ApiKey, ChatMessage, Role};
@@ -21,11 +20,13 @@ use crate::error::{UpstreamError, UpstreamKind};
 use crate::services::openai_transport::{OpenAiTransport, RetryPolicy, UpstreamStatus};
 
 /// Token counts as the upstream reported them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenUsage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Of the prompt tokens, those served from OpenAI's prompt cache (billed at a lower rate).
+    pub cached_tokens: u64,
 }
 
 impl From<CompletionUsage> for TokenUsage {
@@ -34,6 +35,10 @@ impl From<CompletionUsage> for TokenUsage {
             prompt_tokens: u.prompt_tokens.into(),
             completion_tokens: u.completion_tokens.into(),
             total_tokens: u.total_tokens.into(),
+            cached_tokens: u
+                .prompt_tokens_details
+                .and_then(|d| d.cached_tokens)
+                .map_or(0, u64::from),
         }
     }
 }

@@ -12,6 +12,19 @@ const BUILT_IN: &str = include_str!("pricing.json");
 pub struct Price {
     pub input: f64,
     pub output: f64,
+    /// Prompt tokens OpenAI served from its cache (`prompt_tokens_details.cached_tokens`);
+    /// without it they cost the normal input rate.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
+}
+
+/// What one chat cost, in USD.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Cost {
+    pub prompt: f64,
+    pub completion: f64,
+    /// False when the model was priced at the fallback rate.
+    pub priced: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +53,13 @@ pub struct PricingError {
     reason: String,
 }
 
+impl PricingError {
+    /// What is wrong, without the file's name (the caller names the setting).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
 impl PriceTable {
     /// The built-in table, or the operator's file.
     pub fn load(file: Option<&Path>) -> Result<Self, PricingError> {
@@ -62,11 +82,9 @@ impl PriceTable {
             reason,
         };
         let file: PricingFile = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
-        if let Some((model, _)) = file
-            .models
-            .iter()
-            .find(|(_, p)| !(p.input >= 0.0 && p.output >= 0.0))
-        {
+        if let Some((model, _)) = file.models.iter().find(|(_, p)| {
+            !(p.input >= 0.0 && p.output >= 0.0 && p.cached_input.is_none_or(|c| c >= 0.0))
+        }) {
             return Err(err(format!(
                 "model {model:?} has a negative or missing price"
             )));
@@ -83,7 +101,9 @@ impl PriceTable {
         })
     }
 
-    /// Exact name, else the longest known name followed by `-` (dated snapshots), else fallback.
+    /// The most specific entry: the exact name, else the longest known name followed by `-`
+    /// (dated snapshots and variants: `gpt-4o-mini-2024-07-18` is `gpt-4o-mini`, never `gpt-4o`),
+    /// else the fallback, flagged unpriced.
     pub fn quote(&self, model: &str) -> Quote {
         if let Some(price) = self.models.get(model) {
             return Quote {
@@ -112,19 +132,18 @@ impl PriceTable {
         }
     }
 
-    /// Cost in USD of the given token counts: (prompt, completion).
-    pub fn cost(
-        &self,
-        model: &str,
-        prompt_tokens: u64,
-        completion_tokens: u64,
-    ) -> (f64, f64, bool) {
+    /// Cost in USD of one chat's tokens; `cached` of the prompt tokens at the cached rate.
+    pub fn cost(&self, model: &str, prompt: u64, cached: u64, completion: u64) -> Cost {
         let quote = self.quote(model);
-        (
-            prompt_tokens as f64 * quote.price.input / 1_000_000.0,
-            completion_tokens as f64 * quote.price.output / 1_000_000.0,
-            quote.priced,
-        )
+        let price = quote.price;
+        let cached = cached.min(prompt);
+        let per_token = |rate: f64| rate / 1_000_000.0;
+        Cost {
+            prompt: (prompt - cached) as f64 * per_token(price.input)
+                + cached as f64 * per_token(price.cached_input.unwrap_or(price.input)),
+            completion: completion as f64 * per_token(price.output),
+            priced: quote.priced,
+        }
     }
 }
 
@@ -159,6 +178,35 @@ mod tests {
         assert_eq!(t.quote("gpt-4o-2024-08-06").price, t.quote("gpt-4o").price);
         assert_eq!(t.quote("gpt-4-0613").price, t.quote("gpt-4").price);
         assert!(!t.quote("gpt-4oo").priced);
+    }
+
+    #[test]
+    fn the_most_specific_entry_wins() {
+        let t = PriceTable::load(None).unwrap();
+        let price = |m: &str| t.quote(m).price.input;
+        assert_eq!(price("gpt-4o-mini"), 0.15);
+        assert_eq!(
+            price("gpt-4o-mini-2024-07-18"),
+            0.15,
+            "a variant, not its family"
+        );
+        assert_eq!(price("gpt-4o-2024-05-13"), 5.0, "an exact snapshot entry");
+        assert_eq!(price("gpt-4o-2024-08-06"), 2.5);
+        assert_eq!(price("gpt-4.1-nano"), 0.1);
+        assert_eq!(price("gpt-4.1-nano-2025-04-14"), 0.1);
+    }
+
+    #[test]
+    fn cached_prompt_tokens_cost_the_cached_rate_where_there_is_one() {
+        let t = PriceTable::load(None).unwrap();
+        // gpt-4o: input 2.5, cached 1.25 per 1M.
+        let c = t.cost("gpt-4o", 1_000_000, 400_000, 0);
+        assert!((c.prompt - (0.6 * 2.5 + 0.4 * 1.25)).abs() < 1e-9, "{c:?}");
+        // gpt-4o-2024-05-13 has no cached rate: everything at the input rate.
+        let c = t.cost("gpt-4o-2024-05-13", 1_000_000, 400_000, 0);
+        assert!((c.prompt - 5.0).abs() < 1e-9, "{c:?}");
+        // More cached than prompt (a confused server) never goes negative.
+        assert!(t.cost("gpt-4o", 10, 50, 0).prompt >= 0.0);
     }
 
     #[test]

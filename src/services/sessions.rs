@@ -1,11 +1,11 @@
 //! Chat sessions (contract §7): unique ids, per-session start times, durable start/stop lines.
 //!
 //! Start times live in memory, bounded in count and age, so a client that never stops its
-//! sessions cannot grow memory. A stop for a session this process does not remember (a restart
-//! in between, or one forgotten) finds its start in the log file, else in its id.
+//! sessions (a closed browser tab) cannot grow memory. At start-up the starts still in that window
+//! are read back from the log files once; after that a stop for a session not in memory never
+//! reads a file (2026-11 amendment): its start comes from its id, else it is unknown.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,9 +24,21 @@ struct Registry {
     started: HashMap<String, DateTime<Local>>,
     /// Ids in the order they were issued, for evicting the oldest.
     order: VecDeque<String>,
+    /// The most recently started session: what a stop without an id stops.
     latest: Option<String>,
+    /// The most recently started session that has not been stopped: the session of a chat that
+    /// names none (2026-11 amendment; Flask cleared its current session on every stop).
+    current: Option<String>,
     /// The last id base (`session_YYYYMMDD_HHMMSS`) issued and its highest suffix.
     last_base: Option<(String, u32)>,
+}
+
+impl Registry {
+    fn remember(&mut self, id: String, at: DateTime<Local>) {
+        if self.started.insert(id.clone(), at).is_none() {
+            self.order.push_back(id);
+        }
+    }
 }
 
 pub struct Sessions {
@@ -48,19 +60,38 @@ pub struct Stopped {
 }
 
 impl Sessions {
+    /// `logged_starts`: `(session_id, start)` from the log files, oldest first (a restart in
+    /// between); they are remembered within the same bounds, but none becomes the current one.
     pub fn new(
         log: SessionLog,
         clock: Arc<dyn Clock>,
         max_tracked: usize,
         max_age: Duration,
+        logged_starts: Vec<(String, DateTime<Local>)>,
     ) -> Self {
-        Self {
+        let sessions = Self {
             registry: Mutex::default(),
             log,
             clock,
             max_tracked,
             max_age: chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX),
+        };
+        {
+            let now = sessions.clock.now();
+            let mut reg = sessions.registry();
+            for (id, at) in logged_starts {
+                if now - at <= sessions.max_age {
+                    sessions.evict(&mut reg, now);
+                    reg.remember(id, at);
+                }
+            }
         }
+        sessions
+    }
+
+    /// The window in which sessions are remembered (`SESSION_MAX_AGE_HOURS`).
+    pub fn max_age(&self) -> chrono::Duration {
+        self.max_age
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -78,7 +109,10 @@ impl Sessions {
             .await
         {
             Ok(()) => {
-                self.registry().latest = Some(id.clone());
+                let mut reg = self.registry();
+                reg.latest = Some(id.clone());
+                reg.current = Some(id.clone());
+                drop(reg);
                 Ok(Started {
                     session_id: id,
                     timestamp: timestamp(&now),
@@ -104,10 +138,8 @@ impl Sessions {
             .or_else(|| self.registry().latest.clone())
             .ok_or_else(|| ApiError::BadRequest(SESSION_ID_REQUIRED.into()))?;
         let remembered = self.registry().started.get(&id).copied();
-        let start = match remembered {
-            Some(start) => Some(start),
-            None => self.recover_start(&id).await,
-        };
+        // Not in memory (forgotten, or never issued): the id's own time, to the second.
+        let start = remembered.or_else(|| id_time(&id));
         let now = self.clock.now();
         let duration = start
             .and_then(|s| (now - s).num_microseconds())
@@ -118,6 +150,11 @@ impl Sessions {
             .map_err(|e| {
                 ApiError::SessionLog(format!("{e} (log folder {})", self.log.dir().display()))
             })?;
+        let mut reg = self.registry();
+        if reg.current.as_deref() == Some(id.as_str()) {
+            reg.current = None;
+        }
+        drop(reg);
         Ok(Stopped {
             timestamp: timestamp(&now),
             duration_seconds: duration,
@@ -129,9 +166,25 @@ impl Sessions {
         self.registry().started.len()
     }
 
-    /// The id given, else the most recently started session.
+    /// The id given, else the current session: the most recently started one that has not been
+    /// stopped and is still within the age bound (a tab closed two days ago is nobody's session).
     pub fn resolve(&self, session_id: Option<String>) -> Option<String> {
-        session_id.or_else(|| self.registry().latest.clone())
+        if session_id.is_some() {
+            return session_id;
+        }
+        let now = self.clock.now();
+        let mut reg = self.registry();
+        let id = reg.current.clone()?;
+        let fresh = reg
+            .started
+            .get(&id)
+            .is_some_and(|start| now - *start <= self.max_age);
+        if fresh {
+            Some(id)
+        } else {
+            reg.current = None;
+            None
+        }
     }
 
     /// A fresh id from the local time, with `_2`, `_3`, ... when that second's id is taken.
@@ -156,8 +209,7 @@ impl Sessions {
             n += 1;
         };
         reg.last_base = Some((base, n));
-        reg.started.insert(id.clone(), now);
-        reg.order.push_back(id.clone());
+        reg.remember(id.clone(), now);
         id
     }
 
@@ -176,29 +228,16 @@ impl Sessions {
             if reg.latest.as_deref() == Some(oldest.as_str()) {
                 reg.latest = None;
             }
+            if reg.current.as_deref() == Some(oldest.as_str()) {
+                reg.current = None;
+            }
         }
     }
+}
 
-    /// The start of a session this process does not remember: its `session_start` line in the
-    /// log file of the id's date, else the time in the id itself.
-    async fn recover_start(&self, id: &str) -> Option<DateTime<Local>> {
-        let from_id = parse_id_time(id);
-        let date = match from_id {
-            Some(t) => t.format("%Y-%m-%d").to_string(),
-            None => self.clock.now().format("%Y-%m-%d").to_string(),
-        };
-        let (dir, id_owned): (PathBuf, String) = (self.log.dir().to_path_buf(), id.to_string());
-        let logged = tokio::task::spawn_blocking(move || {
-            SessionLog::find_start_timestamp(&dir, &date, &id_owned)
-        })
-        .await
-        .ok()
-        .flatten()
-        .and_then(|ts| NaiveDateTime::parse_from_str(&ts, "%Y-%m-%dT%H:%M:%S%.f").ok());
-        logged
-            .or(from_id)
-            .and_then(|naive| Local.from_local_datetime(&naive).earliest())
-    }
+/// The local time in an id of the form `session_YYYYMMDD_HHMMSS[_N]`.
+fn id_time(id: &str) -> Option<DateTime<Local>> {
+    parse_id_time(id).and_then(|naive| Local.from_local_datetime(&naive).earliest())
 }
 
 /// `session_YYYYMMDD_HHMMSS` (optionally `_N`) → its local time.

@@ -115,6 +115,23 @@ fn a_bad_value_stops_start_up_with_one_clear_line_and_exit_code_2() {
 }
 
 #[test]
+fn bad_numbers_and_a_bad_pricing_file_exit_2_naming_the_variable() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("prices.json"), "{ not json").unwrap();
+    for (name, value) in [
+        ("PAPITA_USAGE_MAX_ATTEMPTS", "4294967296"),
+        ("PRICING_FILE", "prices.json"),
+        ("PRICING_FILE", "missing.json"),
+    ] {
+        let out = al_chat(tmp.path()).env(name, value).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}={value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("invalid {name}=")), "{err}");
+    }
+}
+
+#[test]
 fn a_missing_env_file_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let out = al_chat(tmp.path())

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use chrono::NaiveDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 pub use line::Line;
@@ -143,25 +144,43 @@ impl SessionLog {
             let _ = done.await;
         }
     }
+}
 
-    /// The start time of `session_id` as logged in `date`'s file, if it is there
-    /// (sessions this process did not start). Blocking: call from `spawn_blocking`.
-    pub fn find_start_timestamp(dir: &Path, date: &str, session_id: &str) -> Option<String> {
-        let file = File::open(file_path(dir, date)).ok()?;
-        let needle = serde_json::to_string(session_id).ok()?;
-        BufReader::new(file)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|line| {
-                if !line.contains("\"session_start\"") || !line.contains(&needle) {
-                    return None;
-                }
-                let value: serde_json::Value = serde_json::from_str(&line).ok()?;
-                (value["event"] == "session_start" && value["session_id"] == session_id)
-                    .then(|| value["timestamp"].as_str().map(str::to_string))
-                    .flatten()
-            })
+/// Every `session_start` in the files of `dates` (in that order): `(session_id, timestamp)` in
+/// file order. Read once at start-up so that a stop after a restart knows its session's start
+/// without reading a file per request. Blocking: call from `spawn_blocking`. Unreadable files
+/// and lines that are not a whole `session_start` object are skipped.
+pub fn read_starts(dir: &Path, dates: &[String]) -> Vec<(String, NaiveDateTime)> {
+    let mut starts = Vec::new();
+    for date in dates {
+        let Ok(file) = File::open(file_path(dir, date)) else {
+            continue;
+        };
+        for line in BufReader::new(file).lines().map_while(Result::ok) {
+            // Most lines are chat metrics: skip them without parsing.
+            if !line.contains("\"session_start\"") {
+                continue;
+            }
+            let Ok(entry) = serde_json::from_str::<StartLine>(&line) else {
+                continue;
+            };
+            if entry.event != "session_start" {
+                continue;
+            }
+            if let Ok(at) = NaiveDateTime::parse_from_str(&entry.timestamp, "%Y-%m-%dT%H:%M:%S%.f")
+            {
+                starts.push((entry.session_id, at));
+            }
+        }
     }
+    starts
+}
+
+#[derive(serde::Deserialize)]
+struct StartLine {
+    event: String,
+    session_id: String,
+    timestamp: String,
 }
 
 pub fn file_path(dir: &Path, date: &str) -> PathBuf {
