@@ -337,13 +337,7 @@ impl Config {
             sessions_max: src.positive("SESSION_MAX_TRACKED")?,
             sessions_max_age: src.hours("SESSION_MAX_AGE_HOURS")?,
             pricing: PriceTable::load(src.raw("PRICING_FILE").map(PathBuf::from).as_deref())
-                .map_err(|e| {
-                    invalid(
-                        "PRICING_FILE",
-                        &src.string("PRICING_FILE"),
-                        &e.reason().to_string(),
-                    )
-                })?,
+                .map_err(|e| invalid("PRICING_FILE", &src.string("PRICING_FILE"), e.reason()))?,
             body_limit: src.positive("REQUEST_BODY_LIMIT_BYTES")?,
             request_timeout: src.secs("REQUEST_TIMEOUT_SECS")?,
             cors_origins: cors.filter(|list| !list.is_empty() && !list.iter().any(|o| o == "*")),

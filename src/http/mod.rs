@@ -98,3 +98,36 @@ fn cors(config: &Config) -> CorsLayer {
         .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
         .max_age(Duration::from_secs(3600))
 }
+
+#[cfg(test)]
+mod tests {
+    /// Docs/API.md is the API reference README points to: every route the router serves is in it.
+    #[test]
+    fn every_route_is_documented() {
+        let api = include_str!("../../Docs/API.md");
+        let sources = [
+            include_str!("health.rs"),
+            include_str!("chat.rs"),
+            include_str!("session.rs"),
+            include_str!("openai.rs"),
+        ];
+        let mut routes = 0;
+        for source in sources {
+            for (i, _) in source.match_indices(".route(\"") {
+                let rest = &source[i + ".route(\"".len()..];
+                let path = &rest[..rest.find('"').unwrap()];
+                let method = if rest.contains(&format!("{path}\", post(")) {
+                    "POST"
+                } else {
+                    "GET"
+                };
+                assert!(
+                    api.contains(&format!("## {method} {path}\n")),
+                    "Docs/API.md has no section for {method} {path}"
+                );
+                routes += 1;
+            }
+        }
+        assert_eq!(routes, 7, "every route found in the sources");
+    }
+}

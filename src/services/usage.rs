@@ -5,8 +5,8 @@
 //!
 //! Everything here is bounded, because clients choose both model names and session ids:
 //! per-session ledgers by count (oldest dropped first), and models by `MAX_MODELS` (2026-11
-//! amendment): the first 256 distinct models get a row of their own, every later one is summed
-//! under `"other"`. Each chat's cost is computed when it is recorded, so the sums (and `"other"`'s
+//! amendment): the first 256 distinct models get a row of their own, every later one (and any
+//! name longer than a real model's) is summed under `"other"`. Each chat's cost is computed when it is recorded, so the sums (and `"other"`'s
 //! cost) stay exact however the rows are merged.
 
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,9 @@ use crate::services::pricing::PriceTable;
 
 /// Models with a row of their own in `by_model`; later ones go under `OTHER`.
 pub const MAX_MODELS: usize = 256;
+/// Longer names (no real model's) are summed under `OTHER` too, so the answer stays small:
+/// at most 256 × 128 bytes of names, in `by_model` and `unpriced_models` each.
+pub const MAX_MODEL_NAME_BYTES: usize = 128;
 /// The `by_model` row of the models past `MAX_MODELS`.
 pub const OTHER: &str = "other";
 
@@ -148,7 +151,11 @@ impl UsageStats {
         // The model's own row if it has one or there is room for it; else `other`.
         let slot: Option<Arc<str>> = match state.all.by_model.get_key_value(model) {
             Some((name, _)) => Some(name.clone()),
-            None if state.all.by_model.len() < MAX_MODELS => Some(Arc::from(model)),
+            None if state.all.by_model.len() < MAX_MODELS
+                && model.len() <= MAX_MODEL_NAME_BYTES =>
+            {
+                Some(Arc::from(model))
+            }
             None => None,
         };
         let name = slot

@@ -359,3 +359,88 @@ fn sigterm_with_a_hanging_request_exits_within_the_grace() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Bytes the process has read through `read` calls so far (files and sockets alike).
+fn bytes_read(child: &Child) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{}/io", child.id())).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn stops_with_unknown_ids_never_read_the_log_file_per_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log_dir = tmp.path().join("SessionLog");
+    std::fs::create_dir(&log_dir).unwrap();
+    // A busy day's file: 100,000 lines, one session started ten seconds ago among them.
+    let now = chrono::Local::now();
+    let stamp =
+        |at: chrono::DateTime<chrono::Local>| at.format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+    let date = now.format("%Y-%m-%d").to_string();
+    let mut text = String::new();
+    for i in 0..100_000 {
+        let line = if i == 50_000 {
+            format!(
+                "{{\"event\": \"session_start\", \"session_id\": \"restored\", \"timestamp\": \"{}\", \"date\": \"{date}\"}}\n",
+                stamp(now - chrono::Duration::seconds(10))
+            )
+        } else {
+            format!(
+                "{{\"event\": \"metric\", \"session_id\": \"session_{i}\", \"metric_name\": \"chat_usage\", \"metric_value\": {{\"model\": \"gpt-4o\", \"prompt_tokens\": 11, \"completion_tokens\": 7, \"total_tokens\": 18}}, \"timestamp\": \"{}\", \"date\": \"{date}\"}}\n",
+                stamp(now)
+            )
+        };
+        text.push_str(&line);
+    }
+    let file_size = text.len() as u64;
+    std::fs::write(log_dir.join(format!("session_{date}.log")), text).unwrap();
+
+    let dir = log_dir.display().to_string();
+    let (child, port) = start_service(tmp.path(), &[("AL_CHAT_LOG_DIR", dir.as_str())]);
+    assert_eq!(get_json(port, "/api/health")["status"], "healthy");
+    let before = bytes_read(&child);
+    let rt = runtime();
+    rt.block_on(async {
+        use futures_util::StreamExt;
+        let client = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/api/session/stop");
+        let statuses: Vec<u16> = futures_util::stream::iter(0..1000)
+            .map(|i| {
+                let request = client
+                    .post(&url)
+                    .json(&serde_json::json!({"session_id": format!("unknown-{i}")}));
+                async move { request.send().await.unwrap().status().as_u16() }
+            })
+            .buffer_unordered(50)
+            .collect()
+            .await;
+        assert!(statuses.iter().all(|s| *s == 200));
+    });
+    let read = bytes_read(&child) - before;
+    eprintln!("bytes read by 1,000 stops with unknown ids: {read} (log file: {file_size})");
+    // 1,000 requests of ~200 bytes each; one scan of the file per stop would be 1,000 × 20 MB.
+    assert!(
+        read < file_size / 10,
+        "{read} bytes read for 1,000 stops against a {file_size}-byte log"
+    );
+    // The start index was read from the file once, at start-up.
+    let body = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/api/session/stop"))
+            .json(&serde_json::json!({"session_id": "restored"}))
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    });
+    let duration = body["duration_seconds"].as_f64().unwrap();
+    assert!((10.0..120.0).contains(&duration), "{duration}");
+    sigterm(&child);
+    assert!(wait_exit(child).status.success());
+}

@@ -5,6 +5,7 @@ mod helpers;
 mod mock_openai;
 mod mock_papita;
 
+mod attribution;
 mod binary;
 mod chat;
 mod credentials;

@@ -25,6 +25,14 @@ pub enum Reply {
         completion_tokens: u64,
         delay: Duration,
     },
+    /// A normal answer whose usage reports `cached` of the prompt tokens as served from
+    /// OpenAI's prompt cache (`prompt_tokens_details.cached_tokens`), whole or streamed.
+    Cached {
+        text: String,
+        prompt_tokens: u64,
+        cached_tokens: u64,
+        completion_tokens: u64,
+    },
     /// Any status with a body and headers.
     Status {
         status: u16,
@@ -46,6 +54,8 @@ pub enum Reply {
 pub struct StreamScript {
     pub deltas: Vec<String>,
     pub usage: Option<(u64, u64)>,
+    /// Prompt tokens reported as cached in the usage chunk.
+    pub cached_tokens: u64,
     /// Wait before the response head.
     pub head_delay: Duration,
     /// Wait before each chunk.
@@ -256,6 +266,31 @@ async fn chat(
             watch.finish();
             Json(completion(&model, &text, prompt_tokens, completion_tokens)).into_response()
         }
+        Reply::Cached {
+            text,
+            prompt_tokens,
+            cached_tokens,
+            completion_tokens,
+        } if streaming => {
+            let script = StreamScript {
+                deltas: text.split_inclusive(' ').map(str::to_string).collect(),
+                usage: Some((prompt_tokens, completion_tokens)),
+                cached_tokens,
+                ..Default::default()
+            };
+            stream_reply(script, model, watch).await
+        }
+        Reply::Cached {
+            text,
+            prompt_tokens,
+            cached_tokens,
+            completion_tokens,
+        } => {
+            watch.finish();
+            let mut body = completion(&model, &text, prompt_tokens, completion_tokens);
+            body["usage"]["prompt_tokens_details"] = json!({"cached_tokens": cached_tokens});
+            Json(body).into_response()
+        }
         Reply::Status {
             status,
             body,
@@ -359,10 +394,13 @@ async fn stream_reply(script: StreamScript, model: String, watch: Watch) -> Resp
         tokio::time::sleep(script.gap).await;
         yield Ok(chunk(&model, json!({}), Some("stop")));
         if let Some((p, c)) = script.usage {
-            let usage = json!({
+            let mut usage = json!({
                 "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u32, "model": model,
                 "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
             });
+            if script.cached_tokens > 0 {
+                usage["usage"]["prompt_tokens_details"] = json!({"cached_tokens": script.cached_tokens});
+            }
             yield Ok(Bytes::from(format!("data: {usage}\n\n")));
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));

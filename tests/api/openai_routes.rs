@@ -86,7 +86,11 @@ async fn test_route_success_is_not_counted_in_usage() {
     assert_eq!(body["message"], "OpenAI connection is working");
     assert_eq!(body["test_response"], "Connection successful");
     assert_eq!(body["model"], "gpt-3.5-turbo");
-    assert_eq!(body["usage"]["total_tokens"], 23);
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23, "model": "gpt-3.5-turbo"}),
+        "usage carries the model, like the chat answer's (Flask did)"
+    );
     assert_eq!(
         app.openai.requests()[0].body["messages"],
         json!([{"role": "user", "content": "Say 'Connection successful' if you can read this."}])

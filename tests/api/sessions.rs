@@ -319,7 +319,7 @@ async fn tracked_sessions_are_bounded_and_forgotten_ones_still_stop_correctly() 
         .json()
         .await
         .unwrap();
-    assert_eq!(body["duration_seconds"], 30.0, "recovered from the log");
+    assert_eq!(body["duration_seconds"], 30.0, "from its id, no log read");
 }
 
 #[tokio::test]

@@ -166,3 +166,99 @@ async fn pricing_file_replaces_the_table() {
     assert_eq!(u["estimated_cost_usd"], 3.0);
     assert_eq!(u["unpriced_models"], json!([]));
 }
+
+#[tokio::test]
+async fn by_model_keeps_256_models_then_sums_the_rest_under_other() {
+    let app = spawn_app().await;
+    // $0.50 a chat at the fallback rate, so every row's cost is exact to 4 decimals.
+    app.openai.set_default(Reply::text("x", 1_000_000, 0));
+    // 300 client-chosen names, then 20 of 4 KB each, as a hostile client would send.
+    let names = (0..300)
+        .map(|i| format!("model-{i:04}-{}", "x".repeat(100)))
+        .chain((0..20).map(|i| format!("{i:04}{}", "y".repeat(4096))));
+    for name in names {
+        let r = app.post_chat(&json!({"message": "m", "model": name})).await;
+        assert_eq!(r.status(), 200);
+    }
+    let r = app.get("/api/openai/usage").await;
+    let text = r.text().await.unwrap();
+    let u: Value = serde_json::from_str(&text).unwrap();
+    let by_model = u["by_model"].as_object().unwrap();
+    assert_eq!(by_model.len(), 257, "256 models and other");
+    assert_eq!(by_model["other"]["request_count"], 64);
+    assert_eq!(u["request_count"], 320, "totals stay exact");
+    assert_eq!(u["total_tokens"], 320_000_000);
+    assert_eq!(u["estimated_cost_usd"], 160.0);
+    assert_eq!(by_model["other"]["cost_usd"], 32.0);
+    assert!(by_model.keys().all(|m| m.len() <= 128));
+    let summed: f64 = by_model
+        .values()
+        .map(|m| m["cost_usd"].as_f64().unwrap())
+        .sum();
+    assert!((summed - 160.0).abs() < 1e-6, "{summed}");
+    assert!(u["unpriced_models"].as_array().unwrap().len() <= 257);
+    assert!(text.len() < 128 * 1024, "{} bytes", text.len());
+}
+
+#[tokio::test]
+async fn the_most_specific_price_entry_wins() {
+    let app = spawn_app().await;
+    // 1M prompt tokens each, so cost_usd is the input price per 1M.
+    for (model, price) in [
+        ("gpt-4o-mini", 0.15),
+        ("gpt-4o-mini-2024-07-18", 0.15),
+        ("gpt-4o-2024-05-13", 5.0),
+        ("gpt-4.1-nano", 0.1),
+    ] {
+        app.openai.enqueue(Reply::text("x", 1_000_000, 0));
+        assert_eq!(
+            app.post_chat(&json!({"message": "a", "model": model}))
+                .await
+                .status(),
+            200
+        );
+        let u = usage(&app, "").await;
+        assert_eq!(u["by_model"][model]["cost_usd"], price, "{model}");
+        assert_eq!(u["by_model"][model]["priced"], true, "{model}");
+    }
+    assert_eq!(usage(&app, "").await["unpriced_models"], json!([]));
+}
+
+#[tokio::test]
+async fn cached_prompt_tokens_are_priced_at_the_cached_rate_whole_and_streamed() {
+    let app = spawn_app().await;
+    for stream in [false, true] {
+        // gpt-4o: $2.50 per 1M input, $1.25 per 1M cached input.
+        app.openai.enqueue(Reply::Cached {
+            text: "cached answer".into(),
+            prompt_tokens: 1_000_000,
+            cached_tokens: 800_000,
+            completion_tokens: 0,
+        });
+        let r = app
+            .post_chat(&json!({"message": "a", "model": "gpt-4o", "stream": stream}))
+            .await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    let u = usage(&app, "").await;
+    let row = &u["by_model"]["gpt-4o"];
+    assert_eq!(row["cached_tokens"], 1_600_000);
+    // Each chat: 0.2M × 2.50 + 0.8M × 1.25 = $1.50.
+    assert_eq!(row["cost_usd"], 3.0);
+    assert_eq!(u["prompt_cost_usd"], 3.0);
+
+    // Without a cached rate in the table, cached tokens cost the normal input rate.
+    app.openai.enqueue(Reply::Cached {
+        text: "x".into(),
+        prompt_tokens: 1_000_000,
+        cached_tokens: 800_000,
+        completion_tokens: 0,
+    });
+    app.post_chat(&json!({"message": "a", "model": "gpt-4o-2024-05-13"}))
+        .await;
+    assert_eq!(
+        usage(&app, "").await["by_model"]["gpt-4o-2024-05-13"]["cost_usd"],
+        5.0
+    );
+}
