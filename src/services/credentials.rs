@@ -1,13 +1,20 @@
-//! Where the OpenAI key comes from (contract §3): Papita first, then `OPENAI_API_KEY`.
+//! Where the OpenAI key comes from (contract §3): Papita first, then `OPENAI_API_KEY`; with a
+//! custom `OPENAI_BASE_URL` the other way round (2026-11 amendment), so the company's OpenAI key
+//! from Papita only goes to another server when no key of its own is set, and then a warning
+//! names the host.
 //!
 //! The key is resolved when needed and cached. Callers never queue behind each other: one
 //! resolution runs at a time (single flight) and everyone else waits for its result; once a
 //! usable key is known, an expired cache is refreshed in the background while the old key keeps
-//! serving. `peek` never waits at all (health).
+//! serving. After OpenAI rejects a key, it is resolved again once per rejected key, however many
+//! requests saw the 401 at the same time. `peek` never waits at all (health). Expiry runs on
+//! tokio's clock, so tests can pause and advance it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::Value;
 
@@ -60,6 +67,9 @@ impl Credentials {
 struct Cached {
     credentials: Arc<Credentials>,
     expires: Instant,
+    /// The key whose rejection made this resolution: requests that saw the same 401 take this
+    /// result instead of asking Papita again.
+    after_rejecting: Option<ApiKey>,
 }
 
 pub struct CredentialProvider {
@@ -68,6 +78,9 @@ pub struct CredentialProvider {
     papita_timeout: Duration,
     env_key: Option<ApiKey>,
     requires_sk: bool,
+    /// The host of a custom `OPENAI_BASE_URL`; `None` for OpenAI's own.
+    custom_host: Option<String>,
+    warned_papita_key_to_custom_host: AtomicBool,
     ttl: Duration,
     failure_ttl: Duration,
     cache: RwLock<Option<Cached>>,
@@ -84,6 +97,13 @@ impl CredentialProvider {
             papita_timeout: config.papita.credentials_timeout,
             env_key: config.openai.api_key.as_deref().and_then(ApiKey::parse),
             requires_sk: config.openai.requires_sk_prefix(),
+            custom_host: (!config.openai.requires_sk_prefix()).then(|| {
+                reqwest::Url::parse(&config.openai.base_url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+                    .unwrap_or_else(|| config.openai.base_url.clone())
+            }),
+            warned_papita_key_to_custom_host: AtomicBool::new(false),
             ttl: config.credentials_ttl,
             failure_ttl: config.credentials_failure_ttl,
             cache: RwLock::new(None),
@@ -141,10 +161,18 @@ impl CredentialProvider {
     async fn resolve_single_flight(&self, rejected: Option<&ApiKey>) -> Arc<Credentials> {
         let _one_at_a_time = self.resolving.lock().await;
         // Whoever held the lock before us may have resolved already.
-        if let Some((creds, fresh)) = self.cached() {
-            let still_rejected = rejected.is_some() && creds.key.as_ref() == rejected;
-            if fresh && !still_rejected {
-                return creds;
+        if let Some(cached) = self.cache.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let fresh = Instant::now() < cached.expires;
+            let answers_this_rejection = match rejected {
+                None => true,
+                // A different key is already cached, or this very rejection was resolved.
+                Some(key) => {
+                    cached.credentials.key.as_ref() != Some(key)
+                        || cached.after_rejecting.as_ref() == Some(key)
+                }
+            };
+            if fresh && answers_this_rejection {
+                return cached.credentials.clone();
             }
         }
         let creds = Arc::new(self.resolve().await);
@@ -159,18 +187,34 @@ impl CredentialProvider {
         *guard = Some(Cached {
             credentials: creds.clone(),
             expires: Instant::now() + ttl,
+            after_rejecting: rejected.cloned(),
         });
         creds
     }
 
     async fn resolve(&self) -> Credentials {
-        let (key, source) = match self.ask_papita().await {
-            Some(key) => (Some(key), CredentialSource::Papita),
-            None => match &self.env_key {
-                Some(key) => (Some(key.clone()), CredentialSource::LocalEnv),
-                None => (None, CredentialSource::None),
+        let (key, source) = match (&self.custom_host, &self.env_key) {
+            // Another server with a key of its own: Papita's (OpenAI's) key is not needed.
+            (Some(_), Some(env_key)) => (Some(env_key.clone()), CredentialSource::LocalEnv),
+            _ => match self.ask_papita().await {
+                Some(key) => (Some(key), CredentialSource::Papita),
+                None => match &self.env_key {
+                    Some(key) => (Some(key.clone()), CredentialSource::LocalEnv),
+                    None => (None, CredentialSource::None),
+                },
             },
         };
+        if let (CredentialSource::Papita, Some(host)) = (source, &self.custom_host)
+            && !self
+                .warned_papita_key_to_custom_host
+                .swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                host = %host,
+                "the OpenAI key from Papita will be sent to {host} (OPENAI_BASE_URL is not OpenAI's); \
+                 set OPENAI_API_KEY to that server's own key to keep Papita's key from it"
+            );
+        }
         let problem = match &key {
             None => Some(KEY_MISSING),
             Some(k) if self.requires_sk && !k.expose().starts_with("sk-") => Some(KEY_INVALID),
