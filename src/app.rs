@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use chrono::{DateTime, Local, TimeZone};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::server;
 use crate::services::credentials::CredentialProvider;
 use crate::services::log_entries;
 use crate::services::openai::OpenAiService;
@@ -26,6 +26,8 @@ use crate::state::{AppState, Services};
 
 /// Lines waiting for the session log writer; start/stop wait when it is full.
 const SESSION_LOG_QUEUE: usize = 16 * 1024;
+/// The session log's last flush may take this long even when the grace period is spent.
+const SESSION_LOG_FLUSH_MIN: Duration = Duration::from_secs(2);
 /// Papita requests: connect fast, the contract's per-request timeouts are set per call.
 const PAPITA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -130,40 +132,55 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` completes; then stops accepting, lets in-flight requests finish
-    /// within the grace period, and writes out everything queued.
+    /// Serves until `shutdown` completes; then stops accepting, closes idle connections, lets
+    /// in-flight requests finish and sends or writes out everything queued, all within one
+    /// `SHUTDOWN_GRACE_SECS` budget (so Docker's stop timeout, above it, never cuts the drain).
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
+        let config = &self.state.config;
         let router = crate::http::router(self.state.clone());
-        let grace = self.state.config.shutdown_grace;
-        let stopping = CancellationToken::new();
-        let signal = stopping.clone();
-        // Without TCP_NODELAY, small writes (SSE events, short answers) wait on the client's
-        // delayed ACK: ~40 ms per streamed event.
-        let listener = self.listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections; finishing in-flight requests");
-            signal.cancel();
-        });
+        let limits = server::Limits {
+            header_read: config.header_read_timeout,
+            idle: config.idle_timeout,
+            body_read: config.body_read_timeout,
+            max_connections: config
+                .max_connections
+                .unwrap_or_else(server::auto_max_connections),
+        };
+        let grace = config.shutdown_grace;
+        let stop = CancellationToken::new();
+        let serving = server::serve(self.listener, router, limits, stop.clone());
+        let mut serving = std::pin::pin!(serving);
         tokio::select! {
-            result = server => result?,
-            _ = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over; dropping unfinished requests");
-            }
+            () = &mut serving => {}
+            () = shutdown => {}
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        stop.cancel();
+        if tokio::time::timeout_at(deadline, serving).await.is_err() {
+            tracing::warn!(
+                grace_secs = grace.as_secs_f64(),
+                "grace period over; dropping unfinished requests"
+            );
         }
         self.stop_background.cancel();
-        self.state.session_log.flush().await;
-        self.background.close();
-        if tokio::time::timeout(grace, self.background.wait())
+        // Local disk: written out even when the budget is spent, but never waited on forever.
+        let flush_by = deadline.max(tokio::time::Instant::now() + SESSION_LOG_FLUSH_MIN);
+        if tokio::time::timeout_at(flush_by, self.state.session_log.flush())
             .await
             .is_err()
         {
-            tracing::warn!("Papita usage records still unsent after the grace period");
+            tracing::error!("session log lines still unwritten at shutdown");
+        }
+        self.background.close();
+        if tokio::time::timeout_at(deadline, self.background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Papita usage records still unsent when the grace period ended");
         }
         tracing::info!("stopped");
         Ok(())

@@ -53,6 +53,7 @@ pub fn run() -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     let _log_guard = telemetry::init(config.log_format, &config.log_filter);
+    let open_files = crate::server::raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,7 +73,7 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(addr = %app.local_addr(), version = env!("CARGO_PKG_VERSION"), "AL-Chat listening");
+        tracing::info!(addr = %app.local_addr(), version = env!("CARGO_PKG_VERSION"), open_files, "AL-Chat listening");
         match app.run_until_stopped(crate::app::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -156,6 +156,26 @@ pub const VARS: &[Var] = &[
         help: "limit for producing a response's head (streams then run on)",
     },
     Var {
+        name: "HEADER_READ_TIMEOUT_SECS",
+        default: "10",
+        help: "a request head must arrive whole this soon after its first byte (slow clients are cut)",
+    },
+    Var {
+        name: "BODY_READ_TIMEOUT_SECS",
+        default: "120",
+        help: "a request body must arrive this soon after its head (else 408)",
+    },
+    Var {
+        name: "IDLE_TIMEOUT_SECS",
+        default: "75",
+        help: "a connection with no request in progress is closed after this (longer than nginx's 60 s keep-alive)",
+    },
+    Var {
+        name: "MAX_CONNECTIONS",
+        default: "auto",
+        help: "open connections at most (more wait); auto: half the open-file limit",
+    },
+    Var {
         name: "CORS_ALLOWED_ORIGINS",
         default: "",
         help: "comma-separated origins; empty allows any origin",
@@ -163,7 +183,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "SHUTDOWN_GRACE_SECS",
         default: "30",
-        help: "on SIGTERM/Ctrl-C, how long in-flight requests may finish",
+        help: "on SIGTERM/Ctrl-C, how long in-flight requests and the Papita drain may take, together",
     },
     Var {
         name: "LOG_FORMAT",
@@ -234,6 +254,12 @@ pub struct Config {
     pub pricing: PriceTable,
     pub body_limit: usize,
     pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// `None`: `auto`, half the process's open-file limit (each chat may hold an upstream
+    /// connection too).
+    pub max_connections: Option<usize>,
     /// `None`: any origin.
     pub cors_origins: Option<Vec<String>>,
     pub shutdown_grace: Duration,
@@ -340,6 +366,13 @@ impl Config {
                 .map_err(|e| invalid("PRICING_FILE", &src.string("PRICING_FILE"), e.reason()))?,
             body_limit: src.positive("REQUEST_BODY_LIMIT_BYTES")?,
             request_timeout: src.secs("REQUEST_TIMEOUT_SECS")?,
+            header_read_timeout: src.secs("HEADER_READ_TIMEOUT_SECS")?,
+            body_read_timeout: src.secs("BODY_READ_TIMEOUT_SECS")?,
+            idle_timeout: src.secs("IDLE_TIMEOUT_SECS")?,
+            max_connections: match src.string("MAX_CONNECTIONS").as_str() {
+                "auto" => None,
+                _ => Some(src.positive("MAX_CONNECTIONS")?),
+            },
             cors_origins: cors.filter(|list| !list.is_empty() && !list.iter().any(|o| o == "*")),
             shutdown_grace: src.secs("SHUTDOWN_GRACE_SECS")?,
             log_format,

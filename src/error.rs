@@ -32,6 +32,10 @@ pub enum ApiError {
         "Content-Type must be application/json (with curl: -H 'Content-Type: application/json')."
     )]
     UnsupportedMediaType,
+    #[error(
+        "The request body did not arrive in time (BODY_READ_TIMEOUT_SECS); send it whole, promptly."
+    )]
+    BodyReadTimeout,
     #[error("{NOT_CONFIGURED}")]
     NotConfigured,
     #[error(transparent)]
@@ -83,6 +87,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyReadTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(e) => match e.kind {
                 UpstreamKind::Unauthorized => StatusCode::UNAUTHORIZED,

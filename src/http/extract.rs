@@ -7,6 +7,7 @@ use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::server::BodyReadDeadline;
 
 /// A JSON object body parsed into `T`. An empty body counts as `{}`, so `curl -X POST` with no
 /// data behaves like an empty request, not like a syntax error.
@@ -32,15 +33,22 @@ where
                     .to_ascii_lowercase()
             })
             .is_some_and(|mime| mime == "application/json" || mime.ends_with("+json"));
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::PayloadTooLarge
-                } else {
-                    ApiError::BadRequest(format!("Could not read the request body: {rejection}"))
-                }
-            })?;
+        // Slow bodies are cut at the deadline the server set when the head arrived.
+        let deadline = request.extensions().get::<BodyReadDeadline>().copied();
+        let reading = Bytes::from_request(request, state);
+        let read = match deadline {
+            Some(BodyReadDeadline(at)) => tokio::time::timeout_at(at, reading)
+                .await
+                .map_err(|_| ApiError::BodyReadTimeout)?,
+            None => reading.await,
+        };
+        let bytes = read.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest(format!("Could not read the request body: {rejection}"))
+            }
+        })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return parse_json(b"{}").map(JsonBody);
         }

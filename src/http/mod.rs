@@ -16,6 +16,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use tower::ServiceBuilder;
+use tower::util::MapRequestLayer;
 use tower_http::LatencyUnit;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, Any, CorsLayer};
@@ -24,7 +25,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::state::AppState;
 
 pub use extract::parse_json;
@@ -32,11 +33,14 @@ pub use extract::parse_json;
 /// The application: every route under `/api` with its middleware.
 pub fn router(state: AppState) -> Router {
     let config = &state.config;
+    // Text logs quote the id (a client's id may hold `"` or `=`); JSON escapes it anyway.
+    let quote_ids = config.log_format == LogFormat::Text;
     let layers = ServiceBuilder::new()
+        .layer(MapRequestLayer::new(drop_unusable_request_id))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(request_span)
+                .make_span_with(move |request: &Request| request_span(request, quote_ids))
                 .on_request(())
                 .on_response(
                     DefaultOnResponse::new()
@@ -68,8 +72,26 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Longest client-chosen `X-Request-ID` kept; longer ones are replaced, not echoed.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A client's `X-Request-ID` is kept only when it is visible ASCII of at most 128 characters;
+/// otherwise it is removed, so a fresh one is made (and never an 8 KB id echoed back).
+fn drop_unusable_request_id(mut request: Request) -> Request {
+    let usable = request.headers().get("x-request-id").is_none_or(|id| {
+        let bytes = id.as_bytes();
+        !bytes.is_empty()
+            && bytes.len() <= MAX_REQUEST_ID_LEN
+            && bytes.iter().all(u8::is_ascii_graphic)
+    });
+    if !usable {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
+}
+
 /// One span per request: method, matched route (not the raw path when there is one), request id.
-fn request_span(request: &Request) -> tracing::Span {
+fn request_span(request: &Request, quote_id: bool) -> tracing::Span {
     let path = request
         .extensions()
         .get::<MatchedPath>()
@@ -80,7 +102,11 @@ fn request_span(request: &Request) -> tracing::Span {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!("request", method = %request.method(), path = %path, request_id = %id)
+    if quote_id {
+        tracing::info_span!("request", method = %request.method(), path = %path, request_id = ?id)
+    } else {
+        tracing::info_span!("request", method = %request.method(), path = %path, request_id = %id)
+    }
 }
 
 /// Any origin by default (as the Flask service), or only `CORS_ALLOWED_ORIGINS`.

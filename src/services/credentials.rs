@@ -161,7 +161,12 @@ impl CredentialProvider {
     async fn resolve_single_flight(&self, rejected: Option<&ApiKey>) -> Arc<Credentials> {
         let _one_at_a_time = self.resolving.lock().await;
         // Whoever held the lock before us may have resolved already.
-        if let Some(cached) = self.cache.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(cached) = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             let fresh = Instant::now() < cached.expires;
             let answers_this_rejection = match rejected {
                 None => true,

@@ -1,0 +1,371 @@
+//! Serving connections: our own accept loop around hyper's HTTP/1 connection.
+//!
+//! `axum::serve` has no limits for clients that are slow or idle, and such clients are how a
+//! public endpoint runs out of file descriptors (slowloris). So each connection here is watched:
+//!
+//! - a request head must arrive whole within `HEADER_READ_TIMEOUT_SECS` of its first byte;
+//! - a connection with no request in progress (new, or kept alive) is closed after
+//!   `IDLE_TIMEOUT_SECS`;
+//! - a request body must arrive within `BODY_READ_TIMEOUT_SECS` (enforced where bodies are read,
+//!   `http::extract`, from the deadline this module puts in the request's extensions);
+//! - at most `MAX_CONNECTIONS` connections are open; beyond that new ones wait in the kernel's
+//!   backlog (logged once per episode) until a slot frees, which the limits above guarantee.
+//!
+//! On shutdown, connections with no request in progress (idle, or half-sent heads) are closed at
+//! once; those with one finish it and then close.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// While connections keep waiting for a slot, the limit is logged at most this often.
+const SATURATION_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long clients may take, and how many may be connected at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_read: Duration,
+    pub idle: Duration,
+    pub body_read: Duration,
+    pub max_connections: usize,
+}
+
+/// `MAX_CONNECTIONS=auto`: half the open-file limit, since each chat in flight may hold an
+/// upstream connection as well as its client's; never below 64.
+pub fn auto_max_connections() -> usize {
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+    usize::try_from(soft / 2).unwrap_or(usize::MAX).max(64)
+}
+
+/// Raises the open-file soft limit to the hard limit (as Go's runtime does), so the default
+/// connection limit is not the shell's 1024. Returns the limit in force.
+pub fn raise_open_file_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024)
+}
+
+/// When the request's body must have arrived (put in every request's extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadDeadline(pub Instant);
+
+/// Serves `router` on `listener` until `stop` is cancelled, then closes idle connections at once,
+/// lets requests in progress finish, and returns when every connection is closed.
+pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let mut last_warned: Option<Instant> = None;
+    loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // One line per episode, not one per waiting connection.
+                if last_warned.is_none_or(|at| at.elapsed() > SATURATION_LOG_EVERY) {
+                    last_warned = Some(Instant::now());
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection limit reached (MAX_CONNECTIONS); new connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                    () = stop.cancelled() => break,
+                }
+            }
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(&e).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        // Without TCP_NODELAY, small writes (SSE events, short answers) wait on the client's
+        // delayed ACK: ~40 ms per streamed event.
+        let _ = tcp.set_nodelay(true);
+        let (router, stop) = (router.clone(), stop.clone());
+        connections.spawn(async move {
+            serve_connection(tcp, peer, router, limits, stop).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// Accept errors are the machine's (out of descriptors, memory): log and breathe, never exit.
+async fn accept_failed(error: &std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused
+    ) {
+        return;
+    }
+    tracing::warn!(%error, "accept failed; retrying shortly (is the open-file limit too low for MAX_CONNECTIONS?)");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    limits: Limits,
+    stop: CancellationToken,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(WatchedIo {
+        inner: tcp,
+        activity: activity.clone(),
+    });
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            let guard = activity.request_started();
+            let extensions = request.extensions_mut();
+            extensions.insert(ConnectInfo(peer));
+            extensions.insert(BodyReadDeadline(Instant::now() + limits.body_read));
+            let response = router.clone().oneshot(request.map(Body::new));
+            async move {
+                // The guard lives until the response body is finished (or dropped, when the
+                // client goes away): a long stream is a request in progress, never idle.
+                let response = response
+                    .await
+                    .unwrap_or_else(|never: Infallible| match never {});
+                Ok::<_, Infallible>(response.map(|body| {
+                    Body::new(GuardedBody {
+                        body,
+                        _guard: guard,
+                    })
+                }))
+            }
+        })
+    };
+    let connection = hyper::server::conn::http1::Builder::new()
+        // Our own watchdog below enforces the head timeout (hyper's would also cut idle
+        // keep-alive connections at the same, short, limit).
+        .header_read_timeout(None)
+        .serve_connection(io, service);
+    let mut connection = std::pin::pin!(connection);
+    let mut stopping = false;
+    loop {
+        let deadline = activity.deadline(&limits);
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                return;
+            }
+            () = sleep_until(deadline) => {
+                if activity.expired(&limits) {
+                    tracing::debug!(%peer, "closing a connection that was idle or too slow to send its request");
+                    return;
+                }
+            }
+            () = activity.changed.notified() => {}
+            () = stop.cancelled(), if !stopping => {
+                stopping = true;
+                if activity.busy() {
+                    // Finish the request in progress, then close.
+                    connection.as_mut().graceful_shutdown();
+                } else {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+const NONE: u64 = u64::MAX;
+
+/// What a connection is doing, as its watchdog sees it. Times are milliseconds since `epoch`.
+struct Activity {
+    epoch: Instant,
+    /// Requests whose head was read and whose response is not finished.
+    in_progress: AtomicUsize,
+    /// When the connection last had no request in progress.
+    idle_since: AtomicU64,
+    /// When the first byte of a request head not yet complete arrived; `NONE` when none has.
+    head_since: AtomicU64,
+    /// Woken when a deadline may have moved (a head begins, the last request ends).
+    changed: Notify,
+    /// Set once the watchdog was told about the current head (one notification per head).
+    head_announced: AtomicBool,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            in_progress: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(NONE),
+            changed: Notify::new(),
+            head_announced: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    fn busy(&self) -> bool {
+        self.in_progress.load(Ordering::Acquire) > 0
+    }
+
+    /// Bytes arrived: if no request is in progress, a new head has begun.
+    fn bytes_read(&self) {
+        if !self.busy() && !self.head_announced.swap(true, Ordering::AcqRel) {
+            self.head_since.store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    fn request_started(self: &Arc<Self>) -> RequestGuard {
+        self.in_progress.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(NONE, Ordering::Release);
+        RequestGuard(self.clone())
+    }
+
+    /// The next moment the watchdog must look; `None` while a request is in progress.
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        if self.busy() {
+            return None;
+        }
+        let head = self.head_since.load(Ordering::Acquire);
+        Some(if head != NONE {
+            self.at(head) + limits.header_read
+        } else {
+            self.at(self.idle_since.load(Ordering::Acquire)) + limits.idle
+        })
+    }
+
+    fn expired(&self, limits: &Limits) -> bool {
+        self.deadline(limits)
+            .is_some_and(|deadline| Instant::now() >= deadline)
+    }
+}
+
+/// One request in progress; dropped when its response body ends or is abandoned.
+struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        activity
+            .idle_since
+            .store(activity.now_ms(), Ordering::Release);
+        activity.head_announced.store(false, Ordering::Release);
+        if activity.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.changed.notify_one();
+        }
+    }
+}
+
+/// A response body that holds its request's guard until it is done.
+struct GuardedBody {
+    body: Body,
+    _guard: RequestGuard,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The TCP stream, reporting reads to the watchdog.
+struct WatchedIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_read();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
