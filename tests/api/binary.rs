@@ -444,3 +444,78 @@ fn stops_with_unknown_ids_never_read_the_log_file_per_request() {
     sigterm(&child);
     assert!(wait_exit(child).status.success());
 }
+
+#[test]
+fn sigterm_closes_idle_and_half_sent_connections_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, port) = start_service(tmp.path(), &[("SHUTDOWN_GRACE_SECS", "30")]);
+    use std::io::Write;
+    // One client that sent half a head, one that connected and said nothing.
+    let mut half = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    half.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let stopping = Instant::now();
+    sigterm(&child);
+    let out = wait_exit(child);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "a half-sent head held shutdown for {:?} (grace 30 s)",
+        stopping.elapsed()
+    );
+}
+
+#[test]
+fn in_flight_requests_and_the_papita_drain_share_one_grace_budget() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
+    let papita = rt.block_on(crate::mock_papita::MockPapita::start());
+    // Papita takes every usage record and never answers within the grace.
+    papita.set_usage(crate::mock_papita::Usage::Slow(Duration::from_secs(60)));
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, papita_url) = (openai.base_url(), papita.url());
+    let env = [
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "sk-test-1234567890"),
+        ("PAPITA_API_URL", papita_url.as_str()),
+        ("PAPITA_USAGE_TIMEOUT_SECS", "60"),
+        ("SHUTDOWN_GRACE_SECS", "2"),
+    ];
+    let (child, port) = start_service(tmp.path(), &env);
+    let url = format!("http://127.0.0.1:{port}/api/chat");
+    // One chat answered (its record now hangs in Papita), then one that hangs upstream.
+    let answered = rt.block_on(
+        reqwest::Client::new()
+            .post(&url)
+            .json(&serde_json::json!({"message": "one"}))
+            .send(),
+    );
+    assert_eq!(answered.unwrap().status(), 200);
+    openai.set_default(crate::mock_openai::Reply::Hang);
+    let in_flight = rt.spawn(
+        reqwest::Client::new()
+            .post(url)
+            .json(&serde_json::json!({"message": "two"}))
+            .send(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while openai.request_count() < 2 || papita.usage_attempts() == 0 {
+        assert!(Instant::now() < deadline, "chat or record never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopping = Instant::now();
+    sigterm(&child);
+    let out = wait_exit(child);
+    assert_eq!(out.status.code(), Some(0));
+    let took = stopping.elapsed();
+    // Two budgets one after the other would be 4 s.
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+    assert!(took < Duration::from_millis(3500), "{took:?}");
+    assert!(rt.block_on(in_flight).unwrap().is_err());
+}

@@ -17,6 +17,7 @@ mod papita_usage;
 mod session_log;
 mod sessions;
 mod shutdown;
+mod slow_clients;
 mod sse;
 mod streaming;
 mod usage_stats;
