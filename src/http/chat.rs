@@ -3,12 +3,12 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use serde_json::json;
 
 use crate::domain::session_id::SESSION_HEADER;
@@ -32,12 +32,52 @@ async fn post_chat(
     if !request.stream {
         return Ok(Json(chat::complete(&state, request).await?).into_response());
     }
-    // Comments during long silences keep proxies and browsers from closing the stream.
+    let keepalive = state.config.openai.sse_keepalive;
+    let mut opening = Box::pin({
+        let state = state.clone();
+        async move { chat::stream(&state, request).await }
+    });
+    // Within one keep-alive interval the upstream has usually answered: its failures are then
+    // ordinary JSON answers with their statuses. If it has not, the stream opens anyway, with a
+    // comment, so proxies with an idle timeout do not cut it; later failures are `error` events
+    // (2026-11 amendment).
+    match tokio::time::timeout(keepalive, &mut opening).await {
+        Ok(opened) => Ok(event_stream(opened?.map(sse_event), &state)),
+        Err(_) => {
+            let events = async_stream::stream! {
+                yield Event::default().comment("");
+                match opening.await {
+                    Ok(events) => {
+                        let mut events = std::pin::pin!(events);
+                        while let Some(event) = events.next().await {
+                            yield sse_event(event);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upstream failed after the stream opened");
+                        yield Event::default().event("error").data(e.body().to_string());
+                    }
+                }
+            };
+            Ok(event_stream(events, &state))
+        }
+    }
+}
+
+/// The event-stream response: comments during long silences, and headers that keep proxies
+/// (nginx) from buffering or caching it.
+fn event_stream(events: impl Stream<Item = Event> + Send + 'static, state: &AppState) -> Response {
     let keepalive = KeepAlive::new().interval(state.config.openai.sse_keepalive);
-    let events = chat::stream(&state, request)
-        .await?
-        .map(|event| Ok::<_, Infallible>(sse_event(event)));
-    Ok(Sse::new(events).keep_alive(keepalive).into_response())
+    let mut response = Sse::new(events.map(Ok::<_, Infallible>))
+        .keep_alive(keepalive)
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    response
 }
 
 fn sse_event(event: StreamEvent) -> Event {

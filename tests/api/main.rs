@@ -7,6 +7,7 @@ mod mock_papita;
 
 mod attribution;
 mod binary;
+mod browser_snippet;
 mod chat;
 mod credentials;
 mod faults;

@@ -41,6 +41,8 @@ pub enum Reply {
     },
     /// Accepts the request and never answers.
     Hang,
+    /// Waits, then answers as the inner reply (a slow response head, whatever follows).
+    Delayed(Duration, Box<Reply>),
     /// 200 with a body that is not a chat completion.
     Malformed,
     /// A stream with full control over its shape.
@@ -236,6 +238,13 @@ async fn chat(
         .unwrap_or("gpt-3.5-turbo")
         .to_string();
     let streaming = body["stream"] == true;
+    let reply = match reply {
+        Reply::Delayed(delay, inner) => {
+            tokio::time::sleep(delay).await;
+            *inner
+        }
+        other => other,
+    };
     let watch = Watch {
         state: state.clone(),
         finished: false,
@@ -324,6 +333,7 @@ async fn chat(
                 .into_response()
         }
         Reply::Stream(script) => stream_reply(script, model, watch).await,
+        Reply::Delayed(..) => unreachable!("unwrapped above"),
         Reply::Trickle { gap, cut } => {
             let bytes = completion(&model, "trickled", 3, 2)
                 .to_string()

@@ -271,3 +271,53 @@ async fn stream_false_or_absent_is_a_json_answer() {
         .await;
     assert_eq!(r.status(), 400, "stream must be a boolean");
 }
+
+#[tokio::test]
+async fn the_stream_opens_within_one_keepalive_interval_while_the_upstream_is_slow() {
+    let app = spawn_app_with(|c, _, _| c.openai.sse_keepalive = Duration::from_millis(200)).await;
+    let upstream_head_after = Duration::from_secs(3);
+    app.openai.enqueue(Reply::Stream(StreamScript {
+        head_delay: upstream_head_after,
+        ..script(&["late ", "but ", "fine"], 0)
+    }));
+    let started = Instant::now();
+    let response = app
+        .post_chat(&json!({"message": "hi", "stream": true}))
+        .await;
+    let head_after = started.elapsed();
+    assert!(
+        head_after < upstream_head_after,
+        "the client saw nothing for {head_after:?}, until the upstream answered"
+    );
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    let mut reader = SseReader::new(response);
+    let first = reader.next().await.expect("events");
+    assert!(reader.comments >= 1, "a keep-alive comment came first");
+    assert_eq!(first.event, "delta");
+    let (rest, _) = reader.all().await;
+    assert_eq!(rest.last().unwrap().event, "done");
+    assert_eq!(rest.last().unwrap().data["message"], "late but fine");
+}
+
+#[tokio::test]
+async fn an_upstream_failure_after_the_stream_opened_is_an_error_event() {
+    let app = spawn_app_with(|c, _, _| c.openai.sse_keepalive = Duration::from_millis(100)).await;
+    app.openai.enqueue(Reply::Delayed(
+        Duration::from_millis(800),
+        Box::new(Reply::status(404, "The model `nope` does not exist")),
+    ));
+    let response = app
+        .post_chat(&json!({"message": "hi", "stream": true}))
+        .await;
+    let (events, comments) = SseReader::new(response).all().await;
+    assert!(comments >= 1);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].event, "error");
+    assert_eq!(
+        events[0].data["error"],
+        "OpenAI API error: The model `nope` does not exist"
+    );
+    let usage: Value = app.get("/api/openai/usage").await.json().await.unwrap();
+    assert_eq!(usage["request_count"], 0);
+}
