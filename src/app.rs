@@ -80,9 +80,12 @@ impl Application {
 
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
-        let session_log = SessionLog::start(config.log_dir.clone(), SESSION_LOG_QUEUE)
-            .map_err(StartupError::SessionLog)?;
-        session_log.append_background(log_entries::project_init(&clock.now()));
+        let session_log = SessionLog::start(
+            config.log_dir.clone(),
+            SESSION_LOG_QUEUE,
+            log_entries::project_init(&clock.now()),
+        )
+        .map_err(StartupError::SessionLog)?;
 
         let logged_starts = logged_starts(&config, clock.as_ref()).await;
         let credentials = Arc::new(CredentialProvider::new(&config, papita_http.clone()));

@@ -54,6 +54,9 @@ pub fn run() -> ExitCode {
 fn serve(config: Config) -> ExitCode {
     let _log_guard = telemetry::init(config.log_format, &config.log_filter);
     let open_files = crate::server::raise_open_file_limit();
+    if let Some(warning) = telemetry::time_zone_warning(std::env::var("TZ").ok().as_deref()) {
+        tracing::warn!("{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

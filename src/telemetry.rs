@@ -30,3 +30,75 @@ pub fn init(format: LogFormat, filter: &str) -> WorkerGuard {
     }
     guard
 }
+
+/// Where the C library looks for zone files.
+const ZONEINFO: &str = "/usr/share/zoneinfo";
+
+/// A warning when `TZ` names a zone this system does not know: the C library then silently
+/// uses UTC, and every timestamp and log file date would be hours off without a word.
+pub fn time_zone_warning(tz: Option<&str>) -> Option<String> {
+    let tz = tz?.trim();
+    if tz.is_empty() {
+        return None;
+    }
+    let name = tz.strip_prefix(':').unwrap_or(tz);
+    let known = if name.starts_with('/') {
+        std::path::Path::new(name).is_file()
+    } else {
+        std::path::Path::new(ZONEINFO).join(name).is_file() || is_posix_tz(name)
+    };
+    (!known).then(|| {
+        format!(
+            "TZ={tz:?} is not a time zone this system knows (no {ZONEINFO}/{name}); \
+             timestamps and log file dates are in UTC. Use a name like Europe/Madrid (tzdata)."
+        )
+    })
+}
+
+/// A POSIX rule such as `UTC0`, `EST5EDT` or `<+0330>-3:30`: a name of three letters or more
+/// (or `<...>`), then an offset.
+fn is_posix_tz(value: &str) -> bool {
+    let rest = if let Some(quoted) = value.strip_prefix('<') {
+        match quoted.find('>') {
+            Some(end) => &quoted[end + 1..],
+            None => return false,
+        }
+    } else {
+        let letters = value.bytes().take_while(u8::is_ascii_alphabetic).count();
+        if letters < 3 {
+            return false;
+        }
+        &value[letters..]
+    };
+    let rest = rest.strip_prefix(['+', '-']).unwrap_or(rest);
+    rest.starts_with(|c: char| c.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_zones_are_named_and_known_ones_pass() {
+        assert!(time_zone_warning(None).is_none());
+        assert!(time_zone_warning(Some("")).is_none());
+        for posix in [
+            "UTC0",
+            "EST5EDT",
+            "<+0330>-3:30",
+            "CET-1CEST,M3.5.0,M10.5.0/3",
+        ] {
+            assert!(time_zone_warning(Some(posix)).is_none(), "{posix}");
+        }
+        let warning = time_zone_warning(Some("Mars/Olympus_Mons")).unwrap();
+        assert!(warning.contains("Mars/Olympus_Mons") && warning.contains("UTC"));
+        assert!(time_zone_warning(Some("/nonexistent/zone")).is_some());
+        if std::path::Path::new(ZONEINFO)
+            .join("Europe/Madrid")
+            .is_file()
+        {
+            assert!(time_zone_warning(Some("Europe/Madrid")).is_none());
+            assert!(time_zone_warning(Some(":Europe/Madrid")).is_none());
+        }
+    }
+}

@@ -1,6 +1,10 @@
-//! `GET /api/health` (contract §4). Never waits on Papita: it reports the cached credentials.
+//! `GET /api/health` (contract §4): liveness; never waits on Papita, it reports the cached
+//! credentials. `GET /api/ready` (contract §11, 2026-11 amendment): readiness; 503 while the
+//! session log folder cannot be written, since session start and stop would then fail.
 
 use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
@@ -9,7 +13,36 @@ use crate::clock::timestamp;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/health", get(health))
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/ready", get(ready))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let dir = state.session_log.dir().display().to_string();
+    let now = timestamp(&state.clock.now());
+    match state.session_log.check_writable().await {
+        Ok(()) => Json(json!({
+            "status": "ready",
+            "timestamp": now,
+            "checks": {"session_log": {"status": "ok", "dir": dir}},
+        }))
+        .into_response(),
+        Err(e) => {
+            let error = format!(
+                "The session log folder {dir} is not writable ({e}); session start and stop will fail. \
+                 Check the folder (AL_CHAT_LOG_DIR) and its owner (the service runs as uid 10001 in Docker)."
+            );
+            tracing::warn!(%dir, error = %e, "not ready: session log folder not writable");
+            let body = json!({
+                "error": error,
+                "status": "not_ready",
+                "timestamp": now,
+                "checks": {"session_log": {"status": "failing", "dir": dir, "reason": e.to_string()}},
+            });
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
 }
 
 async fn health(State(state): State<AppState>) -> Json<Value> {

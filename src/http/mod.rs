@@ -154,6 +154,6 @@ mod tests {
                 routes += 1;
             }
         }
-        assert_eq!(routes, 7, "every route found in the sources");
+        assert_eq!(routes, 8, "every route found in the sources");
     }
 }

@@ -519,3 +519,18 @@ fn in_flight_requests_and_the_papita_drain_share_one_grace_budget() {
     assert!(took < Duration::from_millis(3500), "{took:?}");
     assert!(rt.block_on(in_flight).unwrap().is_err());
 }
+
+#[test]
+fn an_unknown_time_zone_is_named_in_a_start_up_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (child, _) = start_service(tmp.path(), &[("TZ", "Mars/Olympus_Mons")]);
+    sigterm(&child);
+    let out = wait_exit(child);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.lines().any(
+            |l| l.contains("WARN") && l.contains("TZ=\"Mars/Olympus_Mons\" is not a time zone")
+        ),
+        "{stdout}"
+    );
+}

@@ -58,3 +58,20 @@ async fn health_never_waits_on_a_hanging_papita() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn ready_when_the_session_log_folder_is_writable() {
+    let app = spawn_app().await;
+    let response = app.get("/api/ready").await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["checks"]["session_log"]["status"], "ok");
+    // The probe leaves nothing behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&app.log_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".ready-probe"))
+        .collect();
+    assert!(leftovers.is_empty());
+}

@@ -90,7 +90,14 @@ async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers
         .stop_session(&json!({"session_id": "session_20261123_070000"}))
         .await;
     assert_eq!(r.status(), 500);
-    assert_eq!(app.get("/api/health").await.status(), 200);
+    assert_eq!(app.get("/api/health").await.status(), 200, "alive");
+    let ready = app.get("/api/ready").await;
+    assert_eq!(ready.status(), 503, "not ready");
+    let error = crate::helpers::error_of(ready).await;
+    assert!(
+        error.contains("not writable") && error.contains("SessionLog"),
+        "{error}"
+    );
     assert_eq!(
         app.post_chat(&json!({"message": "hi", "sessionId": "x"}))
             .await
@@ -100,6 +107,7 @@ async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers
 
     // The folder becomes writable: logging resumes without a restart.
     std::fs::remove_file(&blocker).unwrap();
+    assert_eq!(app.get("/api/ready").await.status(), 200);
     let r = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(r.status(), 200);
     let id = r.json::<Value>().await.unwrap()["session_id"]
@@ -108,6 +116,15 @@ async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers
         .to_string();
     let lines = crate::helpers::read_log(&blocker.join("SessionLog"), &today());
     assert!(lines.iter().any(|l| l["session_id"] == id.as_str()));
+    // The start-up line that could not be written then was kept, and written first.
+    assert_eq!(lines[0]["event"], "project_init", "{lines:?}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["event"] == "project_init")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]

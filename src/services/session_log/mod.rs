@@ -60,11 +60,14 @@ pub struct SessionLog {
 impl SessionLog {
     /// Starts the writer thread for `dir` (created when first needed) and the ticker that has it
     /// write background lines. Call from within the Tokio runtime.
-    pub fn start(dir: PathBuf, capacity: usize) -> io::Result<Self> {
+    ///
+    /// `init` (the `project_init` line) is written first; if the folder is not writable yet, it
+    /// is written with the first batch that succeeds.
+    pub fn start(dir: PathBuf, capacity: usize, init: Line) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity);
         let syncs = Arc::new(AtomicU64::new(0));
         let backlog = Backlog::default();
-        let writer = Writer::new(dir.clone(), syncs.clone(), backlog.clone());
+        let writer = Writer::new(dir.clone(), syncs.clone(), backlog.clone()).with_init(init);
         std::thread::Builder::new()
             .name("session-log".into())
             .spawn(move || writer.run(rx))?;
@@ -135,6 +138,21 @@ impl SessionLog {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(dropped, "session log queue full; metric line dropped");
         }
+    }
+
+    /// Whether the folder takes a new file now (readiness): a probe file is created, written and
+    /// removed. Runs on the blocking pool.
+    pub async fn check_writable(&self) -> io::Result<()> {
+        let dir = self.dir.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            let probe = dir.join(format!(".ready-probe-{}", std::process::id()));
+            let written = std::fs::write(&probe, b"ok");
+            let _ = std::fs::remove_file(&probe);
+            written
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
     }
 
     /// Waits until everything queued so far has been written (shutdown).

@@ -16,6 +16,9 @@ pub(super) struct Writer {
     backlog: Backlog,
     /// Open files by date; at most two (today and, around midnight, yesterday).
     files: Vec<(String, File)>,
+    /// The start-up `project_init` line until it is written: a folder that is not writable at
+    /// start-up delays it, never loses it.
+    pending_init: Option<Line>,
 }
 
 /// The lines of one batch that go to one file.
@@ -32,11 +35,29 @@ impl Writer {
             syncs,
             backlog,
             files: Vec::new(),
+            pending_init: None,
+        }
+    }
+
+    /// `line` is written first, and retried before every batch until it has been written.
+    pub(super) fn with_init(mut self, line: Line) -> Self {
+        self.pending_init = Some(line);
+        self
+    }
+
+    fn write_pending_init(&mut self) {
+        if let Some(init) = self.pending_init.take()
+            && let Err(e) = self.write(&init.date, &init.bytes, false)
+        {
+            tracing::warn!(error = %e, dir = %self.dir.display(), "session log folder not writable; project_init line kept for the next write");
+            self.pending_init = Some(init);
         }
     }
 
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        self.write_pending_init();
         while let Some(first) = rx.blocking_recv() {
+            self.write_pending_init();
             let mut groups: Vec<Group> = Vec::new();
             let mut flushes = Vec::new();
             let mut next = Some(first);
