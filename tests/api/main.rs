@@ -10,6 +10,7 @@ mod binary;
 mod browser_snippet;
 mod chat;
 mod credentials;
+mod deployment;
 mod faults;
 mod health;
 mod http_errors;
