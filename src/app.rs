@@ -15,13 +15,14 @@ use tokio_util::task::TaskTracker;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::server;
+use crate::services::chat::ChatService;
 use crate::services::credentials::CredentialProvider;
-use crate::services::log_entries;
 use crate::services::openai::OpenAiService;
-use crate::services::papita::UsageReporter;
+use crate::services::papita::{PapitaClient, UsageReporter};
+use crate::services::session_log::entries;
 use crate::services::session_log::{self, SessionLog};
-use crate::services::sessions::Sessions;
-use crate::services::usage::UsageStats;
+use crate::services::sessions::{MemorySessionStore, Sessions};
+use crate::services::usage::{MemoryUsageStore, UsageStats};
 use crate::state::{AppState, Services};
 
 /// Lines waiting for the session log writer; start/stop wait when it is full.
@@ -83,37 +84,48 @@ impl Application {
         let session_log = SessionLog::start(
             config.log_dir.clone(),
             SESSION_LOG_QUEUE,
-            log_entries::project_init(&clock.now()),
+            entries::project_init(&clock.now()),
         )
         .map_err(StartupError::SessionLog)?;
 
         let logged_starts = logged_starts(&config, clock.as_ref()).await;
-        let credentials = Arc::new(CredentialProvider::new(&config, papita_http.clone()));
+        let papita = PapitaClient::new(&config.papita, papita_http);
+        let credentials = Arc::new(CredentialProvider::new(&config, papita.clone()));
         // Resolve the key now, in the background, so health soon tells the truth.
         credentials.peek();
 
+        let max_age =
+            chrono::Duration::from_std(config.sessions_max_age).unwrap_or(chrono::Duration::MAX);
+        let session_store =
+            MemorySessionStore::new(config.sessions_max, max_age, clock.now(), logged_starts);
+        let sessions = Arc::new(Sessions::new(
+            Arc::new(session_store),
+            session_log.clone(),
+            clock.clone(),
+        ));
+        let usage = Arc::new(UsageStats::new(
+            Arc::new(MemoryUsageStore::new(config.sessions_max)),
+            config.pricing.clone(),
+            &config.openai.model,
+        ));
+        let papita =
+            UsageReporter::spawn(&config.papita, papita, &background, stop_background.clone());
+        let chat = Arc::new(ChatService::new(
+            credentials.clone(),
+            OpenAiService::new(&config.openai, openai_http),
+            usage.clone(),
+            sessions.clone(),
+            papita.clone(),
+            session_log.clone(),
+            clock.clone(),
+        ));
         let state = AppState::new(Services {
-            openai: OpenAiService::new(&config.openai, openai_http),
-            usage: UsageStats::new(
-                config.pricing.clone(),
-                &config.openai.model,
-                config.sessions_max,
-            ),
-            papita: UsageReporter::spawn(
-                &config.papita,
-                papita_http,
-                &background,
-                stop_background.clone(),
-            ),
-            sessions: Sessions::new(
-                session_log.clone(),
-                clock.clone(),
-                config.sessions_max,
-                config.sessions_max_age,
-                logged_starts,
-            ),
-            session_log,
+            chat,
             credentials,
+            usage,
+            sessions,
+            papita,
+            session_log,
             clock,
             config,
         });

@@ -3,11 +3,14 @@
 //! Every failure a client can see is an `ApiError`; its `IntoResponse` is the only place where a
 //! failure becomes a status code and a `{"error": ..., "details"?: ...}` body (contract §1).
 
-use std::time::Duration;
-
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+
+use crate::domain::InputError;
+use crate::services::chat::ChatError;
+use crate::services::sessions::SessionError;
+pub use crate::services::upstream::{UpstreamError, UpstreamKind};
 
 /// Contract §6: the not-configured answer.
 pub const NOT_CONFIGURED: &str = "OpenAI service not configured. Please set OPENAI_API_KEY in .env file or ensure Papita API is running.";
@@ -40,42 +43,35 @@ pub enum ApiError {
     NotConfigured,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-    /// The session log line could not be made durable.
-    #[error("Could not write the session log: {0}")]
-    SessionLog(String),
+    /// The session log line could not be made durable (the I/O error is its source).
+    #[error("{0}")]
+    SessionLog(SessionError),
     #[error("Internal server error: {0}")]
     Internal(String),
 }
 
-/// How a call to the OpenAI server failed, already classified for the client (contract §6).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("OpenAI API error: {message}")]
-pub struct UpstreamError {
-    pub kind: UpstreamKind,
-    /// Safe to show: never holds the key (see `services::openai::redact`).
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamKind {
-    /// 401: the key is wrong or revoked.
-    Unauthorized,
-    /// 429, with the upstream's `Retry-After` when it sent one.
-    RateLimited { retry_after: Option<Duration> },
-    /// 400/404/422: the upstream refused this request (unknown model, too long, ...).
-    Rejected,
-    /// 5xx, unreadable answer, refused or cut connection.
-    Unavailable,
-    /// No (complete) answer within the configured time.
-    Timeout,
-}
-
-impl UpstreamError {
-    pub fn new(kind: UpstreamKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        match e {
+            ChatError::NotConfigured => Self::NotConfigured,
+            ChatError::Upstream(e) => Self::Upstream(e),
         }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::IdRequired => Self::BadRequest(e.to_string()),
+            SessionError::Log { .. } => Self::SessionLog(e),
+        }
+    }
+}
+
+/// Invalid input is always the client's to fix: a 400 with the domain's sentence.
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> Self {
+        Self::BadRequest(e.to_string())
     }
 }
 
@@ -114,13 +110,33 @@ impl ApiError {
     }
 }
 
+/// Logged once, at a level an operator sees when it matters: a revoked key (401) or a rate limit
+/// (429) is a `warn` at the default level, a server fault an `error`, a rejected request `debug`.
+pub fn log_upstream_failure(e: &UpstreamError) {
+    match e.kind {
+        UpstreamKind::Unauthorized => {
+            tracing::warn!(error = %e, "OpenAI rejected the key (401); check the key in Papita or .env");
+        }
+        UpstreamKind::RateLimited { .. } => {
+            tracing::warn!(error = %e, "OpenAI rate-limited the request (429)");
+        }
+        UpstreamKind::Unavailable | UpstreamKind::Timeout => {
+            tracing::error!(error = %e, "OpenAI call failed");
+        }
+        UpstreamKind::Rejected => tracing::debug!(error = %e, "OpenAI refused the request"),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::error!(status = status.as_u16(), error = %self, "request failed");
-        } else {
-            tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
+        match &self {
+            Self::Upstream(e) => log_upstream_failure(e),
+            _ if status.is_server_error() => {
+                // The whole chain: an I/O error's cause is its source, not its text.
+                tracing::error!(status = status.as_u16(), error = %self, source = ?std::error::Error::source(&self), "request failed");
+            }
+            _ => tracing::debug!(status = status.as_u16(), error = %self, "request rejected"),
         }
         let mut response = (status, axum::Json(self.body())).into_response();
         if let Self::Upstream(UpstreamError {
@@ -142,6 +158,8 @@ impl IntoResponse for ApiError {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

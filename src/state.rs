@@ -1,12 +1,13 @@
-//! The one shared state: cheap to clone, handed to every handler.
+//! The one shared state: cheap to clone, handed to every handler. The services in it were built
+//! by `Application` and own their dependencies; none of them knows this type.
 
 use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::services::chat::ChatService;
 use crate::services::credentials::CredentialProvider;
-use crate::services::openai::OpenAiService;
 use crate::services::papita::UsageReporter;
 use crate::services::session_log::SessionLog;
 use crate::services::sessions::Sessions;
@@ -18,11 +19,12 @@ pub struct AppState(Arc<Services>);
 pub struct Services {
     pub config: Config,
     pub clock: Arc<dyn Clock>,
+    pub chat: Arc<ChatService>,
+    /// For `/api/openai/info` and `/api/health` (which report the key without calling OpenAI).
     pub credentials: Arc<CredentialProvider>,
-    pub openai: OpenAiService,
-    pub usage: UsageStats,
+    pub usage: Arc<UsageStats>,
+    pub sessions: Arc<Sessions>,
     pub papita: UsageReporter,
-    pub sessions: Sessions,
     pub session_log: SessionLog,
 }
 

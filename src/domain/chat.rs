@@ -3,8 +3,8 @@
 
 use serde::Deserialize;
 
+use crate::domain::error::InputError;
 use crate::domain::session_id::{client_session_id, header_session_id};
-use crate::error::ApiError;
 
 /// The request body. Unknown fields are ignored; `null` counts as absent.
 #[derive(Debug, Default, Deserialize)]
@@ -79,14 +79,12 @@ pub struct ChatRequest {
     pub stream: bool,
 }
 
-pub const MESSAGE_REQUIRED: &str = "Message or attachment is required";
-
 impl ChatRequest {
     pub fn parse(
         body: ChatBody,
         session_header: Option<&[u8]>,
         default_model: &str,
-    ) -> Result<Self, ApiError> {
+    ) -> Result<Self, InputError> {
         // A bad header is refused before anything else is looked at.
         let header_session = header_session_id(session_header)?;
         let message = body.message.unwrap_or_default();
@@ -102,7 +100,7 @@ impl ChatRequest {
             },
         };
         if message.trim().is_empty() && files.is_empty() {
-            return Err(ApiError::BadRequest(MESSAGE_REQUIRED.into()));
+            return Err(InputError::MessageRequired);
         }
 
         let mut messages: Vec<ChatMessage> = body
@@ -191,7 +189,7 @@ mod tests {
         }
     }
 
-    fn parse(json: serde_json::Value) -> Result<ChatRequest, ApiError> {
+    fn parse(json: serde_json::Value) -> Result<ChatRequest, InputError> {
         ChatRequest::parse(serde_json::from_value(json).unwrap(), None, "gpt-3.5-turbo")
     }
 
@@ -233,7 +231,8 @@ mod tests {
     #[test]
     fn nothing_to_send_is_rejected() {
         let err = parse(serde_json::json!({"message": "  "})).unwrap_err();
-        assert_eq!(err.to_string(), MESSAGE_REQUIRED);
+        assert_eq!(err, InputError::MessageRequired);
+        assert_eq!(err.to_string(), crate::domain::error::MESSAGE_REQUIRED);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! The website's JavaScript sends `"null"` or `"undefined"` when its variable is unset, and
 //! curl users send blanks; all of these mean "no session", never a session by that name.
 
-use crate::error::ApiError;
+use crate::domain::error::InputError;
 
 /// The header that names a chat's session; it wins over the body's `sessionId`.
 pub const SESSION_HEADER: &str = "X-Session-ID";
@@ -18,17 +18,11 @@ pub fn client_session_id(raw: Option<&str>) -> Option<String> {
 /// The `X-Session-ID` header's raw bytes. Bytes that are not UTF-8, or text with control
 /// characters, are refused: silently ignoring them would count the chat under whichever
 /// session started last, someone else's.
-pub fn header_session_id(raw: Option<&[u8]>) -> Result<Option<String>, ApiError> {
+pub fn header_session_id(raw: Option<&[u8]>) -> Result<Option<String>, InputError> {
     let Some(bytes) = raw else { return Ok(None) };
-    let invalid = || {
-        ApiError::BadRequest(format!(
-            "Header {SESSION_HEADER} must be visible text (UTF-8, no control characters); \
-             send the session_id that /api/session/start returned, or leave the header out."
-        ))
-    };
-    let text = std::str::from_utf8(bytes).map_err(|_| invalid())?;
+    let text = std::str::from_utf8(bytes).map_err(|_| InputError::UnreadableSessionHeader)?;
     if text.chars().any(char::is_control) {
-        return Err(invalid());
+        return Err(InputError::UnreadableSessionHeader);
     }
     Ok(client_session_id(Some(text)))
 }

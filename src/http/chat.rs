@@ -13,9 +13,9 @@ use serde_json::json;
 
 use crate::domain::session_id::SESSION_HEADER;
 use crate::domain::{ChatBody, ChatRequest};
-use crate::error::Result;
+use crate::error::{ApiError, Result};
 use crate::http::extract::JsonBody;
-use crate::services::chat::{self, StreamEvent};
+use crate::services::chat::StreamEvent;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -30,12 +30,12 @@ async fn post_chat(
     let session_header = headers.get(SESSION_HEADER).map(|v| v.as_bytes());
     let request = ChatRequest::parse(body, session_header, &state.config.openai.model)?;
     if !request.stream {
-        return Ok(Json(chat::complete(&state, request).await?).into_response());
+        return Ok(Json(state.chat.complete(request).await?).into_response());
     }
     let keepalive = state.config.openai.sse_keepalive;
     let mut opening = Box::pin({
-        let state = state.clone();
-        async move { chat::stream(&state, request).await }
+        let chat = state.chat.clone();
+        async move { chat.stream(request).await }
     });
     // Within one keep-alive interval the upstream has usually answered: its failures are then
     // ordinary JSON answers with their statuses. If it has not, the stream opens anyway, with a
@@ -55,7 +55,8 @@ async fn post_chat(
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "upstream failed after the stream opened");
-                        yield Event::default().event("error").data(e.body().to_string());
+                        let error = ApiError::from(e);
+                        yield Event::default().event("error").data(error.body().to_string());
                     }
                 }
             };

@@ -9,13 +9,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::domain::session_id::client_session_id;
-use crate::domain::{ChatMessage, Role};
-use crate::error::ApiError;
-use crate::services::chat::{ReplyUsage, with_key};
+use crate::error::log_upstream_failure;
+use crate::services::chat::{ChatError, ReplyUsage};
 use crate::services::credentials::Credentials;
 use crate::state::AppState;
-
-const TEST_PROMPT: &str = "Say 'Connection successful' if you can read this.";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -60,19 +57,7 @@ fn info_body(state: &AppState, credentials: &Credentials) -> Value {
 /// A real one-message call; not counted in usage statistics.
 async fn test(State(state): State<AppState>) -> Response {
     let model = state.config.openai.model.clone();
-    let messages = [ChatMessage {
-        role: Role::User,
-        content: TEST_PROMPT.into(),
-    }];
-    let (model_ref, messages_ref, state_ref) = (&model, &messages, &state);
-    let outcome = with_key(&state, |key| async move {
-        state_ref
-            .openai
-            .complete(&key, model_ref, messages_ref)
-            .await
-    })
-    .await;
-    match outcome {
+    match state.chat.test_connection(&model).await {
         Ok(completion) => Json(json!({
             "status": "success",
             "message": "OpenAI connection is working",
@@ -82,7 +67,7 @@ async fn test(State(state): State<AppState>) -> Response {
             "usage": ReplyUsage::new(completion.usage.unwrap_or_default(), &model),
         }))
         .into_response(),
-        Err(ApiError::NotConfigured) => {
+        Err(ChatError::NotConfigured) => {
             let credentials = state.credentials.get().await;
             let body = json!({
                 "status": "error",
@@ -91,13 +76,15 @@ async fn test(State(state): State<AppState>) -> Response {
             });
             (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
         }
-        Err(ApiError::Upstream(e)) => Json(json!({
-            "status": "error",
-            "message": format!("OpenAI connection failed: {}", e.message),
-            "model": model,
-        }))
-        .into_response(),
-        Err(other) => other.into_response(),
+        Err(ChatError::Upstream(e)) => {
+            log_upstream_failure(&e);
+            Json(json!({
+                "status": "error",
+                "message": format!("OpenAI connection failed: {}", e.message),
+                "model": model,
+            }))
+            .into_response()
+        }
     }
 }
 
@@ -117,5 +104,5 @@ async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery>) -
         None => json!({}),
     };
     let session = client_session_id(query.session_id.as_deref());
-    Json(state.usage.report(session.as_deref(), account_info))
+    Json(state.usage.report(session.as_deref(), account_info).await)
 }

@@ -16,10 +16,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use serde_json::Value;
-
 use crate::config::Config;
 use crate::domain::ApiKey;
+use crate::services::papita::PapitaClient;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialSource {
@@ -73,9 +72,7 @@ struct Cached {
 }
 
 pub struct CredentialProvider {
-    http: reqwest::Client,
-    papita_url: String,
-    papita_timeout: Duration,
+    papita: PapitaClient,
     env_key: Option<ApiKey>,
     requires_sk: bool,
     /// The host of a custom `OPENAI_BASE_URL`; `None` for OpenAI's own.
@@ -90,11 +87,9 @@ pub struct CredentialProvider {
 }
 
 impl CredentialProvider {
-    pub fn new(config: &Config, http: reqwest::Client) -> Self {
+    pub fn new(config: &Config, papita: PapitaClient) -> Self {
         Self {
-            http,
-            papita_url: config.papita.url.clone(),
-            papita_timeout: config.papita.credentials_timeout,
+            papita,
             env_key: config.openai.api_key.as_deref().and_then(ApiKey::parse),
             requires_sk: config.openai.requires_sk_prefix(),
             custom_host: (!config.openai.requires_sk_prefix()).then(|| {
@@ -201,7 +196,7 @@ impl CredentialProvider {
         let (key, source) = match (&self.custom_host, &self.env_key) {
             // Another server with a key of its own: Papita's (OpenAI's) key is not needed.
             (Some(_), Some(env_key)) => (Some(env_key.clone()), CredentialSource::LocalEnv),
-            _ => match self.ask_papita().await {
+            _ => match self.papita.openai_key().await {
                 Some(key) => (Some(key), CredentialSource::Papita),
                 None => match &self.env_key {
                     Some(key) => (Some(key.clone()), CredentialSource::LocalEnv),
@@ -231,80 +226,5 @@ impl CredentialProvider {
             source,
             problem,
         }
-    }
-
-    /// Any failure (refused, timeout, non-200, not JSON, no key) falls through silently.
-    async fn ask_papita(&self) -> Option<ApiKey> {
-        let url = format!("{}/api/credentials/global/openai", self.papita_url);
-        let response = match self
-            .http
-            .get(&url)
-            .timeout(self.papita_timeout)
-            .send()
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(error = %e, "Papita credentials unavailable");
-                return None;
-            }
-        };
-        if response.status() != reqwest::StatusCode::OK {
-            tracing::debug!(
-                status = response.status().as_u16(),
-                "Papita credentials: no key"
-            );
-            return None;
-        }
-        let body: Value = response.json().await.ok()?;
-        key_ask_papita_body(&body)
-    }
-}
-
-/// The first non-blank string among the contract's five places, in order.
-pub fn key_ask_papita_body(body: &Value) -> Option<ApiKey> {
-    const PATHS: [&[&str]; 5] = [
-        &["credentials", "credentials", "api_key"],
-        &["credentials", "api_key"],
-        &["api_key"],
-        &["value"],
-        &["credential_value"],
-    ];
-    if !body.is_object() {
-        return None;
-    }
-    PATHS.iter().find_map(|path| {
-        let value = path.iter().try_fold(body, |v, key| v.get(key))?;
-        ApiKey::parse(value.as_str()?)
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn papita_key_is_taken_from_the_first_non_blank_place() {
-        let key = |v: Value| key_ask_papita_body(&v).map(|k| k.expose().to_string());
-        assert_eq!(
-            key(json!({"credentials": {"credentials": {"api_key": "sk-1"}}})).as_deref(),
-            Some("sk-1")
-        );
-        assert_eq!(
-            key(json!({"credentials": {"api_key": " sk-2 "}})).as_deref(),
-            Some("sk-2")
-        );
-        assert_eq!(
-            key(json!({"api_key": "", "value": "sk-4"})).as_deref(),
-            Some("sk-4")
-        );
-        assert_eq!(
-            key(json!({"credential_value": "sk-5"})).as_deref(),
-            Some("sk-5")
-        );
-        assert_eq!(key(json!({"api_key": 5})), None);
-        assert_eq!(key(json!(["sk-x"])), None);
-        assert_eq!(key(json!({})), None);
     }
 }

@@ -2,11 +2,11 @@
 
 pub mod chat;
 pub mod credentials;
-pub mod log_entries;
 pub mod openai;
 pub mod openai_transport;
 pub mod papita;
 pub mod pricing;
 pub mod session_log;
 pub mod sessions;
+pub mod upstream;
 pub mod usage;

@@ -15,19 +15,9 @@ use async_openai::types::chat::{
 use futures_util::{Stream, StreamExt};
 
 use crate::config::OpenAiSettings;
-use crate::domain::{ApiKey, ChatMessage, Role};
-use crate::error::{UpstreamError, UpstreamKind};
+use crate::domain::{ApiKey, ChatMessage, Role, TokenUsage};
 use crate::services::openai_transport::{OpenAiTransport, RetryPolicy, UpstreamStatus};
-
-/// Token counts as the upstream reported them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TokenUsage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub total_tokens: u64,
-    /// Of the prompt tokens, those served from OpenAI's prompt cache (billed at a lower rate).
-    pub cached_tokens: u64,
-}
+use crate::services::upstream::{UpstreamError, UpstreamKind};
 
 impl From<CompletionUsage> for TokenUsage {
     fn from(u: CompletionUsage) -> Self {

@@ -85,7 +85,11 @@ async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers
         error.starts_with("Could not write the session log"),
         "{error}"
     );
-    assert_eq!(app.state.sessions.tracked(), 0, "no session half-started");
+    assert_eq!(
+        app.state.sessions.tracked().await,
+        0,
+        "no session half-started"
+    );
     let r = app
         .stop_session(&json!({"session_id": "session_20261123_070000"}))
         .await;

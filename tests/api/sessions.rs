@@ -311,7 +311,7 @@ async fn tracked_sessions_are_bounded_and_forgotten_ones_still_stop_correctly() 
                 .to_string(),
         );
     }
-    assert!(app.state.sessions.tracked() <= 3);
+    assert!(app.state.sessions.tracked().await <= 3);
     clock.set(local(2026, 11, 23, 8, 0, 30, 0));
     let body: Value = app
         .stop_session(&json!({"session_id": ids[0]}))
@@ -332,7 +332,7 @@ async fn sessions_older_than_the_age_limit_are_forgotten() {
     app.start_session().await;
     clock.set(local(2026, 11, 23, 9, 30, 0, 0));
     app.start_session().await;
-    assert_eq!(app.state.sessions.tracked(), 1);
+    assert_eq!(app.state.sessions.tracked().await, 1);
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@
 //! buffer that the writer takes with its next batch, or at the latest every `BACKGROUND_EVERY`.
 //! At thousands of chats a second that is one `write` per tick instead of one wake-up per line.
 
+pub mod entries;
 mod line;
 mod writer;
 

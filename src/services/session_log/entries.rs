@@ -5,9 +5,9 @@ use chrono::{DateTime, Local};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use super::Line;
 use crate::clock::{date, timestamp};
-use crate::services::openai::TokenUsage;
-use crate::services::session_log::Line;
+use crate::domain::TokenUsage;
 
 #[derive(Serialize)]
 struct ProjectInit {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::PapitaSettings;
+use crate::services::papita::{PapitaClient, UsageRejected};
 
 /// The record exactly as Papita expects it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -57,17 +58,14 @@ impl UsageReporter {
     /// what is queued, and ends.
     pub fn spawn(
         settings: &PapitaSettings,
-        http: reqwest::Client,
+        client: PapitaClient,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         let (queue, rx) = mpsc::channel(settings.usage_queue_capacity);
         let stats = Arc::new(ReporterStats::default());
         let sender = Sender {
-            http,
-            url: reqwest::Url::parse(&format!("{}/api/usage/log", settings.url))
-                .expect("PAPITA_API_URL was checked at start-up"),
-            timeout: settings.usage_timeout,
+            client,
             max_attempts: settings.usage_max_attempts,
             stats: stats.clone(),
         };
@@ -124,10 +122,7 @@ async fn run(mut rx: mpsc::Receiver<UsageRecord>, sender: Sender, shutdown: Canc
 }
 
 struct Sender {
-    http: reqwest::Client,
-    /// Parsed once, not per record.
-    url: reqwest::Url,
-    timeout: Duration,
+    client: PapitaClient,
     max_attempts: u32,
     stats: Arc<ReporterStats>,
 }
@@ -135,25 +130,12 @@ struct Sender {
 impl Sender {
     async fn send(&self, record: &UsageRecord) {
         for attempt in 1..=self.max_attempts {
-            let result = self
-                .http
-                .post(self.url.clone())
-                .timeout(self.timeout)
-                .json(record)
-                .send()
-                .await;
-            let retryable = match &result {
-                Ok(r) if r.status().is_success() => {
+            let UsageRejected { retryable, reason } = match self.client.post_usage(record).await {
+                Ok(()) => {
                     self.stats.sent.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                Ok(r) => r.status().is_server_error(),
-                // A timeout is not retried: Papita may have counted the record already.
-                Err(e) => e.is_connect(),
-            };
-            let reason = match result {
-                Ok(r) => format!("status {}", r.status().as_u16()),
-                Err(e) => e.to_string(),
+                Err(rejected) => rejected,
             };
             if !retryable || attempt == self.max_attempts {
                 let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;

@@ -1,0 +1,18 @@
+//! Why a client's input is not a valid request: the domain's own error, free of HTTP. The one
+//! `From` into the API error (`crate::error`) makes each of these a 400.
+
+use crate::domain::session_id::SESSION_HEADER;
+
+pub const MESSAGE_REQUIRED: &str = "Message or attachment is required";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    /// No message and no file (contract §6).
+    #[error("{MESSAGE_REQUIRED}")]
+    MessageRequired,
+    /// An `X-Session-ID` that is not visible UTF-8 text.
+    #[error(
+        "Header {SESSION_HEADER} must be visible text (UTF-8, no control characters); send the session_id that /api/session/start returned, or leave the header out."
+    )]
+    UnreadableSessionHeader,
+}

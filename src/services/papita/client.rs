@@ -1,0 +1,150 @@
+//! The one Papita client: owns the base URL (parsed once), the shared pooled HTTP client and
+//! the timeouts of each call (contract §3, §9).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::config::PapitaSettings;
+use crate::domain::ApiKey;
+use crate::services::papita::UsageRecord;
+
+#[derive(Clone)]
+pub struct PapitaClient {
+    http: reqwest::Client,
+    base: String,
+    credentials_url: reqwest::Url,
+    usage_url: reqwest::Url,
+    credentials_timeout: Duration,
+    usage_timeout: Duration,
+}
+
+/// Why Papita did not take a usage record.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct UsageRejected {
+    /// Worth sending again: a refused connection or a 5xx. A timeout is not, since Papita may
+    /// have counted the record already; nor is a 4xx.
+    pub retryable: bool,
+    pub reason: String,
+}
+
+impl PapitaClient {
+    /// `http` is shared (pooled connections); it has a connect timeout, each call its own limit.
+    pub fn new(settings: &PapitaSettings, http: reqwest::Client) -> Self {
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{}{path}", settings.url))
+                .expect("PAPITA_API_URL was checked at start-up")
+        };
+        Self {
+            http,
+            base: settings.url.clone(),
+            credentials_url: url("/api/credentials/global/openai"),
+            usage_url: url("/api/usage/log"),
+            credentials_timeout: settings.credentials_timeout,
+            usage_timeout: settings.usage_timeout,
+        }
+    }
+
+    /// `PAPITA_API_URL`, as `/api/openai/info` reports it.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The OpenAI key Papita holds, if it answers one in time. Any failure (refused, timeout,
+    /// non-200, not JSON, no key) is `None`: the caller falls through to the environment.
+    pub async fn openai_key(&self) -> Option<ApiKey> {
+        let response = match self
+            .http
+            .get(self.credentials_url.clone())
+            .timeout(self.credentials_timeout)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "Papita credentials unavailable");
+                return None;
+            }
+        };
+        if response.status() != reqwest::StatusCode::OK {
+            tracing::debug!(
+                status = response.status().as_u16(),
+                "Papita credentials: no key"
+            );
+            return None;
+        }
+        let body: Value = response.json().await.ok()?;
+        key_in_papita_body(&body)
+    }
+
+    /// Posts one usage record; `Ok` once Papita answered 2xx.
+    pub async fn post_usage(&self, record: &UsageRecord) -> Result<(), UsageRejected> {
+        let result = self
+            .http
+            .post(self.usage_url.clone())
+            .timeout(self.usage_timeout)
+            .json(record)
+            .send()
+            .await;
+        match result {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(UsageRejected {
+                retryable: r.status().is_server_error(),
+                reason: format!("status {}", r.status().as_u16()),
+            }),
+            Err(e) => Err(UsageRejected {
+                retryable: e.is_connect(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// The first non-blank string among the contract's five places, in order.
+pub fn key_in_papita_body(body: &Value) -> Option<ApiKey> {
+    const PATHS: [&[&str]; 5] = [
+        &["credentials", "credentials", "api_key"],
+        &["credentials", "api_key"],
+        &["api_key"],
+        &["value"],
+        &["credential_value"],
+    ];
+    if !body.is_object() {
+        return None;
+    }
+    PATHS.iter().find_map(|path| {
+        let value = path.iter().try_fold(body, |v, key| v.get(key))?;
+        ApiKey::parse(value.as_str()?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn papita_key_is_taken_from_the_first_non_blank_place() {
+        let key = |v: Value| key_in_papita_body(&v).map(|k| k.expose().to_string());
+        assert_eq!(
+            key(json!({"credentials": {"credentials": {"api_key": "sk-1"}}})).as_deref(),
+            Some("sk-1")
+        );
+        assert_eq!(
+            key(json!({"credentials": {"api_key": " sk-2 "}})).as_deref(),
+            Some("sk-2")
+        );
+        assert_eq!(
+            key(json!({"api_key": "", "value": "sk-4"})).as_deref(),
+            Some("sk-4")
+        );
+        assert_eq!(
+            key(json!({"credential_value": "sk-5"})).as_deref(),
+            Some("sk-5")
+        );
+        assert_eq!(key(json!({"api_key": 5})), None);
+        assert_eq!(key(json!(["sk-x"])), None);
+        assert_eq!(key(json!({})), None);
+    }
+}

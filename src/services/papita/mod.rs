@@ -1,0 +1,8 @@
+//! Papita, the site's internal API: one client for both of its endpoints (the OpenAI key, usage
+//! records), and the background reporter that sends usage records through it.
+
+mod client;
+mod reporter;
+
+pub use client::{PapitaClient, UsageRejected};
+pub use reporter::{ReporterStats, UsageRecord, UsageReporter};

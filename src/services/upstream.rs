@@ -1,0 +1,36 @@
+//! How a call to the OpenAI server failed, classified once where it happens (`services::openai`)
+//! so that the API layer only maps kinds to statuses (`crate::error`).
+
+use std::time::Duration;
+
+/// How a call to the OpenAI server failed, already classified for the client (contract §6).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("OpenAI API error: {message}")]
+pub struct UpstreamError {
+    pub kind: UpstreamKind,
+    /// Safe to show: never holds the key (see `services::openai::redact`).
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// 401: the key is wrong or revoked.
+    Unauthorized,
+    /// 429, with the upstream's `Retry-After` when it sent one.
+    RateLimited { retry_after: Option<Duration> },
+    /// 400/404/422: the upstream refused this request (unknown model, too long, ...).
+    Rejected,
+    /// 5xx, unreadable answer, refused or cut connection.
+    Unavailable,
+    /// No (complete) answer within the configured time.
+    Timeout,
+}
+
+impl UpstreamError {
+    pub fn new(kind: UpstreamKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}

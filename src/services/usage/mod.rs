@@ -1,0 +1,215 @@
+//! Usage statistics since start-up (contract §8): totals, per model, per session, with costs.
+//! Each chat is priced when it is recorded; the figures live in a `UsageStore` (in-process by
+//! default), and this service turns them into the `/api/openai/usage` answer.
+
+mod store;
+
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::domain::TokenUsage;
+use crate::services::pricing::PriceTable;
+
+pub use store::{
+    Figures, MAX_MODEL_NAME_BYTES, MAX_MODELS, MemoryUsageStore, OTHER, Tally, UsageStore,
+};
+
+pub struct UsageStats {
+    store: Arc<dyn UsageStore>,
+    pricing: PriceTable,
+    default_model: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    /// Prompt tokens served from OpenAI's prompt cache (priced at the cached rate).
+    pub cached_tokens: u64,
+    pub request_count: u64,
+    pub cost_usd: f64,
+    /// False when the price table does not know the model (priced at the fallback rate).
+    pub priced: bool,
+}
+
+pub const USAGE_DASHBOARD_URL: &str = "https://platform.openai.com/account/usage";
+pub const BILLING_DASHBOARD_URL: &str = "https://platform.openai.com/account/billing";
+const NOTE: &str =
+    "For full account usage and billing credit balance, visit the OpenAI Billing Dashboard";
+
+impl UsageStats {
+    pub fn new(store: Arc<dyn UsageStore>, pricing: PriceTable, default_model: &str) -> Self {
+        Self {
+            store,
+            pricing,
+            default_model: default_model.to_string(),
+        }
+    }
+
+    /// Counts one successful chat.
+    pub async fn record(&self, session_id: Option<&str>, model: &str, usage: &TokenUsage) {
+        let cost = self.pricing.cost(
+            model,
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.completion_tokens,
+        );
+        self.store.record(session_id, model, usage, &cost).await;
+    }
+
+    /// The `/api/openai/usage` answer, for everything or for one session.
+    pub async fn report(&self, session_id: Option<&str>, account_info: Value) -> Value {
+        let Figures { rows, latest_model } = self.store.figures(session_id).await;
+        let mut total = Tally::default();
+        let mut by_model = IndexMap::with_capacity(rows.len());
+        let mut unpriced = Vec::new();
+        for (model, tally) in rows {
+            total.merge(&tally);
+            if tally.unpriced {
+                unpriced.push(model.clone());
+            }
+            by_model.insert(
+                model,
+                ModelUsage {
+                    prompt_tokens: tally.prompt,
+                    completion_tokens: tally.completion,
+                    total_tokens: tally.total,
+                    cached_tokens: tally.cached,
+                    request_count: tally.requests,
+                    cost_usd: round4(tally.prompt_cost + tally.completion_cost),
+                    priced: !tally.unpriced,
+                },
+            );
+        }
+        let mut report = json!({
+            "total_prompt_tokens": total.prompt,
+            "total_completion_tokens": total.completion,
+            "total_tokens": total.total,
+            "request_count": total.requests,
+            "model": latest_model.unwrap_or_else(|| self.default_model.clone()),
+            "estimated_cost_usd": round4(total.prompt_cost + total.completion_cost),
+            "prompt_cost_usd": round4(total.prompt_cost),
+            "completion_cost_usd": round4(total.completion_cost),
+            "account_info": account_info,
+            "billing_credit_balance": null,
+            "usage_dashboard_url": USAGE_DASHBOARD_URL,
+            "billing_dashboard_url": BILLING_DASHBOARD_URL,
+            "note": NOTE,
+            "by_model": by_model,
+            "unpriced_models": unpriced,
+        });
+        if let Some(id) = session_id {
+            report["session_id"] = json!(id);
+        }
+        report
+    }
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(p: u64, c: u64) -> TokenUsage {
+        TokenUsage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            total_tokens: p + c,
+            cached_tokens: 0,
+        }
+    }
+
+    fn stats(max_sessions: usize) -> UsageStats {
+        UsageStats::new(
+            Arc::new(MemoryUsageStore::new(max_sessions)),
+            PriceTable::load(None).unwrap(),
+            "gpt-3.5-turbo",
+        )
+    }
+
+    /// The in-process store answers at once; these tests drive its futures without a runtime.
+    fn now<T>(future: impl std::future::Future<Output = T>) -> T {
+        futures_util::FutureExt::now_or_never(future).expect("the in-process store never waits")
+    }
+
+    #[test]
+    fn cost_is_summed_per_model_actually_used() {
+        let stats = stats(10);
+        now(stats.record(None, "gpt-4", &usage(1_000_000, 0))); // $30
+        now(stats.record(None, "gpt-3.5-turbo", &usage(1_000_000, 1_000_000))); // $0.5 + $1.5
+        let r = now(stats.report(None, json!({})));
+        assert_eq!(r["estimated_cost_usd"], 32.0);
+        assert_eq!(r["prompt_cost_usd"], 30.5);
+        assert_eq!(r["model"], "gpt-3.5-turbo", "latest model");
+        assert_eq!(r["request_count"], 2);
+        assert_eq!(r["by_model"]["gpt-4"]["cost_usd"], 30.0);
+    }
+
+    #[test]
+    fn session_view_and_bound() {
+        let stats = stats(2);
+        now(stats.record(Some("a"), "gpt-4o", &usage(10, 5)));
+        now(stats.record(Some("b"), "gpt-4o", &usage(1, 1)));
+        now(stats.record(Some("c"), "gpt-4o", &usage(1, 1)));
+        assert_eq!(
+            now(stats.report(Some("a"), json!({})))["request_count"],
+            0,
+            "oldest session forgotten"
+        );
+        assert_eq!(now(stats.report(Some("c"), json!({})))["total_tokens"], 2);
+        assert_eq!(now(stats.report(None, json!({})))["total_tokens"], 19);
+        assert_eq!(
+            now(stats.report(Some("zzz"), json!({})))["model"],
+            "gpt-3.5-turbo"
+        );
+    }
+
+    #[test]
+    fn unknown_models_are_flagged() {
+        let stats = stats(2);
+        now(stats.record(None, "my-local-llama", &usage(1000, 1000)));
+        let r = now(stats.report(None, json!({})));
+        assert_eq!(r["unpriced_models"], json!(["my-local-llama"]));
+        assert_eq!(r["by_model"]["my-local-llama"]["priced"], false);
+    }
+
+    #[test]
+    fn models_past_the_bound_are_summed_under_other_with_exact_totals() {
+        let stats = stats(10);
+        for i in 0..MAX_MODELS + 50 {
+            now(stats.record(Some("s"), &format!("m{i}"), &usage(1, 2)));
+        }
+        now(stats.record(None, "gpt-4", &usage(1_000_000, 0))); // past the bound: $30 under other
+        for view in [
+            now(stats.report(None, json!({}))),
+            now(stats.report(Some("s"), json!({}))),
+        ] {
+            let by_model = view["by_model"].as_object().unwrap();
+            assert_eq!(by_model.len(), MAX_MODELS + 1, "256 rows and other");
+            assert_eq!(
+                by_model
+                    .values()
+                    .map(|r| r["request_count"].as_u64().unwrap())
+                    .sum::<u64>(),
+                view["request_count"].as_u64().unwrap()
+            );
+            assert!(view["unpriced_models"].as_array().unwrap().len() <= MAX_MODELS + 1);
+        }
+        let all = now(stats.report(None, json!({})));
+        assert_eq!(all["request_count"], MAX_MODELS as u64 + 51);
+        assert_eq!(
+            all["total_tokens"],
+            3 * (MAX_MODELS as u64 + 50) + 1_000_000
+        );
+        assert_eq!(all["by_model"][OTHER]["request_count"], 51);
+        assert!(all["by_model"][OTHER]["cost_usd"].as_f64().unwrap() >= 30.0);
+        assert_eq!(all["model"], "gpt-4", "the latest model, even under other");
+    }
+}
