@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,15 +97,19 @@ impl Application {
 
         let max_age =
             chrono::Duration::from_std(config.sessions_max_age).unwrap_or(chrono::Duration::MAX);
-        let session_store =
-            MemorySessionStore::new(config.sessions_max, max_age, clock.now(), logged_starts);
+        let session_store = MemorySessionStore::new(
+            config.sessions_max.get(),
+            max_age,
+            clock.now(),
+            logged_starts,
+        );
         let sessions = Arc::new(Sessions::new(
             Arc::new(session_store),
             session_log.clone(),
             clock.clone(),
         ));
         let usage = Arc::new(UsageStats::new(
-            Arc::new(MemoryUsageStore::new(config.sessions_max)),
+            Arc::new(MemoryUsageStore::new(config.sessions_max.get())),
             config.pricing.clone(),
             &config.openai.model,
         ));
@@ -162,7 +167,7 @@ impl Application {
             body_read: config.body_read_timeout,
             max_connections: config
                 .max_connections
-                .unwrap_or_else(server::auto_max_connections),
+                .map_or_else(server::auto_max_connections, NonZeroUsize::get),
         };
         let grace = config.shutdown_grace;
         let stop = CancellationToken::new();

@@ -6,6 +6,7 @@
 //! `Config` from any map they like.
 
 use std::collections::HashMap;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -235,8 +236,8 @@ pub struct PapitaSettings {
     pub url: String,
     pub credentials_timeout: Duration,
     pub usage_timeout: Duration,
-    pub usage_queue_capacity: usize,
-    pub usage_max_attempts: u32,
+    pub usage_queue_capacity: NonZeroUsize,
+    pub usage_max_attempts: NonZeroU32,
 }
 
 #[derive(Debug, Clone)]
@@ -248,18 +249,18 @@ pub struct Config {
     pub credentials_ttl: Duration,
     pub credentials_failure_ttl: Duration,
     pub log_dir: PathBuf,
-    pub sessions_max: usize,
+    pub sessions_max: NonZeroUsize,
     pub sessions_max_age: Duration,
     /// `PRICING_FILE`, else the built-in table; checked at start-up like every other setting.
     pub pricing: PriceTable,
-    pub body_limit: usize,
+    pub body_limit: NonZeroUsize,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     /// `None`: `auto`, half the process's open-file limit (each chat may hold an upstream
     /// connection too).
-    pub max_connections: Option<usize>,
+    pub max_connections: Option<NonZeroUsize>,
     /// `None`: any origin.
     pub cors_origins: Option<Vec<String>>,
     pub shutdown_grace: Duration,
@@ -351,7 +352,8 @@ impl Config {
             papita: PapitaSettings {
                 url: papita_url,
                 credentials_timeout: Duration::from_millis(
-                    src.positive("PAPITA_CREDENTIALS_TIMEOUT_MS")?,
+                    src.positive::<NonZeroU64>("PAPITA_CREDENTIALS_TIMEOUT_MS")?
+                        .get(),
                 ),
                 usage_timeout: src.secs("PAPITA_USAGE_TIMEOUT_SECS")?,
                 usage_queue_capacity: src.positive("PAPITA_USAGE_QUEUE_CAPACITY")?,
@@ -459,16 +461,14 @@ impl Source<'_> {
             .map_err(|e: T::Err| invalid(name, &value, &e.to_string()))
     }
 
-    /// A whole number greater than 0 that fits `T`: `4294967296` for a `u32` is an error, never
-    /// a silent wrap to 0.
-    fn positive<T: TryFrom<u64>>(&self, name: &'static str) -> Result<T, ConfigError> {
+    /// A whole number greater than 0 that fits `T` (`NonZeroU32`, `NonZeroUsize`, ...):
+    /// `4294967296` for a `u32` is an error, never a silent wrap to 0.
+    fn positive<T: TryFrom<NonZeroU64>>(&self, name: &'static str) -> Result<T, ConfigError> {
         let value = self.string(name);
         let n: u64 = value.parse().map_err(|e: std::num::ParseIntError| {
             invalid(name, &value, &format!("expected a whole number ({e})"))
         })?;
-        if n == 0 {
-            return Err(invalid(name, "0", "must be greater than 0"));
-        }
+        let n = NonZeroU64::new(n).ok_or_else(|| invalid(name, "0", "must be greater than 0"))?;
         T::try_from(n).map_err(|_| invalid(name, &value, "too large"))
     }
 
@@ -485,7 +485,7 @@ impl Source<'_> {
     }
 
     fn hours(&self, name: &'static str) -> Result<Duration, ConfigError> {
-        let hours: u64 = self.positive(name)?;
+        let hours = self.positive::<NonZeroU64>(name)?.get();
         hours
             .checked_mul(3600)
             .filter(|s| *s as f64 <= MAX_SECS * 100.0)
@@ -501,11 +501,13 @@ fn check_http_url(name: &'static str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// The default from `VARS`. A name missing there is a programming error, caught by every test
+/// that builds a `Config` (all of them do), never a silent `""`.
 fn default_of(name: &str) -> &'static str {
     VARS.iter()
         .find(|v| v.name == name)
         .map(|v| v.default)
-        .unwrap_or("")
+        .unwrap_or_else(|| panic!("{name} is read but not listed in config::VARS"))
 }
 
 fn invalid(name: &'static str, value: &str, reason: &str) -> ConfigError {
@@ -566,7 +568,7 @@ mod tests {
         assert_eq!(c.openai.base_url, "https://api.openai.com/v1");
         assert_eq!(c.papita.url, "http://localhost:3000");
         assert_eq!(c.log_dir, PathBuf::from("./SessionLog"));
-        assert_eq!(c.body_limit, 16 * 1024 * 1024);
+        assert_eq!(c.body_limit.get(), 16 * 1024 * 1024);
         assert!(c.cors_origins.is_none());
         assert!(c.openai.api_key.is_none());
     }
@@ -629,7 +631,8 @@ mod tests {
             build(&[("PAPITA_USAGE_MAX_ATTEMPTS", "4294967295")], &[])
                 .unwrap()
                 .papita
-                .usage_max_attempts,
+                .usage_max_attempts
+                .get(),
             u32::MAX
         );
         for (name, value) in [

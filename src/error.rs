@@ -35,6 +35,12 @@ pub enum ApiError {
         "Content-Type must be application/json (with curl: -H 'Content-Type: application/json')."
     )]
     UnsupportedMediaType,
+    /// No response within `REQUEST_TIMEOUT_SECS` (tower-http's timeout layer).
+    #[error("The request took too long to answer (REQUEST_TIMEOUT_SECS).")]
+    RequestTimeout,
+    /// Any other status a layer produced without a body of ours.
+    #[error("{}", .0.canonical_reason().unwrap_or("Request failed"))]
+    Status(StatusCode),
     #[error(
         "The request body did not arrive in time (BODY_READ_TIMEOUT_SECS); send it whole, promptly."
     )]
@@ -83,7 +89,8 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::BodyReadTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyReadTimeout | Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Status(status) => *status,
             Self::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(e) => match e.kind {
                 UpstreamKind::Unauthorized => StatusCode::UNAUTHORIZED,

@@ -1,5 +1,6 @@
-//! An OpenAI key that cannot leak by accident: `Debug` and `Display` show only the
-//! contract's 7-character prefix.
+//! An OpenAI key that cannot leak by accident: it has no `Display`, and its `Debug` shows only
+//! the contract's 7-character prefix; the whole key is reachable only through `expose`, for the
+//! `Authorization` header.
 
 use std::fmt;
 

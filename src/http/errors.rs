@@ -7,7 +7,6 @@ use axum::extract::Request;
 use axum::http::{Method, Response, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::IntoResponse;
-use serde_json::json;
 
 use crate::error::ApiError;
 
@@ -36,21 +35,18 @@ pub async fn ensure_json_error(request: Request, next: Next) -> Response<Body> {
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
-    let message = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            "Request body is larger than the limit (REQUEST_BODY_LIMIT_BYTES)."
-        }
-        StatusCode::REQUEST_TIMEOUT => {
-            "The request took too long to answer (REQUEST_TIMEOUT_SECS)."
-        }
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "Content-Type must be application/json.",
-        _ => status.canonical_reason().unwrap_or("Request failed"),
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        StatusCode::REQUEST_TIMEOUT => ApiError::RequestTimeout,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+        other => ApiError::Status(other),
     };
+    // Keep the layer's headers (CORS, request id, Allow), replace the body with ours.
     let (mut parts, _) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/json"),
     );
-    Response::from_parts(parts, Body::from(json!({ "error": message }).to_string()))
+    Response::from_parts(parts, Body::from(error.body().to_string()))
 }

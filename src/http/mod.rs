@@ -53,7 +53,7 @@ pub fn router(state: AppState) -> Router {
         .layer(cors(config))
         .layer(CatchPanicLayer::custom(errors::panic_response))
         .layer(axum::middleware::from_fn(errors::ensure_json_error))
-        .layer(RequestBodyLimitLayer::new(config.body_limit))
+        .layer(RequestBodyLimitLayer::new(config.body_limit.get()))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             config.request_timeout,

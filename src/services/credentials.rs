@@ -3,8 +3,8 @@
 //! from Papita only goes to another server when no key of its own is set, and then a warning
 //! names the host.
 //!
-//! The key is resolved when needed and cached. Callers never queue behind each other: one
-//! resolution runs at a time (single flight) and everyone else waits for its result; once a
+//! The key is resolved when needed and cached. On a cold cache, callers share one resolution
+//! (single flight: at most one Papita request in flight) instead of each asking; once a
 //! usable key is known, an expired cache is refreshed in the background while the old key keeps
 //! serving. After OpenAI rejects a key, it is resolved again once per rejected key, however many
 //! requests saw the 401 at the same time. `peek` never waits at all (health). Expiry runs on

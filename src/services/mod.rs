@@ -1,4 +1,7 @@
-//! The services behind the handlers; each owns one job and its outbound calls.
+//! The services behind the handlers. Each does one job and holds what it uses (clients, stores,
+//! the clock), handed to it when `Application` builds it; none knows the HTTP layer or the
+//! application state. Outbound calls go through one client per remote: `openai` (with its
+//! transport) for OpenAI, `papita::PapitaClient` for Papita.
 
 pub mod chat;
 pub mod credentials;

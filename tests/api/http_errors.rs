@@ -103,7 +103,8 @@ async fn wrong_content_type_is_a_json_415() {
 
 #[tokio::test]
 async fn body_over_the_limit_is_a_json_413() {
-    let app = spawn_app_with(|c, _, _| c.body_limit = 1024).await;
+    let app =
+        spawn_app_with(|c, _, _| c.body_limit = std::num::NonZeroUsize::new(1024).unwrap()).await;
     let big = json!({"message": "x".repeat(4096)});
     assert_json_error(app.post_chat(&big).await, 413).await;
     // Without Content-Length (chunked), the limit still holds.

@@ -15,6 +15,7 @@ mod faults;
 mod health;
 mod http_errors;
 mod openai_routes;
+mod papita_client;
 mod papita_usage;
 mod session_log;
 mod sessions;

@@ -88,7 +88,7 @@ async fn client_errors_are_not_retried() {
 #[tokio::test]
 async fn a_full_queue_drops_and_counts_instead_of_growing() {
     let app = spawn_app_with(|c, _, papita| {
-        c.papita.usage_queue_capacity = 1;
+        c.papita.usage_queue_capacity = std::num::NonZeroUsize::MIN;
         papita.set_usage(Usage::Slow(Duration::from_secs(3)));
     })
     .await;

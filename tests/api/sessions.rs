@@ -300,7 +300,10 @@ async fn after_a_restart_the_start_comes_from_the_log_then_from_the_id() {
 #[tokio::test]
 async fn tracked_sessions_are_bounded_and_forgotten_ones_still_stop_correctly() {
     let clock = manual_clock(2026, 11, 23, 8, 0, 0, 0);
-    let app = spawn_app_with_clock(clock.clone(), |c, _, _| c.sessions_max = 3).await;
+    let app = spawn_app_with_clock(clock.clone(), |c, _, _| {
+        c.sessions_max = std::num::NonZeroUsize::new(3).unwrap()
+    })
+    .await;
     let mut ids = Vec::new();
     for s in 0..5 {
         clock.set(local(2026, 11, 23, 8, 0, s, 0));

@@ -138,7 +138,7 @@ async fn a_body_that_trickles_gets_a_json_408() {
 async fn past_the_connection_cap_new_clients_wait_and_health_still_answers() {
     let app = spawn_app_with(|c, _, _| {
         quick_limits(c);
-        c.max_connections = Some(20);
+        c.max_connections = std::num::NonZeroUsize::new(20);
     })
     .await;
     // 200 slowloris connections, ten times the cap.

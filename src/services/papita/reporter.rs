@@ -62,11 +62,11 @@ impl UsageReporter {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
-        let (queue, rx) = mpsc::channel(settings.usage_queue_capacity);
+        let (queue, rx) = mpsc::channel(settings.usage_queue_capacity.get());
         let stats = Arc::new(ReporterStats::default());
         let sender = Sender {
             client,
-            max_attempts: settings.usage_max_attempts,
+            max_attempts: settings.usage_max_attempts.get(),
             stats: stats.clone(),
         };
         tracker.spawn(run(rx, sender, shutdown));
