@@ -7,7 +7,7 @@ use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, error_of, eventually, local, manual_clock, spawn_app, spawn_app_with_clock,
+    TestApp, date_of, error_of, eventually, local, manual_clock, spawn_app, spawn_app_with_clock,
 };
 
 /// Sends one chat (with an optional raw `X-Session-ID`) and returns the `sessionId` of the
@@ -32,15 +32,13 @@ fn hi() -> Value {
 }
 
 async fn start(app: &TestApp) -> String {
-    app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    app.start_session_id().await
 }
 
 #[tokio::test]
 async fn a_chat_after_its_session_stopped_belongs_to_no_session_until_the_next_start() {
-    let app = spawn_app().await;
+    let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
+    let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
     let first = start(&app).await;
     assert_eq!(counted_under(&app, None, hi()).await, json!(first));
 
@@ -73,7 +71,7 @@ async fn a_chat_after_its_session_stopped_belongs_to_no_session_until_the_next_s
 
     // The chat after the stop wrote no chat_usage line for the stopped session.
     app.state.session_log.flush().await;
-    let today = chrono::Local::now().format("%Y-%m-%d").to_string();
+    let today = date_of(&clock);
     let metrics_of_first = app
         .log_lines(&today)
         .iter()
@@ -84,7 +82,8 @@ async fn a_chat_after_its_session_stopped_belongs_to_no_session_until_the_next_s
 
 #[tokio::test]
 async fn blank_null_and_undefined_session_ids_mean_no_session() {
-    let app = spawn_app().await;
+    let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
+    let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
     let current = start(&app).await;
     let null = || Some(HeaderValue::from_static("null"));
     // The header `null` does not override a real id in the body.
@@ -116,7 +115,7 @@ async fn blank_null_and_undefined_session_ids_mean_no_session() {
     let r = app.stop_session(&json!({"session_id": "null"})).await;
     assert_eq!(r.status(), 200);
     app.state.session_log.flush().await;
-    let today = chrono::Local::now().format("%Y-%m-%d").to_string();
+    let today = date_of(&clock);
     let stop = app
         .log_lines(&today)
         .into_iter()

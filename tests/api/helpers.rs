@@ -155,14 +155,18 @@ impl TestApp {
 
     /// Waits until the cached credentials say configured (they resolve in the background).
     pub async fn wait_configured(&self, expected: bool) {
-        for _ in 0..100 {
-            let body: Value = self.get("/api/health").await.json().await.unwrap();
-            if body["openai_configured"] == expected {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("openai_configured never became {expected}");
+        // The resolution health reports; waiting on it is waiting on the event itself.
+        self.state.credentials.get().await;
+        let body: Value = self.get("/api/health").await.json().await.unwrap();
+        assert_eq!(body["openai_configured"], expected);
+    }
+
+    /// Starts a session and returns its id.
+    pub async fn start_session_id(&self) -> String {
+        self.start_session().await["session_id"]
+            .as_str()
+            .expect("a session id")
+            .to_string()
     }
 
     /// The parsed lines of one day's log file (empty if there is none).
@@ -226,15 +230,48 @@ pub async fn error_of(response: reqwest::Response) -> String {
         .to_string()
 }
 
-/// Polls `check` until it holds or two seconds pass.
+/// How often the polling helpers look again; the one pause in the helpers.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `check` until it holds; fails after five seconds instead of hanging the suite.
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut poll = tokio::time::interval(POLL);
+    while tokio::time::Instant::now() < deadline {
         if check() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        poll.tick().await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// Moves tokio's clock (which the credentials cache and other deadlines use) forward at once,
+/// instead of sleeping past a TTL. The app runs on the test's own runtime, so it sees the jump.
+pub async fn skip_time(by: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(by).await;
+    tokio::time::resume();
+}
+
+/// A raw POST with the given content type and body (for malformed-input tests).
+pub fn post_raw(
+    app: &TestApp,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> impl Future<Output = reqwest::Response> + use<> {
+    let request = app
+        .client
+        .post(format!("{}{path}", app.url))
+        .header("content-type", content_type)
+        .body(body);
+    async move { request.send().await.expect("request sent") }
+}
+
+/// The local date a manual clock stands at, as log file names use it.
+pub fn date_of(clock: &ManualClock) -> String {
+    clock.now().format("%Y-%m-%d").to_string()
 }
 
 /// Every log line any test app wrote (debug level and up), for "the key never appears" checks.

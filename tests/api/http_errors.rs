@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{spawn_app, spawn_app_with};
+use crate::helpers::{post_raw, spawn_app, spawn_app_with};
 
 async fn assert_json_error(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status(), status);
@@ -47,14 +47,13 @@ async fn wrong_method_is_a_json_405() {
 #[tokio::test]
 async fn malformed_json_is_a_400_not_a_500() {
     let app = spawn_app().await;
-    let r = app
-        .client
-        .post(format!("{}/api/chat", app.url))
-        .header("content-type", "application/json")
-        .body("{\"message\": ")
-        .send()
-        .await
-        .unwrap();
+    let r = post_raw(
+        &app,
+        "/api/chat",
+        "application/json",
+        b"{\"message\": ".to_vec(),
+    )
+    .await;
     let body = assert_json_error(r, 400).await;
     assert!(
         body["error"].as_str().unwrap().contains("not valid JSON"),
@@ -90,14 +89,13 @@ async fn a_field_of_the_wrong_type_is_named() {
 #[tokio::test]
 async fn wrong_content_type_is_a_json_415() {
     let app = spawn_app().await;
-    let r = app
-        .client
-        .post(format!("{}/api/chat", app.url))
-        .header("content-type", "text/plain")
-        .body("{\"message\": \"hi\"}")
-        .send()
-        .await
-        .unwrap();
+    let r = post_raw(
+        &app,
+        "/api/chat",
+        "text/plain",
+        b"{\"message\": \"hi\"}".to_vec(),
+    )
+    .await;
     assert_json_error(r, 415).await;
 }
 

@@ -4,11 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{local, manual_clock, spawn_app, spawn_app_with, spawn_app_with_clock};
-
-fn today() -> String {
-    chrono::Local::now().format("%Y-%m-%d").to_string()
-}
+use crate::helpers::{date_of, local, manual_clock, spawn_app, spawn_app_with_clock};
 
 #[tokio::test]
 async fn project_init_is_written_at_start_up() {
@@ -26,10 +22,7 @@ async fn project_init_is_written_at_start_up() {
 async fn lines_are_written_as_the_flask_service_wrote_them() {
     let clock = manual_clock(2026, 11, 23, 7, 0, 0, 0);
     let app = spawn_app_with_clock(clock, |_, _, _| {}).await;
-    let id = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.start_session_id().await;
     app.stop_session(&json!({"session_id": id, "metrics": {"note": "café ☕", "list": [1, 2]}}))
         .await;
     let text = std::fs::read_to_string(app.log_dir.join("session_2026-11-23.log")).unwrap();
@@ -45,10 +38,7 @@ async fn lines_are_written_as_the_flask_service_wrote_them() {
 async fn lines_either_side_of_midnight_land_in_their_own_files() {
     let clock = manual_clock(2026, 11, 23, 23, 59, 59, 999_999);
     let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
-    let id = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.start_session_id().await;
     clock.set(local(2026, 11, 24, 0, 0, 0, 0));
     let body: Value = app
         .stop_session(&json!({"session_id": id}))
@@ -76,7 +66,8 @@ async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers
     let blocker = tmp.path().join("blocker");
     std::fs::write(&blocker, "a file where the log folder's parent should be").unwrap();
     let dir = blocker.join("SessionLog");
-    let app = spawn_app_with(move |c, _, _| c.log_dir = dir).await;
+    let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
+    let app = spawn_app_with_clock(clock.clone(), move |c, _, _| c.log_dir = dir).await;
 
     let r = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(r.status(), 500);
@@ -118,7 +109,7 @@ async fn an_unwritable_folder_fails_start_and_stop_but_nothing_else_and_recovers
         .as_str()
         .unwrap()
         .to_string();
-    let lines = crate::helpers::read_log(&blocker.join("SessionLog"), &today());
+    let lines = crate::helpers::read_log(&blocker.join("SessionLog"), &date_of(&clock));
     assert!(lines.iter().any(|l| l["session_id"] == id.as_str()));
     // The start-up line that could not be written then was kept, and written first.
     assert_eq!(lines[0]["event"], "project_init", "{lines:?}");

@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{
-    local, manual_clock, read_log, spawn_app, spawn_app_with, spawn_app_with_clock,
-};
+use crate::helpers::{date_of, local, manual_clock, read_log, spawn_app_with_clock};
 
 #[tokio::test]
 async fn start_issues_an_id_from_the_local_time_and_logs_it() {
@@ -33,12 +31,7 @@ async fn ids_in_the_same_second_get_suffixes() {
     let app = spawn_app_with_clock(manual_clock(2026, 11, 23, 14, 5, 9, 0), |_, _, _| {}).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(
-            app.start_session().await["session_id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        ids.push(app.start_session_id().await);
     }
     assert_eq!(
         ids,
@@ -116,15 +109,9 @@ async fn a_thousand_concurrent_sessions_each_get_their_own_id_lines_and_duration
 async fn concurrent_sessions_each_have_their_own_duration() {
     let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
     let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
-    let a = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a = app.start_session_id().await;
     clock.set(local(2026, 11, 23, 9, 0, 10, 0));
-    let b = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let b = app.start_session_id().await;
     clock.set(local(2026, 11, 23, 9, 0, 15, 250_000));
     let stop_a: Value = app
         .stop_session(&json!({"session_id": a}))
@@ -146,10 +133,7 @@ async fn concurrent_sessions_each_have_their_own_duration() {
 async fn a_session_can_be_saved_several_times_each_from_its_start() {
     let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
     let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
-    let id = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.start_session_id().await;
     clock.set(local(2026, 11, 23, 9, 0, 5, 0));
     assert_eq!(
         app.stop_session(&json!({"session_id": id, "metrics": {"messages": 2}}))
@@ -182,7 +166,8 @@ async fn a_session_can_be_saved_several_times_each_from_its_start() {
 
 #[tokio::test]
 async fn stop_without_id_stops_the_latest_session_or_says_it_is_required() {
-    let app = spawn_app().await;
+    let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
+    let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
     let r = app.stop_session(&json!({})).await;
     assert_eq!(r.status(), 400);
     assert_eq!(
@@ -199,15 +184,12 @@ async fn stop_without_id_stops_the_latest_session_or_says_it_is_required() {
     assert_eq!(r.status(), 400);
 
     app.start_session().await;
-    let latest = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let latest = app.start_session_id().await;
     assert_eq!(
         app.stop_session(&json!({"metrics": {}})).await.status(),
         200
     );
-    let today = chrono::Local::now().format("%Y-%m-%d").to_string();
+    let today = date_of(&clock);
     let lines = app.log_lines(&today);
     let stop = lines.iter().find(|l| l["event"] == "session_stop").unwrap();
     assert_eq!(stop["session_id"], latest.as_str());
@@ -215,11 +197,9 @@ async fn stop_without_id_stops_the_latest_session_or_says_it_is_required() {
 
 #[tokio::test]
 async fn metrics_must_be_an_object() {
-    let app = spawn_app().await;
-    let id = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
+    let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
+    let id = app.start_session_id().await;
     for bad in [json!([1, 2]), json!("x"), json!(3)] {
         let r = app
             .stop_session(&json!({"session_id": id, "metrics": bad}))
@@ -240,7 +220,7 @@ async fn metrics_must_be_an_object() {
             .status(),
         200
     );
-    let today = chrono::Local::now().format("%Y-%m-%d").to_string();
+    let today = date_of(&clock);
     let stop = app
         .log_lines(&today)
         .into_iter()
@@ -253,10 +233,7 @@ async fn metrics_must_be_an_object() {
 async fn after_a_restart_the_start_comes_from_the_log_then_from_the_id() {
     let clock = manual_clock(2026, 11, 23, 8, 0, 0, 0);
     let first = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
-    let id = first.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = first.start_session_id().await;
     let log_dir = first.log_dir.clone();
 
     clock.set(local(2026, 11, 23, 8, 0, 0, 750_000));
@@ -307,12 +284,7 @@ async fn tracked_sessions_are_bounded_and_forgotten_ones_still_stop_correctly() 
     let mut ids = Vec::new();
     for s in 0..5 {
         clock.set(local(2026, 11, 23, 8, 0, s, 0));
-        ids.push(
-            app.start_session().await["session_id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        ids.push(app.start_session_id().await);
     }
     assert!(app.state.sessions.tracked().await <= 3);
     clock.set(local(2026, 11, 23, 8, 0, 30, 0));
@@ -342,10 +314,7 @@ async fn sessions_older_than_the_age_limit_are_forgotten() {
 async fn a_chat_in_a_known_session_writes_a_chat_usage_line() {
     let clock = manual_clock(2026, 11, 23, 12, 0, 0, 0);
     let app = spawn_app_with_clock(clock, |_, _, _| {}).await;
-    let id = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.start_session_id().await;
     // Header wins over the body; without either, the latest session is used.
     let r = app
         .client
@@ -393,9 +362,11 @@ async fn a_chat_in_a_known_session_writes_a_chat_usage_line() {
 
 #[tokio::test]
 async fn a_chat_with_no_session_writes_no_metric_line() {
-    let app = spawn_app_with(|_, _, _| {}).await;
+    let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
+    let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
     assert_eq!(app.post_chat(&json!({"message": "b"})).await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let today = chrono::Local::now().format("%Y-%m-%d").to_string();
+    // Everything queued is written once the flush answers.
+    app.state.session_log.flush().await;
+    let today = date_of(&clock);
     assert!(app.log_lines(&today).iter().all(|l| l["event"] != "metric"));
 }

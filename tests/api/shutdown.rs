@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{date_of, eventually, manual_clock, spawn_app, spawn_app_with_clock};
 use crate::mock_openai::Reply;
 
 #[tokio::test]
@@ -13,7 +13,10 @@ async fn an_in_flight_chat_completes_after_shutdown_begins() {
     app.openai
         .enqueue(Reply::slow("late but whole", Duration::from_millis(700)));
     let in_flight = app.chat_in_background();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the chat reached the upstream", || {
+        app.openai.request_count() == 1
+    })
+    .await;
     app.trigger_shutdown();
     let response = in_flight
         .await
@@ -35,7 +38,8 @@ async fn an_in_flight_chat_completes_after_shutdown_begins() {
 
 #[tokio::test]
 async fn shutdown_writes_out_queued_log_lines_and_usage_records() {
-    let mut app = spawn_app().await;
+    let clock = manual_clock(2026, 11, 23, 9, 0, 0, 0);
+    let mut app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
     let session = app.start_session().await;
     let sid = session["session_id"].as_str().unwrap().to_string();
     let r = app
@@ -43,7 +47,7 @@ async fn shutdown_writes_out_queued_log_lines_and_usage_records() {
         .await;
     assert_eq!(r.status(), 200);
     app.shutdown().await;
-    let today = chrono::Local::now().format("%Y-%m-%d").to_string();
+    let today = date_of(&clock);
     let lines = app.log_lines(&today);
     assert!(
         lines
@@ -67,7 +71,10 @@ async fn run_until_stopped_returns_after_the_grace_period_despite_a_hanging_requ
     })
     .await;
     let hanging = app.chat_in_background();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the chat reached the upstream", || {
+        app.openai.request_count() == 1
+    })
+    .await;
     let started = std::time::Instant::now();
     app.shutdown().await;
     assert!(

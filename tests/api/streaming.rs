@@ -87,10 +87,7 @@ async fn the_first_delta_arrives_before_the_upstream_has_finished() {
 async fn a_streamed_chat_is_counted_logged_and_reported_like_a_whole_one() {
     let clock = manual_clock(2026, 11, 23, 15, 0, 0, 0);
     let app = spawn_app_with_clock(clock.clone(), |_, _, _| {}).await;
-    let id = app.start_session().await["session_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = app.start_session_id().await;
     clock.set(local(2026, 11, 23, 15, 0, 1, 0));
     app.openai.enqueue(Reply::Stream(script(&["x"], 0)));
     let body = json!({"message": "hi", "stream": true, "sessionId": id, "username": "ana", "isGuest": false});
@@ -126,7 +123,7 @@ async fn a_streamed_chat_is_counted_logged_and_reported_like_a_whole_one() {
 
 #[tokio::test]
 async fn a_stream_cut_before_usage_is_an_error_and_is_not_counted() {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     app.openai.enqueue(Reply::Stream(StreamScript {
         cut_after: Some(2),
         ..script(&["a", "b", "c"], 0)
@@ -153,7 +150,8 @@ async fn a_stream_cut_before_usage_is_an_error_and_is_not_counted() {
     );
     let usage: Value = app.get("/api/openai/usage").await.json().await.unwrap();
     assert_eq!(usage["request_count"], 0);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shutdown sends whatever is queued: after it, no record means none was made.
+    app.shutdown().await;
     assert!(app.papita.records().is_empty());
 }
 
