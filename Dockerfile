@@ -9,8 +9,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 # Stub sources so the dependencies build (and cache) on their own. The manifest declares the
 # benchmark target, so its file must exist too; the stub stays, benchmarks are not built here.
-RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/harness.rs \
+RUN mkdir -p src benches/harness && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/harness/main.rs \
     && cargo build --release --locked --bin al-chat \
     && rm -rf src
 COPY src ./src

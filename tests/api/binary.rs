@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use al_chat::config::VARS;
 
+use crate::ports::{free_port, wait_listening};
+
 const BIN: &str = env!("CARGO_BIN_EXE_al-chat");
 
 /// A command with a clean environment (nothing from the developer's shell leaks in).
@@ -31,7 +33,7 @@ fn start_service(dir: &Path, env: &[(&str, &str)]) -> (Child, u16) {
         .env("PORT", port.to_string())
         .envs(env.iter().copied());
     let child = cmd.spawn().unwrap();
-    wait_until_listening(port);
+    wait_listening(port);
     (child, port)
 }
 
@@ -41,25 +43,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("al-chat did not start listening on {port}");
 }
 
 fn sigterm(child: &Child) {
@@ -173,7 +156,7 @@ fn env_file_is_read_and_the_environment_wins_then_sigterm_exits_0() {
         .env("OPENAI_MODEL", "model-from-env")
         .spawn()
         .unwrap();
-    wait_until_listening(port);
+    wait_listening(port);
 
     let info = get_json(port, "/api/openai/info");
     assert_eq!(info["model"], "model-from-env", "environment wins: {info}");

@@ -213,13 +213,7 @@ pub fn read_log(dir: &Path, date: &str) -> Vec<Value> {
     }
 }
 
-/// An address where nothing listens (connections are refused at once).
-pub fn closed_address() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+pub use crate::ports::closed_address;
 
 /// The `error` text of a JSON error answer.
 pub async fn error_of(response: reqwest::Response) -> String {

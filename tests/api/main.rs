@@ -17,6 +17,7 @@ mod http_errors;
 mod openai_routes;
 mod papita_client;
 mod papita_usage;
+mod ports;
 mod session_log;
 mod sessions;
 mod shutdown;

@@ -1,0 +1,362 @@
+//! The orchestrator (what `cargo bench` runs): starts the mock, the yardstick and the release
+//! build of `al-chat` as processes of their own, drives load, and prints the table.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::load::{first_delta, interleaved, lua, rate, wrk};
+use crate::ports::{free_port, wait_listening};
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn rss_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_self(args: &[String]) -> Server {
+    let port: u16 = args[1].parse().unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    Server { child, port }
+}
+
+fn start_al_chat(upstream: &str, papita: &str, log_dir: &Path) -> Server {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_al-chat"))
+        .env_clear()
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("OPENAI_BASE_URL", upstream)
+        .env("OPENAI_API_KEY", "sk-bench-0123456789")
+        .env("PAPITA_API_URL", papita)
+        .env("AL_CHAT_LOG_DIR", log_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    Server { child, port }
+}
+
+pub fn run() {
+    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let (secs, rounds) = if quick { (3, 1) } else { (5, 3) };
+    let tmp = tempfile::tempdir().unwrap();
+    let chat_body = r#"{"message":"Hello, benchmark!","sessionId":"session_bench","username":"bench","isGuest":false}"#;
+    let upstream_body =
+        r#"{"model":"gpt-3.5-turbo","messages":[{"role":"user","content":"Hello, benchmark!"}]}"#;
+    let chat_lua = lua(tmp.path(), "chat.lua", chat_body, "POST /api/chat");
+    let upstream_lua = lua(
+        tmp.path(),
+        "upstream.lua",
+        upstream_body,
+        "POST /v1/chat/completions",
+    );
+    let start_lua = lua(tmp.path(), "start.lua", "{}", "POST /api/session/start");
+
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "AL-Chat benchmarks: {cores} cores; wrk over loopback; {secs} s per run; medians of {rounds} interleaved rounds\n"
+    );
+    let mut rows: Vec<String> = Vec::new();
+    let mut row = |name: &str, value: String, verdict: String| {
+        let line = format!("| {name} | {value} | {verdict} |");
+        println!("{line}");
+        rows.push(verdict);
+    };
+    println!("| scenario | result | target |");
+    println!("|---|---|---|");
+
+    // --- instant upstream -------------------------------------------------------------------
+    let mock_port = free_port();
+    let mock = start_self(&["mock".into(), mock_port.to_string(), "0".into()]);
+    let upstream = format!("{}/v1", mock.url());
+    let proxy_port = free_port();
+    let proxy = start_self(&["proxy".into(), proxy_port.to_string(), upstream.clone()]);
+    let al_chat = start_al_chat(&upstream, &mock.url(), &tmp.path().join("logs"));
+    std::thread::sleep(Duration::from_secs(1));
+
+    let idle_rss = al_chat.rss_kb("VmRSS:");
+    row(
+        "6. idle RSS after start-up",
+        format!("{:.1} MB", idle_rss as f64 / 1024.0),
+        verdict(idle_rss < 15 * 1024, "< 15 MB"),
+    );
+
+    // Warm the chat path (connection pools, credentials).
+    wrk(
+        &format!("{}/api/chat", al_chat.url()),
+        16,
+        1,
+        Some(&chat_lua),
+        5,
+    );
+    wrk(
+        &format!("{}/api/chat", proxy.url()),
+        16,
+        1,
+        Some(&chat_lua),
+        5,
+    );
+
+    let [health, starts16] = interleaved(
+        rounds,
+        [
+            &|| wrk(&format!("{}/api/health", al_chat.url()), 16, secs, None, 5),
+            &|| {
+                wrk(
+                    &format!("{}/api/session/start", al_chat.url()),
+                    16,
+                    secs,
+                    Some(&start_lua),
+                    5,
+                )
+            },
+        ],
+    );
+    row(
+        "1. GET /api/health, 16 connections",
+        format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            health.rps, health.p50_ms, health.p99_ms
+        ),
+        "(reference)".into(),
+    );
+
+    let [direct, yardstick, ours] = interleaved(
+        rounds,
+        [
+            &|| {
+                wrk(
+                    &format!("{upstream}/chat/completions"),
+                    16,
+                    secs,
+                    Some(&upstream_lua),
+                    5,
+                )
+            },
+            &|| {
+                wrk(
+                    &format!("{}/api/chat", proxy.url()),
+                    16,
+                    secs,
+                    Some(&chat_lua),
+                    5,
+                )
+            },
+            &|| {
+                wrk(
+                    &format!("{}/api/chat", al_chat.url()),
+                    16,
+                    secs,
+                    Some(&chat_lua),
+                    5,
+                )
+            },
+        ],
+    );
+    row(
+        "2a. straight to the mock upstream, 16 connections",
+        format!("{:.0} req/s, p99 {:.2} ms", direct.rps, direct.p99_ms),
+        "(reference)".into(),
+    );
+    row(
+        "2b. minimal proxy (the yardstick), 16 connections",
+        format!("{:.0} req/s, p99 {:.2} ms", yardstick.rps, yardstick.p99_ms),
+        "(reference)".into(),
+    );
+    let ratio = ours.rps / yardstick.rps;
+    row(
+        "2. POST /api/chat, everything on, 16 connections",
+        format!(
+            "{:.0} req/s, p99 {:.2} ms, {} errors",
+            ours.rps, ours.p99_ms, ours.errors
+        ),
+        verdict(
+            ratio >= 0.7 && ours.errors == 0,
+            &format!("{ratio:.2} of the yardstick; target ≥ 0.70"),
+        ),
+    );
+
+    let half = ((yardstick.rps / 2.0) as u64).max(100);
+    let rate_secs = if quick { 3 } else { 5 };
+    let mut p99s = Vec::new();
+    for _ in 0..rounds {
+        let proxy_run = rate(
+            &format!("{}/api/chat", proxy.url()),
+            half,
+            rate_secs,
+            chat_body,
+        );
+        let ours_run = rate(
+            &format!("{}/api/chat", al_chat.url()),
+            half,
+            rate_secs,
+            chat_body,
+        );
+        p99s.push((
+            ours_run.latency.p99_ms - proxy_run.latency.p99_ms,
+            ours_run,
+            proxy_run,
+        ));
+    }
+    p99s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (diff, ours_run, proxy_run) = p99s[p99s.len() / 2];
+    row(
+        &format!("2. p99 at half the yardstick's throughput ({half} req/s, open loop)"),
+        format!(
+            "ours {:.2} ms, yardstick {:.2} ms ({} requests, {} errors)",
+            ours_run.latency.p99_ms,
+            proxy_run.latency.p99_ms,
+            ours_run.requests + proxy_run.requests,
+            ours_run.errors + proxy_run.errors
+        ),
+        verdict(
+            diff <= 1.0 && ours_run.errors == 0,
+            &format!("{diff:+.2} ms; target ≤ +1 ms"),
+        ),
+    );
+
+    let ratio16 = starts16.rps / health.rps;
+    row(
+        "4. POST /api/session/start (fsync'd), 16 connections",
+        format!("{:.0} req/s, p99 {:.2} ms", starts16.rps, starts16.p99_ms),
+        format!("{ratio16:.2} of health at 16 connections (bounded by fsync latency; see below)"),
+    );
+    let [health64, starts64] = interleaved(
+        rounds,
+        [
+            &|| wrk(&format!("{}/api/health", al_chat.url()), 64, secs, None, 5),
+            &|| {
+                wrk(
+                    &format!("{}/api/session/start", al_chat.url()),
+                    64,
+                    secs,
+                    Some(&start_lua),
+                    5,
+                )
+            },
+        ],
+    );
+    let ratio64 = starts64.rps / health64.rps;
+    row(
+        "4. POST /api/session/start (fsync'd), 64 connections",
+        format!(
+            "{:.0} req/s vs health {:.0} req/s, p99 {:.2} ms",
+            starts64.rps, health64.rps, starts64.p99_ms
+        ),
+        verdict(
+            ratio64 >= 0.5 && starts64.errors == 0,
+            &format!("{ratio64:.2} of health; target ≥ 0.50"),
+        ),
+    );
+
+    let n = if quick { 50 } else { 300 };
+    let streamed = json!({"message": "Hello", "stream": true});
+    let upstream_stream = json!({"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "Hello"}], "stream": true});
+    let direct_fd = first_delta(
+        &format!("{upstream}/chat/completions"),
+        &upstream_stream,
+        b"data: ",
+        n,
+    );
+    let ours_fd = first_delta(
+        &format!("{}/api/chat", al_chat.url()),
+        &streamed,
+        b"event: delta",
+        n,
+    );
+    row(
+        "5. streaming: time to first delta (sequential)",
+        format!(
+            "ours p50 {:.3} ms (p99 {:.3}), direct p50 {:.3} ms (p99 {:.3})",
+            ours_fd.p50_ms, ours_fd.p99_ms, direct_fd.p50_ms, direct_fd.p99_ms
+        ),
+        verdict(
+            ours_fd.p50_ms - direct_fd.p50_ms < 1.0,
+            &format!(
+                "{:+.3} ms at p50; target < 1 ms",
+                ours_fd.p50_ms - direct_fd.p50_ms
+            ),
+        ),
+    );
+    let peak_fast = al_chat.rss_kb("VmHWM:");
+    row(
+        "   peak RSS over all the runs above",
+        format!("{:.1} MB", peak_fast as f64 / 1024.0),
+        String::new(),
+    );
+    drop(al_chat);
+    drop(proxy);
+    drop(mock);
+
+    // --- 10,000 concurrent slow chats ---------------------------------------------------------
+    let slow_port = free_port();
+    let slow = start_self(&["mock".into(), slow_port.to_string(), "2000".into()]);
+    let al_chat = start_al_chat(
+        &format!("{}/v1", slow.url()),
+        &slow.url(),
+        &tmp.path().join("logs-slow"),
+    );
+    let many = wrk(
+        &format!("{}/api/chat", al_chat.url()),
+        10_000,
+        if quick { 6 } else { 12 },
+        Some(&chat_lua),
+        10,
+    );
+    let peak = al_chat.rss_kb("VmHWM:");
+    row(
+        "3. 10,000 concurrent chats, 2 s upstream",
+        format!(
+            "{} answered, {} errors, p50 {:.0} ms, peak RSS {:.1} MB",
+            many.requests,
+            many.errors,
+            many.p50_ms,
+            peak as f64 / 1024.0
+        ),
+        verdict(
+            many.errors == 0 && many.requests > 0 && peak < 150 * 1024,
+            "0 errors and peak RSS < 150 MB",
+        ),
+    );
+    drop(al_chat);
+    drop(slow);
+
+    let met = rows.iter().filter(|v| v.starts_with("met")).count();
+    let missed = rows.iter().filter(|v| v.starts_with("MISSED")).count();
+    println!("\n{met} targets met, {missed} missed (see Docs/BENCHMARKS.md for why)");
+}
+
+fn verdict(ok: bool, what: &str) -> String {
+    format!("{}: {what}", if ok { "met" } else { "MISSED" })
+}

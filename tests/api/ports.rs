@@ -1,0 +1,28 @@
+//! Ports on loopback, shared by the integration tests and the benchmark harness
+//! (`benches/harness/main.rs` includes this file).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A port nothing listens on right now (the caller binds it next).
+pub fn free_port() -> u16 {
+    closed_address().port()
+}
+
+/// An address where nothing listens (connections are refused at once).
+pub fn closed_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits until something accepts connections on `port`; fails after 30 s.
+pub fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        // The poll interval of a process we cannot be notified by.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
