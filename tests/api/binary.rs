@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use al_chat::config::VARS;
 
-use crate::ports::{free_port, wait_listening};
+use crate::ports::{free_port, wait_for, wait_listening};
 
 const BIN: &str = env!("CARGO_BIN_EXE_al-chat");
 
@@ -55,11 +55,9 @@ fn sigterm(child: &Child) {
 }
 
 fn wait_exit(mut child: Child) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "al-chat did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("al-chat to exit", Duration::from_secs(20), || {
+        child.try_wait().unwrap().is_some()
+    });
     child.wait_with_output().unwrap()
 }
 
@@ -312,14 +310,11 @@ fn sigterm_with_a_hanging_request_exits_within_the_grace() {
         let body = serde_json::json!({"message": "hi"});
         reqwest::Client::new().post(url).json(&body).send().await
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while openai.request_count() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the chat never reached the upstream"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(
+        "the chat to reach the upstream",
+        Duration::from_secs(5),
+        || openai.request_count() > 0,
+    );
     let stopping = Instant::now();
     sigterm(&child);
     let out = wait_exit(child);
@@ -333,14 +328,11 @@ fn sigterm_with_a_hanging_request_exits_within_the_grace() {
         rt.block_on(in_flight).unwrap().is_err(),
         "the hanging request was cut at exit"
     );
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while openai.abandoned() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the upstream connection stayed open"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(
+        "the upstream connection to close",
+        Duration::from_secs(2),
+        || openai.abandoned() > 0,
+    );
 }
 
 /// Bytes the process has read through `read` calls so far (files and sockets alike).
@@ -438,7 +430,8 @@ fn sigterm_closes_idle_and_half_sent_connections_at_once() {
     half.write_all(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
     let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Connections are accepted in order: once a later one is answered, both were taken.
+    assert_eq!(get_json(port, "/api/health")["status"], "healthy");
     let stopping = Instant::now();
     sigterm(&child);
     let out = wait_exit(child);
@@ -487,11 +480,9 @@ fn in_flight_requests_and_the_papita_drain_share_one_grace_budget() {
             .json(&serde_json::json!({"message": "two"}))
             .send(),
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while openai.request_count() < 2 || papita.usage_attempts() == 0 {
-        assert!(Instant::now() < deadline, "chat or record never arrived");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for("the chat and the record", Duration::from_secs(5), || {
+        openai.request_count() >= 2 && papita.usage_attempts() > 0
+    });
     let stopping = Instant::now();
     sigterm(&child);
     let out = wait_exit(child);

@@ -19,10 +19,19 @@ pub fn closed_address() -> SocketAddr {
 
 /// Waits until something accepts connections on `port`; fails after 30 s.
 pub fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        // The poll interval of a process we cannot be notified by.
-        std::thread::sleep(Duration::from_millis(20));
+    wait_for(
+        &format!("a listener on {port}"),
+        Duration::from_secs(30),
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+}
+
+/// Polls `check` (state of another process, which cannot notify us) until it holds; fails
+/// after `within` instead of hanging. The one poll pause of the synchronous tests.
+pub fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
