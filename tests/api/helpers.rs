@@ -17,6 +17,9 @@ use tokio::task::JoinHandle;
 use crate::mock_openai::MockOpenAi;
 use crate::mock_papita::MockPapita;
 
+/// The longest any single request or shutdown in a test may take before it fails.
+pub const TEST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The `.env`-style fallback key every test app starts with (any key works with a custom base URL).
 pub const TEST_KEY: &str = "sk-test-key-0123456789abcdefXYZ";
 
@@ -72,7 +75,11 @@ pub async fn spawn_app_with_clock(
     }));
     TestApp {
         url,
-        client: reqwest::Client::new(),
+        // Every request a test makes fails after this instead of hanging the suite.
+        client: reqwest::Client::builder()
+            .timeout(TEST_REQUEST_TIMEOUT)
+            .build()
+            .unwrap(),
         openai,
         papita,
         log_dir,
@@ -176,15 +183,8 @@ impl TestApp {
 
     /// Stops the app as SIGTERM would, and waits until it has exited.
     pub async fn shutdown(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server
-                .await
-                .expect("server task")
-                .expect("server exits cleanly");
-        }
+        self.trigger_shutdown();
+        self.wait_stopped().await;
     }
 
     pub fn trigger_shutdown(&mut self) {
@@ -195,8 +195,9 @@ impl TestApp {
 
     pub async fn wait_stopped(&mut self) {
         if let Some(server) = self.server.take() {
-            server
+            tokio::time::timeout(TEST_REQUEST_TIMEOUT, server)
                 .await
+                .expect("the app stops within the grace period")
                 .expect("server task")
                 .expect("server exits cleanly");
         }
