@@ -30,6 +30,8 @@ use crate::state::{AppState, Services};
 const SESSION_LOG_QUEUE: usize = 16 * 1024;
 /// The session log's last flush may take this long even when the grace period is spent.
 const SESSION_LOG_FLUSH_MIN: Duration = Duration::from_secs(2);
+/// The end of the grace budget kept for writing unsent Papita records to the spool.
+const SPOOL_MARGIN: Duration = Duration::from_secs(1);
 /// Papita requests: connect fast, the contract's per-request timeouts are set per call.
 const PAPITA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -48,6 +50,8 @@ pub struct Application {
     state: AppState,
     background: TaskTracker,
     stop_background: CancellationToken,
+    /// Fired near the end of the grace budget: what Papita has not taken goes to the spool.
+    spool_now: CancellationToken,
 }
 
 impl Application {
@@ -82,6 +86,7 @@ impl Application {
 
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
+        let spool_now = CancellationToken::new();
         let session_log = SessionLog::start(
             config.log_dir.clone(),
             SESSION_LOG_QUEUE,
@@ -113,8 +118,19 @@ impl Application {
             config.pricing.clone(),
             &config.openai.model,
         ));
-        let papita =
-            UsageReporter::spawn(&config.papita, papita, &background, stop_background.clone());
+        let spool_dir = config
+            .papita
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| config.log_dir.join("papita-spool"));
+        let papita = UsageReporter::spawn(
+            &config.papita,
+            spool_dir,
+            papita,
+            &background,
+            stop_background.clone(),
+            spool_now.clone(),
+        );
         let chat = Arc::new(ChatService::new(
             credentials.clone(),
             OpenAiService::new(&config.openai, openai_http),
@@ -139,6 +155,7 @@ impl Application {
             state,
             background,
             stop_background,
+            spool_now,
         })
     }
 
@@ -196,12 +213,36 @@ impl Application {
             tracing::error!("session log lines still unwritten at shutdown");
         }
         self.background.close();
-        if tokio::time::timeout_at(deadline, self.background.wait())
+        // Send what is queued while the budget lasts, keeping a little of it to spool the rest.
+        let spool_margin = (grace / 4).min(SPOOL_MARGIN);
+        let send_until = deadline
+            .checked_sub(spool_margin)
+            .unwrap_or(deadline)
+            .max(tokio::time::Instant::now());
+        if tokio::time::timeout_at(send_until, self.background.wait())
             .await
             .is_err()
         {
-            tracing::warn!("Papita usage records still unsent when the grace period ended");
+            tracing::warn!(
+                "Papita usage records still unsent near the end of the grace period; spooling them"
+            );
+            self.spool_now.cancel();
+            let spool_by = deadline.max(tokio::time::Instant::now() + SESSION_LOG_FLUSH_MIN);
+            if tokio::time::timeout_at(spool_by, self.background.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!("Papita usage records could not all be spooled in time");
+            }
         }
+        let papita = self.state.papita.snapshot();
+        tracing::info!(
+            sent = papita.sent,
+            spooled = papita.spooled,
+            replayed = papita.replayed,
+            dropped = papita.dropped,
+            "Papita usage records at exit"
+        );
         tracing::info!("stopped");
         Ok(())
     }

@@ -109,12 +109,27 @@ pub const VARS: &[Var] = &[
     Var {
         name: "PAPITA_USAGE_QUEUE_CAPACITY",
         default: "10000",
-        help: "usage records waiting for Papita; more are dropped and counted",
+        help: "usage records waiting in memory for Papita; more go to the spool",
     },
     Var {
         name: "PAPITA_USAGE_MAX_ATTEMPTS",
         default: "3",
-        help: "attempts per usage record (connection errors and 5xx are retried)",
+        help: "attempts per usage record from memory (connection errors, 5xx, timeouts) before it is spooled",
+    },
+    Var {
+        name: "PAPITA_USAGE_CONCURRENCY",
+        default: "32",
+        help: "usage records sent at once (lanes; one session's records stay in order)",
+    },
+    Var {
+        name: "PAPITA_SPOOL_DIR",
+        default: "",
+        help: "durable spool of records Papita could not take yet [default: AL_CHAT_LOG_DIR/papita-spool]",
+    },
+    Var {
+        name: "PAPITA_SPOOL_MAX_MB",
+        default: "256",
+        help: "spool size limit; only past it are usage records dropped (counted and logged)",
     },
     Var {
         name: "CREDENTIALS_CACHE_SECS",
@@ -238,6 +253,10 @@ pub struct PapitaSettings {
     pub usage_timeout: Duration,
     pub usage_queue_capacity: NonZeroUsize,
     pub usage_max_attempts: NonZeroU32,
+    pub usage_concurrency: NonZeroUsize,
+    /// `PAPITA_SPOOL_DIR`; `None`: `papita-spool` inside the session log folder.
+    pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -358,6 +377,19 @@ impl Config {
                 usage_timeout: src.secs("PAPITA_USAGE_TIMEOUT_SECS")?,
                 usage_queue_capacity: src.positive("PAPITA_USAGE_QUEUE_CAPACITY")?,
                 usage_max_attempts: src.positive("PAPITA_USAGE_MAX_ATTEMPTS")?,
+                usage_concurrency: src.positive("PAPITA_USAGE_CONCURRENCY")?,
+                spool_dir: src.raw("PAPITA_SPOOL_DIR").map(PathBuf::from),
+                spool_max_bytes: src
+                    .positive::<NonZeroU64>("PAPITA_SPOOL_MAX_MB")?
+                    .get()
+                    .checked_mul(1024 * 1024)
+                    .ok_or_else(|| {
+                        invalid(
+                            "PAPITA_SPOOL_MAX_MB",
+                            &src.string("PAPITA_SPOOL_MAX_MB"),
+                            "too large",
+                        )
+                    })?,
             },
             credentials_ttl: src.secs("CREDENTIALS_CACHE_SECS")?,
             credentials_failure_ttl: src.secs("CREDENTIALS_FAILURE_CACHE_SECS")?,

@@ -229,8 +229,13 @@ pub async fn error_of(response: reqwest::Response) -> String {
 const POLL: Duration = Duration::from_millis(10);
 
 /// Polls `check` until it holds; fails after five seconds instead of hanging the suite.
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+pub async fn eventually(what: &str, check: impl FnMut() -> bool) {
+    eventually_within(what, Duration::from_secs(5), check).await;
+}
+
+/// As `eventually`, with a deadline of its own (for work with backoff in it).
+pub async fn eventually_within(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
     let mut poll = tokio::time::interval(POLL);
     while tokio::time::Instant::now() < deadline {
         if check() {

@@ -80,11 +80,18 @@ impl PapitaClient {
 
     /// Posts one usage record; `Ok` once Papita answered 2xx.
     pub async fn post_usage(&self, record: &UsageRecord) -> Result<(), UsageRejected> {
+        let body = serde_json::to_vec(record).expect("a record serializes");
+        self.post_usage_body(body.into()).await
+    }
+
+    /// Posts one usage record already serialized (as the spool keeps them).
+    pub async fn post_usage_body(&self, body: bytes::Bytes) -> Result<(), UsageRejected> {
         let result = self
             .http
             .post(self.usage_url.clone())
             .timeout(self.usage_timeout)
-            .json(record)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
             .send()
             .await;
         match result {

@@ -3,6 +3,7 @@
 
 mod client;
 mod reporter;
+mod spool;
 
 pub use client::{PapitaClient, UsageRejected};
-pub use reporter::{ReporterStats, UsageRecord, UsageReporter};
+pub use reporter::{ReporterSnapshot, ReporterStats, UsageRecord, UsageReporter};

@@ -1,19 +1,32 @@
-//! Usage records to Papita (contract §9), off the request path.
+//! Usage records to Papita (contract §9), off the request path, never lost silently.
 //!
-//! A chat only puts its record into a bounded queue (never waits, never fails because of Papita);
-//! a background worker sends records with a few in flight at once, retries connection errors and
-//! 5xx with backoff, counts what it drops, and on shutdown sends what is still queued.
+//! A chat only hands its record over (never waits on Papita or the disk, never fails because
+//! of them). Records are spread over `PAPITA_USAGE_CONCURRENCY` lanes by session, so each lane
+//! sends in order and a session's records arrive in order. A lane sends from memory while Papita
+//! keeps up; when its share of the memory queue is full, or a record still fails after
+//! `PAPITA_USAGE_MAX_ATTEMPTS`, the lane moves what waits to its durable spool
+//! (`spool.rs`) and replays it in order once Papita answers again, also after a restart. Only
+//! past `PAPITA_SPOOL_MAX_MB` (or when the disk refuses) is a record dropped, counted and logged.
+//!
+//! On shutdown the lanes send what is queued in memory; at the end of the grace budget they write
+//! what is left to the spool. A crash (kill -9) loses at most the records in memory: at most
+//! `PAPITA_USAGE_QUEUE_CAPACITY` queued plus as many in overflow, plus one in flight per lane.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::PapitaSettings;
+use crate::services::papita::spool::{LaneSpool, SpoolBudget};
 use crate::services::papita::{PapitaClient, UsageRejected};
 
 /// The record exactly as Papita expects it.
@@ -37,113 +50,493 @@ pub struct UsageRecord {
     pub total_tokens: u64,
 }
 
-/// Counters for the logs and for tests.
+/// What happened to the records since start-up (for `/api/ready`, the logs and tests).
 #[derive(Debug, Default)]
 pub struct ReporterStats {
+    /// Delivered from memory (a 2xx).
     pub sent: AtomicU64,
+    /// Attempts made again after a failure (in memory or from the spool).
+    pub retried: AtomicU64,
+    /// Written to the spool.
+    pub spooled: AtomicU64,
+    /// Delivered from the spool.
+    pub replayed: AtomicU64,
+    /// Refused by Papita with a 4xx (sending again cannot help): not kept.
+    pub rejected: AtomicU64,
+    /// Lost: the spool was full or not writable, or its memory overflow was.
     pub dropped: AtomicU64,
+    /// Spool lines that were not a record (a damaged file): skipped.
+    pub malformed: AtomicU64,
+}
+
+/// A snapshot of the counters, as `/api/ready` reports them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReporterSnapshot {
+    pub sent: u64,
+    pub retried: u64,
+    pub spooled: u64,
+    pub replayed: u64,
+    pub rejected: u64,
+    pub dropped: u64,
+    pub malformed: u64,
+    /// Bytes in the spool still to be replayed, and the limit.
+    pub spool_bytes: u64,
+    pub spool_max_bytes: u64,
+    pub spool_dir: String,
+}
+
+/// One lane as the submitting side sees it.
+struct LaneInput {
+    queue: mpsc::Sender<Bytes>,
+    /// Set when the queue was full: until the lane has moved everything to its spool, new
+    /// records go here (after the queue's, so the order holds). Bounded like the queue.
+    overflow: Mutex<Vec<Bytes>>,
+    overflowing: AtomicBool,
+    capacity: usize,
+    /// Wakes the lane when records land in the overflow.
+    wake: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
 pub struct UsageReporter {
-    queue: mpsc::Sender<UsageRecord>,
+    lanes: Arc<Vec<Arc<LaneInput>>>,
     stats: Arc<ReporterStats>,
+    budget: Arc<SpoolBudget>,
+    spool_dir: Arc<PathBuf>,
+    next_guest_lane: Arc<AtomicUsize>,
 }
 
-/// Records sent to Papita at the same time.
-const CONCURRENCY: usize = 8;
+/// Replayed lines per read from the spool.
+const REPLAY_BATCH: usize = 64;
+/// Waits between attempts while Papita is failing: from the first to the longest.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 impl UsageReporter {
-    /// Starts the worker on `tracker`; it stops taking new records when `shutdown` fires, sends
-    /// what is queued, and ends.
+    /// Starts the lanes on `tracker`. When `shutdown` fires they send what is queued in memory
+    /// and end; when `spool_now` fires they write whatever is left to the spool and end.
     pub fn spawn(
         settings: &PapitaSettings,
+        spool_dir: PathBuf,
         client: PapitaClient,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
+        spool_now: CancellationToken,
     ) -> Self {
-        let (queue, rx) = mpsc::channel(settings.usage_queue_capacity.get());
+        let lanes = settings.usage_concurrency.get();
+        let per_lane = settings.usage_queue_capacity.get().div_ceil(lanes).max(1);
         let stats = Arc::new(ReporterStats::default());
-        let sender = Sender {
-            client,
-            max_attempts: settings.usage_max_attempts.get(),
-            stats: stats.clone(),
-        };
-        tracker.spawn(run(rx, sender, shutdown));
-        Self { queue, stats }
+        let budget = Arc::new(SpoolBudget {
+            used: AtomicU64::new(0),
+            max: settings.spool_max_bytes,
+        });
+        let mut inputs = Vec::with_capacity(lanes);
+        for index in 0..lanes {
+            let (queue, rx) = mpsc::channel(per_lane);
+            let input = Arc::new(LaneInput {
+                queue,
+                overflow: Mutex::new(Vec::new()),
+                overflowing: AtomicBool::new(false),
+                capacity: per_lane,
+                wake: tokio::sync::Notify::new(),
+            });
+            let spool = match LaneSpool::open(&spool_dir, index, lanes, budget.clone()) {
+                Ok(spool) => Some(spool),
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %spool_dir.display(), "Papita spool cannot be opened; records that cannot be sent will be dropped");
+                    None
+                }
+            };
+            let lane = Lane {
+                index,
+                input: input.clone(),
+                rx,
+                spool: spool.map(|s| Arc::new(Mutex::new(s))),
+                client: client.clone(),
+                max_attempts: settings.usage_max_attempts.get(),
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+                spool_now: spool_now.clone(),
+            };
+            tracker.spawn(lane.run());
+            inputs.push(input);
+        }
+        Self {
+            lanes: Arc::new(inputs),
+            stats,
+            budget,
+            spool_dir: Arc::new(spool_dir),
+            next_guest_lane: Arc::default(),
+        }
     }
 
-    /// Queues a record; when the queue is full the record is dropped and counted.
+    /// Hands a record over; never waits.
     pub fn submit(&self, record: UsageRecord) {
-        if self.queue.try_send(record).is_err() {
-            let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(
-                dropped,
-                "Papita usage queue full or closed; usage record dropped"
-            );
+        let lane = match &record.session_id {
+            Some(id) => {
+                let mut hasher = DefaultHasher::new();
+                id.hash(&mut hasher);
+                hasher.finish() as usize % self.lanes.len()
+            }
+            // No session, no order to keep: spread them.
+            None => self.next_guest_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len(),
+        };
+        let body = Bytes::from(serde_json::to_vec(&record).expect("a record serializes"));
+        let input = &self.lanes[lane];
+        if input.overflowing.load(Ordering::Acquire) && input.push_overflow(&body, &self.stats) {
+            return;
+        }
+        match input.queue.try_send(body) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(body)) => {
+                let mut overflow = input.overflow.lock().unwrap_or_else(|e| e.into_inner());
+                input.overflowing.store(true, Ordering::Release);
+                input.push_locked(&mut overflow, body, &self.stats);
+                drop(overflow);
+                input.wake.notify_one();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    dropped,
+                    "Papita usage reporter stopped; usage record dropped"
+                );
+            }
         }
     }
 
     pub fn stats(&self) -> &ReporterStats {
         &self.stats
     }
-}
 
-async fn run(mut rx: mpsc::Receiver<UsageRecord>, sender: Sender, shutdown: CancellationToken) {
-    let sender = Arc::new(sender);
-    let in_flight = Arc::new(Semaphore::new(CONCURRENCY));
-    let tasks = TaskTracker::new();
-    loop {
-        let record = tokio::select! {
-            record = rx.recv() => record,
-            _ = shutdown.cancelled() => {
-                // Take no more; what is already queued is still sent below.
-                rx.close();
-                rx.recv().await
-            }
-        };
-        let Some(record) = record else { break };
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break;
-        };
-        let sender = sender.clone();
-        tasks.spawn(async move {
-            sender.send(&record).await;
-            drop(permit);
-        });
+    pub fn snapshot(&self) -> ReporterSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.stats;
+        ReporterSnapshot {
+            sent: get(&s.sent),
+            retried: get(&s.retried),
+            spooled: get(&s.spooled),
+            replayed: get(&s.replayed),
+            rejected: get(&s.rejected),
+            dropped: get(&s.dropped),
+            malformed: get(&s.malformed),
+            spool_bytes: get(&self.budget.used),
+            spool_max_bytes: self.budget.max,
+            spool_dir: self.spool_dir.display().to_string(),
+        }
     }
-    tasks.close();
-    tasks.wait().await;
-    tracing::debug!(
-        sent = sender.stats.sent.load(Ordering::Relaxed),
-        dropped = sender.stats.dropped.load(Ordering::Relaxed),
-        "Papita usage reporter stopped"
-    );
 }
 
-struct Sender {
+impl LaneInput {
+    /// Pushes to the overflow if the lane is still overflowing (checked under the lock, so a
+    /// lane that just caught up never strands a record there). False: use the queue.
+    fn push_overflow(&self, body: &Bytes, stats: &ReporterStats) -> bool {
+        let mut overflow = self.overflow.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.overflowing.load(Ordering::Acquire) {
+            return false;
+        }
+        self.push_locked(&mut overflow, body.clone(), stats);
+        drop(overflow);
+        self.wake.notify_one();
+        true
+    }
+
+    fn push_locked(&self, overflow: &mut Vec<Bytes>, body: Bytes, stats: &ReporterStats) {
+        if overflow.len() < self.capacity {
+            overflow.push(body);
+        } else {
+            let dropped = stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(
+                dropped,
+                "Papita usage overflow full (the spool cannot keep up); usage record dropped"
+            );
+        }
+    }
+}
+
+/// One sending lane: everything of the sessions hashed to it, in order.
+struct Lane {
+    index: usize,
+    input: Arc<LaneInput>,
+    rx: mpsc::Receiver<Bytes>,
+    spool: Option<Arc<Mutex<LaneSpool>>>,
     client: PapitaClient,
     max_attempts: u32,
     stats: Arc<ReporterStats>,
+    shutdown: CancellationToken,
+    spool_now: CancellationToken,
 }
 
-impl Sender {
-    async fn send(&self, record: &UsageRecord) {
-        for attempt in 1..=self.max_attempts {
-            let UsageRejected { retryable, reason } = match self.client.post_usage(record).await {
-                Ok(()) => {
-                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                    return;
+/// How an attempt to deliver ended.
+enum Delivery {
+    Delivered,
+    /// A 4xx: Papita will never take it.
+    Rejected(String),
+    /// Still failing after the attempts allowed.
+    Failed(String),
+    /// `spool_now` fired mid-attempt.
+    Interrupted,
+}
+
+impl Lane {
+    async fn run(mut self) {
+        loop {
+            if self.spool_now.is_cancelled() {
+                break;
+            }
+            if self.has_backlog().await {
+                if self.shutdown.is_cancelled() {
+                    // Shutting down: what waits on disk stays there for the next start.
+                    self.move_memory_to_spool(None).await;
+                    if !self.input.overflowing.load(Ordering::Acquire) && self.rx.is_empty() {
+                        break;
+                    }
+                    continue;
                 }
-                Err(rejected) => rejected,
+                self.spool_mode().await;
+                continue;
+            }
+            let record = tokio::select! {
+                biased;
+                () = self.spool_now.cancelled() => break,
+                record = self.rx.recv() => record,
+                () = self.shutdown.cancelled(), if self.rx.is_empty() => break,
+                () = self.input.wake.notified() => continue,
             };
-            if !retryable || attempt == self.max_attempts {
-                let dropped = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::warn!(attempt, %reason, dropped, "Papita usage record dropped");
+            let Some(record) = record else { break };
+            match self.deliver(&record, self.max_attempts).await {
+                Delivery::Delivered => {
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Delivery::Rejected(reason) => self.rejected(&reason),
+                Delivery::Failed(reason) => {
+                    tracing::warn!(lane = self.index, %reason, "Papita usage record not delivered; spooled for later");
+                    self.move_memory_to_spool(Some(record)).await;
+                }
+                Delivery::Interrupted => {
+                    self.move_memory_to_spool(Some(record)).await;
+                }
+            }
+        }
+        // Whatever is still in memory goes to disk rather than being lost.
+        self.move_memory_to_spool(None).await;
+    }
+
+    /// Something waits on disk, or the memory queue overflowed.
+    async fn has_backlog(&self) -> bool {
+        if self.input.overflowing.load(Ordering::Acquire) {
+            return true;
+        }
+        match &self.spool {
+            Some(spool) => !spool.lock().unwrap_or_else(|e| e.into_inner()).is_empty(),
+            None => false,
+        }
+    }
+
+    /// Spool mode: what arrives goes to disk (after what is there), and the disk is replayed in
+    /// order while Papita takes it.
+    async fn spool_mode(&mut self) {
+        self.move_memory_to_spool(None).await;
+        let Some(spool) = self.spool.clone() else {
+            return;
+        };
+        let batch = {
+            let spool = spool.clone();
+            tokio::task::spawn_blocking(move || {
+                spool
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read_batch(REPLAY_BATCH)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(lane = self.index, error = %e, "Papita spool unreadable; waiting");
+                self.pause(BACKOFF_MAX).await;
                 return;
             }
-            tracing::debug!(attempt, %reason, "Papita usage record failed; retrying");
-            tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt - 1))).await;
+        };
+        if batch.malformed > 0 {
+            self.stats
+                .malformed
+                .fetch_add(batch.malformed, Ordering::Relaxed);
+            tracing::warn!(
+                lane = self.index,
+                skipped = batch.malformed,
+                "Papita spool: lines that are not a usage record were skipped"
+            );
         }
+        let mut committed = None;
+        let mut backoff = BACKOFF_FIRST;
+        for (line, end) in batch.lines {
+            if !line.is_empty() {
+                loop {
+                    match self.deliver(&line, 1).await {
+                        Delivery::Delivered => {
+                            self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Delivery::Rejected(reason) => {
+                            self.rejected(&reason);
+                            break;
+                        }
+                        Delivery::Failed(_) => {
+                            // Papita is still failing: keep the record on disk, wait, try again.
+                            self.commit(&spool, committed).await;
+                            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                            if !self.pause(backoff).await {
+                                return;
+                            }
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                            // New records may have arrived meanwhile: to disk, behind this one.
+                            self.move_memory_to_spool(None).await;
+                            committed = None;
+                        }
+                        Delivery::Interrupted => {
+                            self.commit(&spool, committed).await;
+                            return;
+                        }
+                    }
+                }
+            }
+            committed = Some(end);
+        }
+        self.commit(&spool, committed).await;
+    }
+
+    async fn commit(&self, spool: &Arc<Mutex<LaneSpool>>, offset: Option<u64>) {
+        let Some(offset) = offset else { return };
+        let spool = spool.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            spool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .commit(offset)
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!(lane = self.index, error = %e, "Papita spool cursor not saved (a restart may send some records twice)");
+        }
+    }
+
+    /// Waits `backoff`, unless told to stop; false when told to stop.
+    async fn pause(&self, backoff: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => true,
+            () = self.spool_now.cancelled() => false,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Moves `first` (if any), then the queue, then the overflow to the spool, in that order,
+    /// and ends the overflow once it is empty.
+    async fn move_memory_to_spool(&mut self, first: Option<Bytes>) {
+        let mut lines: Vec<Bytes> = first.into_iter().collect();
+        while let Ok(record) = self.rx.try_recv() {
+            lines.push(record);
+        }
+        {
+            let mut overflow = self
+                .input
+                .overflow
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            lines.append(&mut overflow);
+            // Records submitted from now on use the queue again; it was just emptied, and the
+            // spool (if any) is replayed before the queue is read, so order holds.
+            self.input.overflowing.store(false, Ordering::Release);
+        }
+        if lines.is_empty() {
+            return;
+        }
+        let count = lines.len() as u64;
+        let Some(spool) = self.spool.clone() else {
+            let dropped = self.stats.dropped.fetch_add(count, Ordering::Relaxed) + count;
+            tracing::error!(
+                lane = self.index,
+                dropped,
+                "Papita spool unavailable; usage records dropped"
+            );
+            return;
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            spool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&lines)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match result {
+            Ok(appended) => {
+                self.stats
+                    .spooled
+                    .fetch_add(appended.spooled, Ordering::Relaxed);
+                if appended.dropped > 0 {
+                    let dropped = self
+                        .stats
+                        .dropped
+                        .fetch_add(appended.dropped, Ordering::Relaxed)
+                        + appended.dropped;
+                    tracing::error!(
+                        lane = self.index,
+                        dropped,
+                        "Papita spool full (PAPITA_SPOOL_MAX_MB); usage records dropped"
+                    );
+                }
+            }
+            Err(e) => {
+                let dropped = self.stats.dropped.fetch_add(count, Ordering::Relaxed) + count;
+                tracing::error!(lane = self.index, error = %e, dropped, "Papita spool not writable; usage records dropped");
+            }
+        }
+    }
+
+    /// Up to `attempts` tries, with backoff between them on failures worth repeating. Meanwhile
+    /// an overflowing queue is moved to the spool (behind this record only if it is delivered:
+    /// a record that finally fails lands after what was spilled during its attempts).
+    async fn deliver(&mut self, body: &Bytes, attempts: u32) -> Delivery {
+        let client = self.client.clone();
+        let mut backoff = BACKOFF_FIRST;
+        for attempt in 1..=attempts {
+            let mut post = std::pin::pin!(client.post_usage_body(body.clone()));
+            let sent = loop {
+                tokio::select! {
+                    sent = &mut post => break sent,
+                    () = self.spool_now.cancelled() => return Delivery::Interrupted,
+                    () = self.input.wake.notified() => self.move_memory_to_spool(None).await,
+                }
+            };
+            let UsageRejected { retryable, reason } = match sent {
+                Ok(()) => return Delivery::Delivered,
+                Err(rejected) => rejected,
+            };
+            if !retryable {
+                return Delivery::Rejected(reason);
+            }
+            if attempt == attempts {
+                return Delivery::Failed(reason);
+            }
+            tracing::debug!(attempt, %reason, "Papita usage record failed; retrying");
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            let mut wait = std::pin::pin!(tokio::time::sleep(backoff));
+            loop {
+                tokio::select! {
+                    () = &mut wait => break,
+                    () = self.spool_now.cancelled() => return Delivery::Interrupted,
+                    () = self.input.wake.notified() => self.move_memory_to_spool(None).await,
+                }
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        Delivery::Failed("no attempt allowed".into())
+    }
+
+    fn rejected(&self, reason: &str) {
+        let rejected = self.stats.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(%reason, rejected, "Papita refused a usage record (4xx); not sent again");
     }
 }
