@@ -21,11 +21,21 @@ pub fn router() -> Router<AppState> {
 async fn ready(State(state): State<AppState>) -> Response {
     let dir = state.session_log.dir().display().to_string();
     let now = timestamp(&state.clock.now());
+    // Papita's state is reported, not judged: chats work whatever it is.
+    let papita = state.papita.snapshot();
+    let papita_status = if papita.dropped > 0 {
+        "dropping"
+    } else if papita.spool_bytes > 0 {
+        "spooling"
+    } else {
+        "ok"
+    };
+    let papita = json!({"status": papita_status, "usage_records": papita});
     match state.session_log.check_writable().await {
         Ok(()) => Json(json!({
             "status": "ready",
             "timestamp": now,
-            "checks": {"session_log": {"status": "ok", "dir": dir}},
+            "checks": {"session_log": {"status": "ok", "dir": dir}, "papita": papita},
         }))
         .into_response(),
         Err(e) => {
@@ -38,7 +48,10 @@ async fn ready(State(state): State<AppState>) -> Response {
                 "error": error,
                 "status": "not_ready",
                 "timestamp": now,
-                "checks": {"session_log": {"status": "failing", "dir": dir, "reason": e.to_string()}},
+                "checks": {
+                    "session_log": {"status": "failing", "dir": dir, "reason": e.to_string()},
+                    "papita": papita,
+                },
             });
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }

@@ -508,3 +508,61 @@ fn an_unknown_time_zone_is_named_in_a_start_up_warning() {
         "{stdout}"
     );
 }
+
+#[test]
+fn records_spooled_before_a_kill_9_arrive_after_the_restart() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
+    let papita = rt.block_on(crate::mock_papita::MockPapita::start());
+    papita.set_usage(crate::mock_papita::Usage::Status(503));
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, papita_url) = (openai.base_url(), papita.url());
+    let logs = tmp.path().join("logs").display().to_string();
+    let env = [
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "sk-test-1234567890"),
+        ("PAPITA_API_URL", papita_url.as_str()),
+        ("PAPITA_USAGE_MAX_ATTEMPTS", "1"),
+        ("AL_CHAT_LOG_DIR", logs.as_str()),
+    ];
+    let (mut child, port) = start_service(tmp.path(), &env);
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        for i in 0..20 {
+            let body = serde_json::json!({"message": "m", "sessionId": "s-1", "username": format!("u{i:02}")});
+            let r = client
+                .post(format!("http://127.0.0.1:{port}/api/chat"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    });
+    wait_for("20 records in the spool", Duration::from_secs(20), || {
+        get_json(port, "/api/ready")["checks"]["papita"]["usage_records"]["spooled"] == 20
+    });
+    child.kill().unwrap(); // SIGKILL: no drain, nothing written at exit
+    child.wait().unwrap();
+
+    papita.set_usage(crate::mock_papita::Usage::Ok);
+    let (child, _) = start_service(tmp.path(), &env);
+    wait_for(
+        "the spooled records after the restart",
+        Duration::from_secs(20),
+        || papita.record_count() >= 20,
+    );
+    let users: Vec<String> = papita
+        .records()
+        .iter()
+        .map(|r| r["username"].as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("u{i:02}")).collect();
+    assert_eq!(users, expected, "each once, in order");
+    sigterm(&child);
+    assert!(wait_exit(child).status.success());
+}

@@ -16,6 +16,7 @@ mod health;
 mod http_errors;
 mod openai_routes;
 mod papita_client;
+mod papita_spool;
 mod papita_usage;
 mod ports;
 mod session_log;

@@ -95,6 +95,11 @@ impl MockPapita {
     pub fn records(&self) -> Vec<Value> {
         self.state.records.lock().unwrap().clone()
     }
+
+    /// How many records arrived (cheap to poll, unlike `records`).
+    pub fn record_count(&self) -> usize {
+        self.state.records.lock().unwrap().len()
+    }
 }
 
 async fn credentials(State(state): State<Arc<PapitaState>>) -> Response {

@@ -10,7 +10,8 @@
 //!
 //! On shutdown the lanes send what is queued in memory; at the end of the grace budget they write
 //! what is left to the spool. A crash (kill -9) loses at most the records in memory: at most
-//! `PAPITA_USAGE_QUEUE_CAPACITY` queued plus as many in overflow, plus one in flight per lane.
+//! `PAPITA_USAGE_QUEUE_CAPACITY` queued, plus each lane's overflow (at most the larger of its
+//! share of the queue and 1,024) on its way to disk, plus one in flight per lane.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -106,6 +107,9 @@ pub struct UsageReporter {
     next_guest_lane: Arc<AtomicUsize>,
 }
 
+/// Each lane's overflow holds at least this many records while they are moved to disk, so a
+/// lane busy with one record does not drop the burst behind it (32 lanes: ~8 MB at most).
+const OVERFLOW_MIN: usize = 1024;
 /// Replayed lines per read from the spool.
 const REPLAY_BATCH: usize = 64;
 /// Waits between attempts while Papita is failing: from the first to the longest.
@@ -137,7 +141,7 @@ impl UsageReporter {
                 queue,
                 overflow: Mutex::new(Vec::new()),
                 overflowing: AtomicBool::new(false),
-                capacity: per_lane,
+                capacity: per_lane.max(OVERFLOW_MIN),
                 wake: tokio::sync::Notify::new(),
             });
             let spool = match LaneSpool::open(&spool_dir, index, lanes, budget.clone()) {
