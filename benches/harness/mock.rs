@@ -1,6 +1,7 @@
 //! The fast mock upstream: an OpenAI-compatible `/v1/chat/completions` (whole or streamed,
 //! answering after a fixed delay) and a Papita that takes usage records.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -11,6 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::run_server;
+
+/// Usage records Papita received.
+static RECORDS: AtomicU64 = AtomicU64::new(0);
 
 const COMPLETION: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-3.5-turbo","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
 
@@ -52,7 +56,18 @@ pub fn serve(port: u16, delay_ms: u64) {
             "/api/credentials/global/openai",
             get(|| async { StatusCode::NOT_FOUND }),
         )
-        .route("/api/usage/log", post(|| async { StatusCode::OK }))
+        .route(
+            "/api/usage/log",
+            post(|| async {
+                RECORDS.fetch_add(1, Ordering::Relaxed);
+                StatusCode::OK
+            }),
+        )
+        // How many usage records arrived (the benchmark compares it with the chats answered).
+        .route(
+            "/records",
+            get(|| async { RECORDS.load(Ordering::Relaxed).to_string() }),
+        )
         .with_state((delay, sse));
     run_server(port, app);
 }

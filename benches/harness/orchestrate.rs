@@ -67,6 +67,31 @@ fn start_al_chat(upstream: &str, papita: &str, log_dir: &Path) -> Server {
     Server { child, port }
 }
 
+/// (chats answered, records Papita received), after giving the records up to 30 s to drain.
+fn records_delivered(al_chat: &Server, papita: &Server) -> (u64, u64) {
+    let get = |url: String| -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
+    };
+    let usage: serde_json::Value =
+        serde_json::from_str(&get(format!("{}/api/openai/usage", al_chat.url()))).unwrap();
+    let answered = usage["request_count"].as_u64().unwrap_or(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered: u64 = get(format!("{}/records", papita.url()))
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if delivered >= answered || std::time::Instant::now() > deadline {
+            return (answered, delivered);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn run() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
     let (secs, rounds) = if quick { (3, 1) } else { (5, 3) };
@@ -307,6 +332,16 @@ pub fn run() {
                 "{:+.3} ms at p50; target < 1 ms",
                 ours_fd.p50_ms - direct_fd.p50_ms
             ),
+        ),
+    );
+    // Every chat answered must have its Papita record delivered (none dropped under full load).
+    let (answered, delivered) = records_delivered(&al_chat, &mock);
+    row(
+        "   Papita records delivered for the chats answered above",
+        format!("{delivered} of {answered}"),
+        verdict(
+            answered > 0 && delivered == answered,
+            "records delivered = chats answered",
         ),
     );
     let peak_fast = al_chat.rss_kb("VmHWM:");
