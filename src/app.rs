@@ -18,6 +18,9 @@ use crate::config::Config;
 use crate::server;
 use crate::services::chat::ChatService;
 use crate::services::credentials::CredentialProvider;
+use crate::services::guardrails::{
+    Budgets, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
+};
 use crate::services::openai::OpenAiService;
 use crate::services::papita::{PapitaClient, UsageReporter};
 use crate::services::session_log::entries;
@@ -131,6 +134,7 @@ impl Application {
             stop_background.clone(),
             spool_now.clone(),
         );
+        let guardrails = Arc::new(guardrails(&config, clock.clone()));
         let chat = Arc::new(ChatService::new(
             credentials.clone(),
             OpenAiService::new(&config.openai, openai_http),
@@ -139,9 +143,11 @@ impl Application {
             papita.clone(),
             session_log.clone(),
             clock.clone(),
+            guardrails.clone(),
         ));
         let state = AppState::new(Services {
             chat,
+            guardrails,
             credentials,
             usage,
             sessions,
@@ -246,6 +252,34 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The guardrails with the in-process stores for their counters.
+fn guardrails(config: &Config, clock: Arc<dyn Clock>) -> Guardrails {
+    let settings = &config.guardrails;
+    let models = ModelPolicy::new(
+        settings.allowed_models.as_deref(),
+        &config.openai.model,
+        &config.pricing.models(),
+    );
+    let rate = MemoryRateLimits::new(settings.chat_per_min, settings.test_per_min);
+    // Day counters plus one per session: bounded like the sessions themselves.
+    let budget_store = MemoryBudgetStore::new(config.sessions_max.get() + 16);
+    let budgets = Budgets::new(
+        Arc::new(budget_store),
+        settings.budget,
+        config.pricing.clone(),
+        clock,
+    );
+    Guardrails::new(
+        models,
+        Arc::new(rate),
+        (
+            settings.chat_per_min.map(|n| n.get()),
+            settings.test_per_min.map(|n| n.get()),
+        ),
+        Arc::new(budgets),
+    )
 }
 
 /// The session starts still within `SESSION_MAX_AGE_HOURS`, read once from the log files of the

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
+
+use crate::services::guardrails::BudgetLimits;
 use crate::services::pricing::PriceTable;
 
 /// The template's placeholder; counts as "no key" (contract §2).
@@ -162,6 +165,56 @@ pub const VARS: &[Var] = &[
         help: "JSON price table replacing the built-in one",
     },
     Var {
+        name: "OPENAI_ALLOWED_MODELS",
+        default: "",
+        help: "models a chat may ask for: names or prefix* patterns, comma-separated; * any [default: OPENAI_MODEL and the price table's models]",
+    },
+    Var {
+        name: "RATE_LIMIT_CHAT_PER_MIN",
+        default: "",
+        help: "chats per minute per client (unset: no limit; recommended 60)",
+    },
+    Var {
+        name: "RATE_LIMIT_TEST_PER_MIN",
+        default: "",
+        help: "GET /api/openai/test per minute per client (unset: no limit; recommended 2)",
+    },
+    Var {
+        name: "TRUSTED_PROXIES",
+        default: "",
+        help: "CIDRs of proxies whose X-Forwarded-For names the client (unset: none, the peer is the client)",
+    },
+    Var {
+        name: "BUDGET_DAILY_USD",
+        default: "",
+        help: "spend per local day across all chats and tests, in USD (unset: no limit)",
+    },
+    Var {
+        name: "BUDGET_DAILY_TOKENS",
+        default: "",
+        help: "tokens per local day across all chats and tests (unset: no limit)",
+    },
+    Var {
+        name: "BUDGET_SESSION_TOKENS",
+        default: "",
+        help: "tokens per session per local day (unset: no limit)",
+    },
+    Var {
+        name: "BUDGET_ESTIMATE_OUTPUT_TOKENS",
+        default: "1000",
+        help: "completion tokens reserved per chat before its real usage is known",
+    },
+    Var {
+        name: "MAX_INPUT_CHARS",
+        default: "16777216",
+        help: "characters of message + history + attachments per chat (413 past it)",
+    },
+    Var {
+        name: "ADMIN_TOKEN",
+        default: "",
+        help: "when set, /api/openai/info and /api/openai/test need Authorization: Bearer <token>",
+    },
+    Var {
         name: "REQUEST_BODY_LIMIT_BYTES",
         default: "16777216",
         help: "larger request bodies get 413",
@@ -259,8 +312,22 @@ pub struct PapitaSettings {
     pub spool_max_bytes: u64,
 }
 
+/// Guardrails for a public endpoint (contract §12); all off or permissive by default.
+#[derive(Debug, Clone)]
+pub struct GuardrailSettings {
+    /// `OPENAI_ALLOWED_MODELS` as written; `None`: the default list.
+    pub allowed_models: Option<String>,
+    pub chat_per_min: Option<NonZeroU32>,
+    pub test_per_min: Option<NonZeroU32>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub budget: BudgetLimits,
+    pub max_input_chars: usize,
+    pub admin_token: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub guardrails: GuardrailSettings,
     pub host: String,
     pub port: u16,
     pub openai: OpenAiSettings,
@@ -353,7 +420,49 @@ impl Config {
             .trim_end_matches('/')
             .to_string();
         check_http_url("PAPITA_API_URL", &papita_url)?;
+        let trusted_proxies = match src.raw("TRUSTED_PROXIES") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse::<IpNet>()
+                        .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+                        .map_err(|_| {
+                            invalid(
+                                "TRUSTED_PROXIES",
+                                p,
+                                "expected CIDRs like 10.0.0.0/8 or addresses",
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let guardrails = GuardrailSettings {
+            allowed_models: src
+                .raw("OPENAI_ALLOWED_MODELS")
+                .map(|v| v.trim().to_string()),
+            chat_per_min: src.optional("RATE_LIMIT_CHAT_PER_MIN")?,
+            test_per_min: src.optional("RATE_LIMIT_TEST_PER_MIN")?,
+            trusted_proxies,
+            budget: BudgetLimits {
+                daily_usd: src.optional_usd("BUDGET_DAILY_USD")?,
+                daily_tokens: src
+                    .optional::<NonZeroU64>("BUDGET_DAILY_TOKENS")?
+                    .map(NonZeroU64::get),
+                session_tokens: src
+                    .optional::<NonZeroU64>("BUDGET_SESSION_TOKENS")?
+                    .map(NonZeroU64::get),
+                estimate_output_tokens: src
+                    .positive::<NonZeroU64>("BUDGET_ESTIMATE_OUTPUT_TOKENS")?
+                    .get(),
+            },
+            max_input_chars: src.positive::<NonZeroUsize>("MAX_INPUT_CHARS")?.get(),
+            admin_token: src.raw("ADMIN_TOKEN").map(|t| t.trim().to_string()),
+        };
         Ok(Self {
+            guardrails,
             host: src.string("HOST"),
             port: src.parse("PORT")?,
             openai: OpenAiSettings {
@@ -502,6 +611,31 @@ impl Source<'_> {
         })?;
         let n = NonZeroU64::new(n).ok_or_else(|| invalid(name, "0", "must be greater than 0"))?;
         T::try_from(n).map_err(|_| invalid(name, &value, "too large"))
+    }
+
+    /// Unset (or blank) is `None`; otherwise as `positive`.
+    fn optional<T: TryFrom<NonZeroU64>>(
+        &self,
+        name: &'static str,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.raw(name) {
+            None => Ok(None),
+            Some(_) => self.positive(name).map(Some),
+        }
+    }
+
+    fn optional_usd(&self, name: &'static str) -> Result<Option<f64>, ConfigError> {
+        let Some(value) = self.raw(name) else {
+            return Ok(None);
+        };
+        match value.trim().parse::<f64>() {
+            Ok(usd) if usd.is_finite() && usd > 0.0 => Ok(Some(usd)),
+            _ => Err(invalid(
+                name,
+                &value,
+                "expected a positive amount of US dollars, e.g. 5.00",
+            )),
+        }
     }
 
     fn secs(&self, name: &'static str) -> Result<Duration, ConfigError> {

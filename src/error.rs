@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::domain::InputError;
 use crate::services::chat::ChatError;
+use crate::services::guardrails::GuardrailError;
 use crate::services::sessions::SessionError;
 pub use crate::services::upstream::{UpstreamError, UpstreamKind};
 
@@ -31,6 +32,15 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("Request body is larger than the limit (REQUEST_BODY_LIMIT_BYTES).")]
     PayloadTooLarge,
+    /// Past `MAX_INPUT_CHARS`, with the part to shorten.
+    #[error("{0}")]
+    InputTooLarge(String),
+    /// A guardrail refused the request (model, rate limit, budget).
+    #[error(transparent)]
+    Guardrail(GuardrailError),
+    /// `ADMIN_TOKEN` is set and the request did not carry it.
+    #[error("This route needs the admin token: send Authorization: Bearer <ADMIN_TOKEN>.")]
+    AdminTokenRequired,
     #[error(
         "Content-Type must be application/json (with curl: -H 'Content-Type: application/json')."
     )]
@@ -61,6 +71,7 @@ impl From<ChatError> for ApiError {
         match e {
             ChatError::NotConfigured => Self::NotConfigured,
             ChatError::Upstream(e) => Self::Upstream(e),
+            ChatError::Guardrail(e) => Self::Guardrail(e),
         }
     }
 }
@@ -74,10 +85,20 @@ impl From<SessionError> for ApiError {
     }
 }
 
-/// Invalid input is always the client's to fix: a 400 with the domain's sentence.
+/// Invalid input is always the client's to fix: a 400 with the domain's sentence (413 when it
+/// is too large).
 impl From<InputError> for ApiError {
     fn from(e: InputError) -> Self {
-        Self::BadRequest(e.to_string())
+        match e {
+            InputError::TooLarge { .. } => Self::InputTooLarge(e.to_string()),
+            _ => Self::BadRequest(e.to_string()),
+        }
+    }
+}
+
+impl From<GuardrailError> for ApiError {
+    fn from(e: GuardrailError) -> Self {
+        Self::Guardrail(e)
     }
 }
 
@@ -87,7 +108,10 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge | Self::InputTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Guardrail(GuardrailError::ModelNotAllowed { .. }) => StatusCode::BAD_REQUEST,
+            Self::Guardrail(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::AdminTokenRequired => StatusCode::UNAUTHORIZED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyReadTimeout | Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Status(status) => *status,
@@ -143,21 +167,34 @@ impl IntoResponse for ApiError {
                 // The whole chain: an I/O error's cause is its source, not its text.
                 tracing::error!(status = status.as_u16(), error = %self, source = ?std::error::Error::source(&self), "request failed");
             }
+            Self::Guardrail(_) | Self::AdminTokenRequired | Self::InputTooLarge(_) => {
+                tracing::info!(status = status.as_u16(), error = %self, "request refused by a guardrail");
+            }
             _ => tracing::debug!(status = status.as_u16(), error = %self, "request rejected"),
         }
         let mut response = (status, axum::Json(self.body())).into_response();
-        if let Self::Upstream(UpstreamError {
-            kind: UpstreamKind::RateLimited {
-                retry_after: Some(wait),
-            },
-            ..
-        }) = self
-        {
+        let retry_after = match &self {
+            Self::Upstream(UpstreamError {
+                kind:
+                    UpstreamKind::RateLimited {
+                        retry_after: Some(wait),
+                    },
+                ..
+            }) => Some(*wait),
+            Self::Guardrail(e) => e.retry_after(),
+            _ => None,
+        };
+        if let Some(wait) = retry_after {
             // Whole seconds, rounded up, as Retry-After requires.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
+        }
+        if matches!(self, Self::AdminTokenRequired) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

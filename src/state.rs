@@ -8,6 +8,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::services::chat::ChatService;
 use crate::services::credentials::CredentialProvider;
+use crate::services::guardrails::Guardrails;
 use crate::services::papita::UsageReporter;
 use crate::services::session_log::SessionLog;
 use crate::services::sessions::Sessions;
@@ -20,6 +21,8 @@ pub struct Services {
     pub config: Config,
     pub clock: Arc<dyn Clock>,
     pub chat: Arc<ChatService>,
+    /// Rate limits (checked in the HTTP layer, per client address), refusal counts, budgets.
+    pub guardrails: Arc<Guardrails>,
     /// For `/api/openai/info` and `/api/health` (which report the key without calling OpenAI).
     pub credentials: Arc<CredentialProvider>,
     pub usage: Arc<UsageStats>,

@@ -77,6 +77,45 @@ pub struct ChatRequest {
     /// From `X-Session-ID`, else `sessionId`; the service falls back to the current session.
     pub session_id: Option<String>,
     pub stream: bool,
+    /// Characters of input, by part (for `MAX_INPUT_CHARS` and budget estimates).
+    pub size: InputSize,
+    /// All of them: what is sent upstream.
+    pub input_chars: usize,
+}
+
+/// How many characters each part of a chat's input has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InputSize {
+    pub message: usize,
+    pub history: usize,
+    pub attachments: usize,
+}
+
+impl ChatRequest {
+    /// `MAX_INPUT_CHARS` on message + history + attachments (413 past it), naming the largest
+    /// part so the user knows what to shorten.
+    pub fn check_size(&self, limit: usize) -> Result<(), InputError> {
+        if self.input_chars <= limit {
+            return Ok(());
+        }
+        let InputSize {
+            message,
+            history,
+            attachments,
+        } = self.size;
+        let part = if attachments >= message && attachments >= history {
+            "the attached files"
+        } else if history >= message {
+            "the history"
+        } else {
+            "the message"
+        };
+        Err(InputError::TooLarge {
+            part,
+            chars: self.input_chars,
+            limit,
+        })
+    }
 }
 
 impl ChatRequest {
@@ -103,6 +142,22 @@ impl ChatRequest {
             return Err(InputError::MessageRequired);
         }
 
+        let size = InputSize {
+            message: message.chars().count(),
+            history: body
+                .history
+                .iter()
+                .flatten()
+                .map(|h| h.content.chars().count())
+                .sum(),
+            attachments: files
+                .iter()
+                .map(|f| {
+                    f.content.as_deref().map_or(0, |c| c.chars().count())
+                        + f.name.as_deref().map_or(0, |n| n.chars().count())
+                })
+                .sum(),
+        };
         let mut messages: Vec<ChatMessage> = body
             .history
             .unwrap_or_default()
@@ -129,12 +184,15 @@ impl ChatRequest {
             },
         };
         let session_id = header_session.or_else(|| client_session_id(body.session_id.as_deref()));
+        let input_chars = messages.iter().map(|m| m.content.chars().count()).sum();
         Ok(Self {
             messages,
             model,
             user,
             session_id,
             stream: body.stream.unwrap_or(false),
+            size,
+            input_chars,
         })
     }
 }
@@ -233,6 +291,27 @@ mod tests {
         let err = parse(serde_json::json!({"message": "  "})).unwrap_err();
         assert_eq!(err, InputError::MessageRequired);
         assert_eq!(err.to_string(), crate::domain::error::MESSAGE_REQUIRED);
+    }
+
+    #[test]
+    fn past_max_input_chars_the_largest_part_is_named() {
+        let req = parse(serde_json::json!({"message": "hi",
+            "history": [{"role": "user", "content": "x".repeat(50)}],
+            "attached_files": [{"name": "a", "content": "y".repeat(10)}]}))
+        .unwrap();
+        assert!(req.check_size(1000).is_ok());
+        let err = req.check_size(40).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                InputError::TooLarge {
+                    part: "the history",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("MAX_INPUT_CHARS"));
     }
 
     #[test]

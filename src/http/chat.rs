@@ -15,7 +15,9 @@ use crate::domain::session_id::SESSION_HEADER;
 use crate::domain::{ChatBody, ChatRequest};
 use crate::error::{ApiError, Result};
 use crate::http::extract::JsonBody;
+use crate::http::guards::ClientAddr;
 use crate::services::chat::StreamEvent;
+use crate::services::guardrails::Limited;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -24,11 +26,21 @@ pub fn router() -> Router<AppState> {
 
 async fn post_chat(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     headers: HeaderMap,
     JsonBody(body): JsonBody<ChatBody>,
 ) -> Result<Response> {
+    state.guardrails.check_rate(Limited::Chat, client).await?;
     let session_header = headers.get(SESSION_HEADER).map(|v| v.as_bytes());
     let request = ChatRequest::parse(body, session_header, &state.config.openai.model)?;
+    if let Err(e) = request.check_size(state.config.guardrails.max_input_chars) {
+        state
+            .guardrails
+            .refusals
+            .input_too_large
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(e.into());
+    }
     if !request.stream {
         return Ok(Json(state.chat.complete(request).await?).into_response());
     }

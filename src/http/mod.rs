@@ -6,6 +6,7 @@
 mod chat;
 mod errors;
 mod extract;
+mod guards;
 mod health;
 mod openai;
 mod session;

@@ -9,9 +9,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::domain::session_id::client_session_id;
-use crate::error::log_upstream_failure;
+use crate::error::{ApiError, log_upstream_failure};
+use crate::http::guards::{AdminAccess, ClientAddr};
 use crate::services::chat::{ChatError, ReplyUsage};
 use crate::services::credentials::Credentials;
+use crate::services::guardrails::Limited;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -21,7 +23,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/openai/usage", get(usage))
 }
 
-async fn info(State(state): State<AppState>) -> Json<Value> {
+async fn info(_admin: AdminAccess, State(state): State<AppState>) -> Json<Value> {
     let credentials = state.credentials.get().await;
     Json(info_body(&state, &credentials))
 }
@@ -55,7 +57,14 @@ fn info_body(state: &AppState, credentials: &Credentials) -> Value {
 }
 
 /// A real one-message call; not counted in usage statistics.
-async fn test(State(state): State<AppState>) -> Response {
+async fn test(
+    _admin: AdminAccess,
+    ClientAddr(client): ClientAddr,
+    State(state): State<AppState>,
+) -> Response {
+    if let Err(refused) = state.guardrails.check_rate(Limited::Test, client).await {
+        return ApiError::from(refused).into_response();
+    }
     let model = state.config.openai.model.clone();
     match state.chat.test_connection(&model).await {
         Ok(completion) => Json(json!({
@@ -76,6 +85,7 @@ async fn test(State(state): State<AppState>) -> Response {
             });
             (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
         }
+        Err(ChatError::Guardrail(e)) => ApiError::from(e).into_response(),
         Err(ChatError::Upstream(e)) => {
             log_upstream_failure(&e);
             Json(json!({
@@ -104,5 +114,9 @@ async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery>) -
         None => json!({}),
     };
     let session = client_session_id(query.session_id.as_deref());
-    Json(state.usage.report(session.as_deref(), account_info).await)
+    let mut report = state.usage.report(session.as_deref(), account_info).await;
+    if let Some(budget) = state.guardrails.budgets.report().await {
+        report["budget"] = budget;
+    }
+    Json(report)
 }

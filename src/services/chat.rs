@@ -14,12 +14,14 @@ use crate::clock::{Clock, timestamp};
 use crate::domain::{ApiKey, ChatMessage, ChatRequest, Role, TokenUsage};
 use crate::error::NOT_CONFIGURED;
 use crate::services::credentials::CredentialProvider;
+use crate::services::guardrails::budget::CHARS_PER_TOKEN;
+use crate::services::guardrails::{GuardrailError, Guardrails, Reservation};
 use crate::services::openai::{Completion, OpenAiService, StreamPiece};
 use crate::services::papita::{UsageRecord, UsageReporter};
 use crate::services::session_log::{SessionLog, entries};
 use crate::services::sessions::Sessions;
 use crate::services::upstream::{UpstreamError, UpstreamKind};
-use crate::services::usage::UsageStats;
+use crate::services::usage::{UsageKind, UsageStats};
 
 /// The success answer of `POST /api/chat`, and the `done` event's data when streaming.
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +58,98 @@ pub enum ChatError {
     NotConfigured,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// A guardrail refused it before it reached OpenAI.
+    #[error(transparent)]
+    Guardrail(#[from] GuardrailError),
+}
+
+/// One admitted call: its budget reservation until the call ends. Dropped before it ended (the
+/// client went away), it settles an estimate in the background: the prompt, plus for a stream
+/// the text streamed so far, which is also counted in `estimated_usage`.
+struct InFlight {
+    chat: Arc<ChatService>,
+    reservation: Option<Reservation>,
+    model: String,
+    session: Option<String>,
+    prompt_tokens: u64,
+    streamed_chars: u64,
+    /// A stream: an unfinished end is an estimate worth reporting.
+    estimate_on_drop: bool,
+    /// The copy a `Drop` hands to a task: if that task never runs (the runtime is shutting
+    /// down), dropping it must not hand itself on again.
+    detached: bool,
+}
+
+impl InFlight {
+    fn estimate(&self) -> TokenUsage {
+        let completion = self.streamed_chars.div_ceil(CHARS_PER_TOKEN);
+        TokenUsage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion,
+            total_tokens: self.prompt_tokens + completion,
+            cached_tokens: 0,
+        }
+    }
+
+    async fn settle(mut self, actual: &TokenUsage) {
+        if let Some(reservation) = self.reservation.take() {
+            self.chat
+                .guardrails
+                .budgets
+                .settle(reservation, actual)
+                .await;
+        }
+        self.estimate_on_drop = false;
+    }
+
+    async fn release(self) {
+        self.settle(&TokenUsage::default()).await;
+    }
+
+    /// The upstream cut the stream (or never reported usage): settle and report the estimate.
+    async fn cut_short(&mut self) {
+        let estimate = self.estimate();
+        if let Some(reservation) = self.reservation.take() {
+            self.chat
+                .guardrails
+                .budgets
+                .settle(reservation, &estimate)
+                .await;
+        }
+        if std::mem::take(&mut self.estimate_on_drop) {
+            self.chat
+                .usage
+                .record_kind(
+                    UsageKind::Estimated,
+                    self.session.as_deref(),
+                    &self.model,
+                    &estimate,
+                )
+                .await;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.detached || (self.reservation.is_none() && !self.estimate_on_drop) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut rest = InFlight {
+            chat: self.chat.clone(),
+            reservation: self.reservation.take(),
+            model: std::mem::take(&mut self.model),
+            session: self.session.take(),
+            prompt_tokens: self.prompt_tokens,
+            streamed_chars: self.streamed_chars,
+            estimate_on_drop: std::mem::take(&mut self.estimate_on_drop),
+            detached: true,
+        };
+        runtime.spawn(async move { rest.cut_short().await });
+    }
 }
 
 /// The user message of `GET /api/openai/test` (contract §5).
@@ -69,9 +163,12 @@ pub struct ChatService {
     papita: UsageReporter,
     session_log: SessionLog,
     clock: Arc<dyn Clock>,
+    guardrails: Arc<Guardrails>,
 }
 
 impl ChatService {
+    // The services a chat touches, each shared with whoever else needs it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         credentials: Arc<CredentialProvider>,
         openai: OpenAiService,
@@ -80,6 +177,7 @@ impl ChatService {
         papita: UsageReporter,
         session_log: SessionLog,
         clock: Arc<dyn Clock>,
+        guardrails: Arc<Guardrails>,
     ) -> Self {
         Self {
             credentials,
@@ -89,12 +187,40 @@ impl ChatService {
             papita,
             session_log,
             clock,
+            guardrails,
         }
     }
 
+    /// The guardrails a chat passes before it reaches OpenAI: the model, then the budgets
+    /// (reserved here, settled when the call ends, however it ends).
+    async fn admit(
+        self: &Arc<Self>,
+        request: &ChatRequest,
+        session: Option<&str>,
+        estimate_on_drop: bool,
+    ) -> Result<InFlight, ChatError> {
+        self.guardrails.check_model(&request.model)?;
+        let reservation = self
+            .guardrails
+            .reserve(session, &request.model, request.input_chars)
+            .await?;
+        Ok(InFlight {
+            chat: self.clone(),
+            reservation: Some(reservation),
+            model: request.model.clone(),
+            session: session.map(str::to_string),
+            prompt_tokens: (request.input_chars as u64).div_ceil(CHARS_PER_TOKEN),
+            streamed_chars: 0,
+            estimate_on_drop,
+            detached: false,
+        })
+    }
+
     /// A whole answer.
-    pub async fn complete(&self, request: ChatRequest) -> Result<ChatReply, ChatError> {
+    pub async fn complete(self: &Arc<Self>, request: ChatRequest) -> Result<ChatReply, ChatError> {
         let session = self.sessions.resolve(request.session_id.clone()).await;
+        // A client that goes away mid-call drops this: the prompt's estimate is then settled.
+        let in_flight = self.admit(&request, session.as_deref(), false).await?;
         let completion = {
             let request = &request;
             self.with_key(|key| async move {
@@ -102,8 +228,18 @@ impl ChatService {
                     .complete(&key, &request.model, &request.messages)
                     .await
             })
-            .await?
+            .await
         };
+        let completion = match completion {
+            Ok(completion) => completion,
+            Err(e) => {
+                in_flight.release().await;
+                return Err(e);
+            }
+        };
+        in_flight
+            .settle(&completion.usage.unwrap_or_default())
+            .await;
         if let Some(usage) = &completion.usage {
             self.account(&request, session.as_deref(), usage).await;
         }
@@ -122,6 +258,9 @@ impl ChatService {
         request: ChatRequest,
     ) -> Result<impl Stream<Item = StreamEvent> + Send + use<>, ChatError> {
         let session = self.sessions.resolve(request.session_id.clone()).await;
+        // Cut short (client gone, upstream cut): the tokens streamed so far are estimated and
+        // settled, so closing streams early is no way around a budget.
+        let mut in_flight = self.admit(&request, session.as_deref(), true).await?;
         let upstream = {
             let request = &request;
             self.with_key(|key| async move {
@@ -129,10 +268,19 @@ impl ChatService {
                     .stream(&key, &request.model, &request.messages)
                     .await
             })
-            .await?
+            .await
+        };
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                in_flight.estimate_on_drop = false;
+                in_flight.release().await;
+                return Err(e);
+            }
         };
         let this = self.clone();
         Ok(async_stream::stream! {
+            let mut in_flight = in_flight;
             let mut upstream = std::pin::pin!(upstream);
             let mut text = String::new();
             let mut usage = None;
@@ -140,11 +288,13 @@ impl ChatService {
                 match piece {
                     Ok(StreamPiece::Delta(delta)) => {
                         text.push_str(&delta);
+                        in_flight.streamed_chars = text.len() as u64;
                         yield StreamEvent::Delta(delta);
                     }
                     Ok(StreamPiece::Usage(u)) => usage = Some(u),
                     Err(e) => {
                         tracing::warn!(error = %e, "stream failed after it started");
+                        in_flight.cut_short().await;
                         yield StreamEvent::Error(e.to_string());
                         return;
                     }
@@ -152,26 +302,46 @@ impl ChatService {
             }
             match usage {
                 Some(usage) => {
+                    in_flight.settle(&usage).await;
                     this.account(&request, session.as_deref(), &usage).await;
                     yield StreamEvent::Done(this.reply(text, usage, &request.model));
                 }
                 None => {
-                    tracing::warn!("stream ended without usage; not counted");
+                    tracing::warn!("stream ended without usage; counted as an estimate");
+                    in_flight.cut_short().await;
                     yield StreamEvent::Error(STREAM_WITHOUT_USAGE.into());
                 }
             }
         })
     }
 
-    /// `GET /api/openai/test`: one real call with `model`; not counted in usage statistics.
-    pub async fn test_connection(&self, model: &str) -> Result<Completion, ChatError> {
+    /// `GET /api/openai/test`: one real call with `model`. It spends money too, so it passes
+    /// the budgets and is counted, apart from the chats (`test_usage`).
+    pub async fn test_connection(self: &Arc<Self>, model: &str) -> Result<Completion, ChatError> {
         let messages = [ChatMessage {
             role: Role::User,
             content: TEST_PROMPT.into(),
         }];
+        let reservation = self
+            .guardrails
+            .reserve(None, model, TEST_PROMPT.len())
+            .await?;
         let messages = &messages;
-        self.with_key(|key| async move { self.openai.complete(&key, model, messages).await })
-            .await
+        let result = self
+            .with_key(|key| async move { self.openai.complete(&key, model, messages).await })
+            .await;
+        let used = result
+            .as_ref()
+            .ok()
+            .and_then(|c| c.usage)
+            .unwrap_or_default();
+        self.guardrails.budgets.settle(reservation, &used).await;
+        if result.is_ok() {
+            self.usage
+                .record_kind(UsageKind::Test, None, model, &used)
+                .await;
+        }
+        result
     }
 
     /// Runs `call` with the current key; on a 401 asks for the key again (Papita may have

@@ -101,6 +101,13 @@ impl PriceTable {
         })
     }
 
+    /// The models the table prices by name.
+    pub fn models(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.models.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// The most specific entry: the exact name, else the longest known name followed by `-`
     /// (dated snapshots and variants: `gpt-4o-mini-2024-07-18` is `gpt-4o-mini`, never `gpt-4o`),
     /// else the fallback, flagged unpriced.

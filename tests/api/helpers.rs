@@ -90,6 +90,15 @@ pub async fn spawn_app_with_clock(
     }
 }
 
+/// `OPENAI_ALLOWED_MODELS=*`: for tests of what happens to models the default list refuses.
+pub fn any_model(
+    c: &mut Config,
+    _: &crate::mock_openai::MockOpenAi,
+    _: &crate::mock_papita::MockPapita,
+) {
+    c.guardrails.allowed_models = Some("*".into());
+}
+
 /// A clock the test moves, starting at the given local time.
 pub fn manual_clock(
     y: i32,

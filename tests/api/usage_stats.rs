@@ -60,7 +60,8 @@ async fn account_info_is_empty_when_not_configured() {
 
 #[tokio::test]
 async fn totals_and_costs_are_summed_per_model() {
-    let app = spawn_app().await;
+    // A local model the price table does not know, so any model is allowed.
+    let app = spawn_app_with(crate::helpers::any_model).await;
     app.openai.enqueue(Reply::text("a", 1_000_000, 0));
     app.openai.enqueue(Reply::text("b", 1_000_000, 1_000_000));
     app.openai.enqueue(Reply::text("c", 1000, 1000));
@@ -169,7 +170,8 @@ async fn pricing_file_replaces_the_table() {
 
 #[tokio::test]
 async fn by_model_keeps_256_models_then_sums_the_rest_under_other() {
-    let app = spawn_app().await;
+    // As with a permissive allow-list (OPENAI_ALLOWED_MODELS=*) and a lenient upstream.
+    let app = spawn_app_with(crate::helpers::any_model).await;
     // $0.50 a chat at the fallback rate, so every row's cost is exact to 4 decimals.
     app.openai.set_default(Reply::text("x", 1_000_000, 0));
     // 300 client-chosen names, then 20 of 4 KB each, as a hostile client would send.

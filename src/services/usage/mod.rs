@@ -14,7 +14,8 @@ use crate::domain::TokenUsage;
 use crate::services::pricing::PriceTable;
 
 pub use store::{
-    Figures, MAX_MODEL_NAME_BYTES, MAX_MODELS, MemoryUsageStore, OTHER, Tally, UsageStore,
+    Figures, MAX_MODEL_NAME_BYTES, MAX_MODELS, MemoryUsageStore, OTHER, Tally, UsageKind,
+    UsageStore,
 };
 
 pub struct UsageStats {
@@ -52,13 +53,47 @@ impl UsageStats {
 
     /// Counts one successful chat.
     pub async fn record(&self, session_id: Option<&str>, model: &str, usage: &TokenUsage) {
+        self.record_kind(UsageKind::Chat, session_id, model, usage)
+            .await;
+    }
+
+    /// Counts a call of another kind: a connection test, or a cut-short stream's estimate.
+    pub async fn record_kind(
+        &self,
+        kind: UsageKind,
+        session_id: Option<&str>,
+        model: &str,
+        usage: &TokenUsage,
+    ) {
         let cost = self.pricing.cost(
             model,
             usage.prompt_tokens,
             usage.cached_tokens,
             usage.completion_tokens,
         );
-        self.store.record(session_id, model, usage, &cost).await;
+        self.store
+            .record(kind, session_id, model, usage, &cost)
+            .await;
+    }
+
+    /// A summary of the tests' or the estimates' ledger.
+    async fn side_summary(&self, kind: UsageKind) -> Value {
+        let figures = self.store.side_figures(kind).await;
+        let mut total = Tally::default();
+        for (_, tally) in &figures.rows {
+            total.merge(tally);
+        }
+        let mut summary = json!({
+            "prompt_tokens": total.prompt,
+            "completion_tokens": total.completion,
+            "total_tokens": total.prompt + total.completion,
+            "request_count": total.requests,
+            "cost_usd": round4(total.prompt_cost + total.completion_cost),
+        });
+        if kind == UsageKind::Estimated {
+            summary["estimated"] = json!(true);
+        }
+        summary
     }
 
     /// The `/api/openai/usage` answer, for everything or for one session.
@@ -102,8 +137,13 @@ impl UsageStats {
             "by_model": by_model,
             "unpriced_models": unpriced,
         });
-        if let Some(id) = session_id {
-            report["session_id"] = json!(id);
+        match session_id {
+            Some(id) => report["session_id"] = json!(id),
+            None => {
+                // Apart from the contract's totals, which stay chats as OpenAI reported them.
+                report["test_usage"] = self.side_summary(UsageKind::Test).await;
+                report["estimated_usage"] = self.side_summary(UsageKind::Estimated).await;
+            }
         }
         report
     }

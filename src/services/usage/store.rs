@@ -23,15 +23,27 @@ pub const MAX_MODEL_NAME_BYTES: usize = 128;
 /// The `by_model` row of the models past `MAX_MODELS`.
 pub const OTHER: &str = "other";
 
+/// What a usage figure is: a chat as OpenAI reported it (the contract's totals), a connection
+/// test, or a cut-short stream's estimate (kept apart, 2026-11 amendment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageKind {
+    Chat,
+    Test,
+    Estimated,
+}
+
 pub trait UsageStore: Send + Sync {
-    /// Counts one successful chat, with its cost already computed.
+    /// Counts one call, with its cost already computed.
     fn record<'a>(
         &'a self,
+        kind: UsageKind,
         session_id: Option<&'a str>,
         model: &'a str,
         usage: &'a TokenUsage,
         cost: &'a Cost,
     ) -> BoxFuture<'a, ()>;
+    /// The rows of the tests' or the estimates' ledger (the whole service's).
+    fn side_figures(&self, kind: UsageKind) -> BoxFuture<'_, Figures>;
     /// The rows (`other` last) and latest model of everything, or of one session.
     fn figures<'a>(&'a self, session_id: Option<&'a str>) -> BoxFuture<'a, Figures>;
 }
@@ -131,6 +143,8 @@ impl Ledger {
 struct State {
     all: Ledger,
     sessions: IndexMap<String, Ledger>,
+    tests: Ledger,
+    estimated: Ledger,
 }
 
 /// The in-process store. One `std::sync::Mutex` guards a few counters; it is held for a handful
@@ -148,9 +162,36 @@ impl MemoryUsageStore {
         }
     }
 
-    fn record_now(&self, session_id: Option<&str>, model: &str, usage: &TokenUsage, cost: &Cost) {
+    fn record_now(
+        &self,
+        kind: UsageKind,
+        session_id: Option<&str>,
+        model: &str,
+        usage: &TokenUsage,
+        cost: &Cost,
+    ) {
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let state = &mut *guard;
+        if kind != UsageKind::Chat {
+            let ledger = if kind == UsageKind::Test {
+                &mut state.tests
+            } else {
+                &mut state.estimated
+            };
+            // Few models here (the default one for tests); `other` past the same bound.
+            let slot = match ledger.by_model.get_key_value(model) {
+                Some((name, _)) => Some(name.clone()),
+                None if ledger.by_model.len() < MAX_MODELS
+                    && model.len() <= MAX_MODEL_NAME_BYTES =>
+                {
+                    Some(Arc::from(model))
+                }
+                None => None,
+            };
+            let name: Arc<str> = slot.clone().unwrap_or_else(|| Arc::from(model));
+            ledger.add(slot.as_ref(), &name, usage, cost);
+            return;
+        }
         // The model's own row if it has one or there is room for it; else `other`.
         let slot: Option<Arc<str>> = match state.all.by_model.get_key_value(model) {
             Some((name, _)) => Some(name.clone()),
@@ -199,13 +240,24 @@ impl MemoryUsageStore {
 impl UsageStore for MemoryUsageStore {
     fn record<'a>(
         &'a self,
+        kind: UsageKind,
         session_id: Option<&'a str>,
         model: &'a str,
         usage: &'a TokenUsage,
         cost: &'a Cost,
     ) -> BoxFuture<'a, ()> {
-        self.record_now(session_id, model, usage, cost);
+        self.record_now(kind, session_id, model, usage, cost);
         ready(()).boxed()
+    }
+
+    fn side_figures(&self, kind: UsageKind) -> BoxFuture<'_, Figures> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let figures = match kind {
+            UsageKind::Test => state.tests.figures(),
+            UsageKind::Estimated => state.estimated.figures(),
+            UsageKind::Chat => state.all.figures(),
+        };
+        ready(figures).boxed()
     }
 
     fn figures<'a>(&'a self, session_id: Option<&'a str>) -> BoxFuture<'a, Figures> {

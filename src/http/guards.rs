@@ -1,0 +1,126 @@
+//! Extractors for the guardrails that belong to HTTP: who the client is (its address, or the
+//! first untrusted address in `X-Forwarded-For` when the peer is a trusted proxy), and the
+//! optional admin token.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::header;
+use axum::http::request::Parts;
+use ipnet::IpNet;
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The client a rate limit counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        let forwarded = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(Self(client_ip(
+            peer,
+            &forwarded,
+            &state.config.guardrails.trusted_proxies,
+        )))
+    }
+}
+
+/// The peer, unless it is a trusted proxy: then walk `X-Forwarded-For` from the right (the hop
+/// nearest to us) and take the first address that is not a trusted proxy. A client can put
+/// anything on the left of that header; only what our own proxies appended is believed.
+pub fn client_ip(peer: IpAddr, forwarded: &str, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for hop in forwarded
+        .rsplit(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+    {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            break; // garbage: stop at the last address we could read
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// Present on routes that need `ADMIN_TOKEN` when one is set (401 JSON otherwise).
+pub struct AdminAccess;
+
+impl FromRequestParts<AppState> for AdminAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(expected) = &state.config.guardrails.admin_token else {
+            return Ok(Self);
+        };
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        // Constant time: the comparison does not tell how much of a guess was right.
+        if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            Ok(Self)
+        } else {
+            state
+                .guardrails
+                .refusals
+                .admin_token
+                .fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::AdminTokenRequired)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_counts_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // An untrusted peer's header is ignored.
+        assert_eq!(
+            client_ip(ip("203.0.113.9"), "1.2.3.4", &trusted),
+            ip("203.0.113.9")
+        );
+        // Through our proxy: the address it appended.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), "1.2.3.4, 198.51.100.7", &trusted),
+            ip("198.51.100.7")
+        );
+        // Two of our proxies: the first untrusted from the right.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), "198.51.100.7, 10.0.0.3", &trusted),
+            ip("198.51.100.7")
+        );
+        // No header: the proxy itself.
+        assert_eq!(client_ip(ip("10.0.0.2"), "", &trusted), ip("10.0.0.2"));
+    }
+}
