@@ -12,6 +12,7 @@ mod chat;
 mod credentials;
 mod deployment;
 mod faults;
+mod guardrails;
 mod health;
 mod http_errors;
 mod openai_routes;
