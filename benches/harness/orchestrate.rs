@@ -60,6 +60,9 @@ fn start_al_chat(upstream: &str, papita: &str, log_dir: &Path) -> Server {
         .env("PAPITA_API_URL", papita)
         .env("AL_CHAT_LOG_DIR", log_dir)
         .env("RUST_LOG", "info")
+        // Guardrails on as a public site would run them: the default allow-list, and a rate
+        // limit far above the load (so its cost is measured, not its refusals).
+        .env("RATE_LIMIT_CHAT_PER_MIN", "1000000000")
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
