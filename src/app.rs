@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::server;
 use crate::services::chat::ChatService;
 use crate::services::credentials::CredentialProvider;
@@ -135,6 +136,7 @@ impl Application {
             spool_now.clone(),
         );
         let guardrails = Arc::new(guardrails(&config, clock.clone()));
+        let metrics = Arc::new(Metrics::new());
         let chat = Arc::new(ChatService::new(
             credentials.clone(),
             OpenAiService::new(&config.openai, openai_http),
@@ -144,8 +146,10 @@ impl Application {
             session_log.clone(),
             clock.clone(),
             guardrails.clone(),
+            metrics.clone(),
         ));
         let state = AppState::new(Services {
+            metrics,
             chat,
             guardrails,
             credentials,

@@ -255,6 +255,11 @@ pub const VARS: &[Var] = &[
         help: "on SIGTERM/Ctrl-C, how long in-flight requests and the Papita drain may take, together",
     },
     Var {
+        name: "METRICS_ENABLED",
+        default: "true",
+        help: "serve Prometheus metrics at GET /metrics (behind ADMIN_TOKEN when set)",
+    },
+    Var {
         name: "LOG_FORMAT",
         default: "text",
         help: "text or json (one JSON object per line)",
@@ -351,6 +356,7 @@ pub struct Config {
     pub cors_origins: Option<Vec<String>>,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    pub metrics_enabled: bool,
     pub log_filter: String,
     /// The `.env` file consulted (reported by `/api/openai/info`).
     pub env_file: PathBuf,
@@ -519,6 +525,11 @@ impl Config {
             cors_origins: cors.filter(|list| !list.is_empty() && !list.iter().any(|o| o == "*")),
             shutdown_grace: src.secs("SHUTDOWN_GRACE_SECS")?,
             log_format,
+            metrics_enabled: match src.string("METRICS_ENABLED").to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                other => return Err(invalid("METRICS_ENABLED", other, "expected true or false")),
+            },
             log_filter: src.string("RUST_LOG"),
             env_file,
             env_file_exists,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::services::chat::ChatService;
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::Guardrails;
@@ -29,6 +30,7 @@ pub struct Services {
     pub sessions: Arc<Sessions>,
     pub papita: UsageReporter,
     pub session_log: SessionLog,
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {

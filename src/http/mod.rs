@@ -8,6 +8,7 @@ mod errors;
 mod extract;
 mod guards;
 mod health;
+mod metrics;
 mod openai;
 mod session;
 
@@ -65,10 +66,15 @@ pub fn router(state: AppState) -> Router {
         .merge(chat::router())
         .merge(session::router())
         .merge(openai::router())
+        .merge(metrics::router())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         // The tower-http limit above answers 413 for every route; axum's own 2 MB default is off.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            metrics::measure,
+        ))
         .layer(layers)
         .with_state(state)
 }
@@ -137,6 +143,7 @@ mod tests {
             include_str!("chat.rs"),
             include_str!("session.rs"),
             include_str!("openai.rs"),
+            include_str!("metrics.rs"),
         ];
         let mut routes = 0;
         for source in sources {
@@ -155,6 +162,6 @@ mod tests {
                 routes += 1;
             }
         }
-        assert_eq!(routes, 8, "every route found in the sources");
+        assert_eq!(routes, 9, "every route found in the sources");
     }
 }

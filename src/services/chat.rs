@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
@@ -13,6 +14,7 @@ use serde::Serialize;
 use crate::clock::{Clock, timestamp};
 use crate::domain::{ApiKey, ChatMessage, ChatRequest, Role, TokenUsage};
 use crate::error::NOT_CONFIGURED;
+use crate::metrics::Metrics;
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::budget::CHARS_PER_TOKEN;
 use crate::services::guardrails::{GuardrailError, Guardrails, Reservation};
@@ -61,6 +63,22 @@ pub enum ChatError {
     /// A guardrail refused it before it reached OpenAI.
     #[error(transparent)]
     Guardrail(#[from] GuardrailError),
+}
+
+/// Counts a streamed reply in `sse_streams_open` while it lives.
+struct OpenStream(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenStream {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.streams_open.inc();
+        Self(metrics.streams_open.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// One admitted call: its budget reservation until the call ends. Dropped before it ended (the
@@ -164,6 +182,7 @@ pub struct ChatService {
     session_log: SessionLog,
     clock: Arc<dyn Clock>,
     guardrails: Arc<Guardrails>,
+    metrics: Arc<Metrics>,
 }
 
 impl ChatService {
@@ -178,6 +197,7 @@ impl ChatService {
         session_log: SessionLog,
         clock: Arc<dyn Clock>,
         guardrails: Arc<Guardrails>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             credentials,
@@ -188,6 +208,7 @@ impl ChatService {
             session_log,
             clock,
             guardrails,
+            metrics,
         }
     }
 
@@ -218,9 +239,11 @@ impl ChatService {
 
     /// A whole answer.
     pub async fn complete(self: &Arc<Self>, request: ChatRequest) -> Result<ChatReply, ChatError> {
+        let started = Instant::now();
         let session = self.sessions.resolve(request.session_id.clone()).await;
         // A client that goes away mid-call drops this: the prompt's estimate is then settled.
         let in_flight = self.admit(&request, session.as_deref(), false).await?;
+        let upstream_started = Instant::now();
         let completion = {
             let request = &request;
             self.with_key(|key| async move {
@@ -230,6 +253,8 @@ impl ChatService {
             })
             .await
         };
+        let upstream = upstream_started.elapsed();
+        Metrics::observe(&self.metrics.upstream_duration, upstream);
         let completion = match completion {
             Ok(completion) => completion,
             Err(e) => {
@@ -243,6 +268,11 @@ impl ChatService {
         if let Some(usage) = &completion.usage {
             self.account(&request, session.as_deref(), usage).await;
         }
+        // What the gateway adds: everything but the OpenAI call (gateways publish this figure).
+        Metrics::observe(
+            &self.metrics.overhead,
+            started.elapsed().saturating_sub(upstream),
+        );
         Ok(self.reply(
             completion.text,
             completion.usage.unwrap_or_default(),
@@ -257,6 +287,7 @@ impl ChatService {
         self: &Arc<Self>,
         request: ChatRequest,
     ) -> Result<impl Stream<Item = StreamEvent> + Send + use<>, ChatError> {
+        let started = Instant::now();
         let session = self.sessions.resolve(request.session_id.clone()).await;
         // Cut short (client gone, upstream cut): the tokens streamed so far are estimated and
         // settled, so closing streams early is no way around a budget.
@@ -279,7 +310,10 @@ impl ChatService {
             }
         };
         let this = self.clone();
+        let open = OpenStream::new(&self.metrics);
         Ok(async_stream::stream! {
+            let _open = open;
+            let mut first = true;
             let mut in_flight = in_flight;
             let mut upstream = std::pin::pin!(upstream);
             let mut text = String::new();
@@ -287,6 +321,9 @@ impl ChatService {
             while let Some(piece) = upstream.next().await {
                 match piece {
                     Ok(StreamPiece::Delta(delta)) => {
+                        if std::mem::take(&mut first) {
+                            Metrics::observe(&this.metrics.time_to_first_token, started.elapsed());
+                        }
                         text.push_str(&delta);
                         in_flight.streamed_chars = text.len() as u64;
                         yield StreamEvent::Delta(delta);

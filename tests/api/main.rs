@@ -2,6 +2,7 @@
 //! loopback servers. One binary; each module follows a part of ../shared/CONTRACT.md.
 
 mod helpers;
+mod metrics;
 mod mock_openai;
 mod mock_papita;
 

@@ -56,6 +56,7 @@ pub struct SessionLog {
     dir: Arc<PathBuf>,
     dropped: Arc<AtomicU64>,
     syncs: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
 }
 
 impl SessionLog {
@@ -68,7 +69,10 @@ impl SessionLog {
         let (tx, rx) = mpsc::channel(capacity);
         let syncs = Arc::new(AtomicU64::new(0));
         let backlog = Backlog::default();
-        let writer = Writer::new(dir.clone(), syncs.clone(), backlog.clone()).with_init(init);
+        let written = Arc::new(AtomicU64::new(0));
+        let writer = Writer::new(dir.clone(), syncs.clone(), backlog.clone())
+            .with_init(init)
+            .with_written(written.clone());
         std::thread::Builder::new()
             .name("session-log".into())
             .spawn(move || writer.run(rx))?;
@@ -92,6 +96,7 @@ impl SessionLog {
             dir: Arc::new(dir),
             dropped: Arc::default(),
             syncs,
+            written,
         })
     }
 
@@ -102,6 +107,11 @@ impl SessionLog {
     /// How many `fdatasync`s the writer has made (one per file per batch, not per line).
     pub fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Lines written to the files so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// Lines dropped because the queue was full.

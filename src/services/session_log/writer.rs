@@ -16,6 +16,8 @@ pub(super) struct Writer {
     backlog: Backlog,
     /// Open files by date; at most two (today and, around midnight, yesterday).
     files: Vec<(String, File)>,
+    /// Lines written so far (for the metrics).
+    written: Arc<AtomicU64>,
     /// The start-up `project_init` line until it is written: a folder that is not writable at
     /// start-up delays it, never loses it.
     pending_init: Option<Line>,
@@ -36,7 +38,14 @@ impl Writer {
             backlog,
             files: Vec::new(),
             pending_init: None,
+            written: Arc::default(),
         }
+    }
+
+    /// Counts every line written into `counter`.
+    pub(super) fn with_written(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.written = counter;
+        self
     }
 
     /// `line` is written first, and retried before every batch until it has been written.
@@ -83,6 +92,10 @@ impl Writer {
             let sync = !flushes.is_empty() || groups.iter().any(|g| !g.acks.is_empty());
             for group in groups {
                 let result = self.write(&group.date, &group.bytes, sync);
+                if result.is_ok() {
+                    let lines = group.bytes.iter().filter(|b| **b == b'\n').count() as u64;
+                    self.written.fetch_add(lines, Ordering::Relaxed);
+                }
                 if let Err(e) = &result {
                     tracing::error!(date = %group.date, error = %e, dir = %self.dir.display(), "session log write failed");
                 }

@@ -76,6 +76,11 @@ impl UsageStats {
             .await;
     }
 
+    /// The whole service's chat rows (for the metrics), bounded like `by_model`.
+    pub async fn figures(&self) -> Figures {
+        self.store.figures(None).await
+    }
+
     /// A summary of the tests' or the estimates' ledger.
     async fn side_summary(&self, kind: UsageKind) -> Value {
         let figures = self.store.side_figures(kind).await;

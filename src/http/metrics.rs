@@ -1,0 +1,111 @@
+//! `GET /metrics` (Prometheus text format) and the layer that measures every request.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::error::ApiError;
+use crate::http::guards::AdminAccess;
+use crate::metrics::{HttpLabels, Metrics, RouteLabels, Snapshot};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(scrape))
+}
+
+async fn scrape(_admin: AdminAccess, State(state): State<AppState>) -> Response {
+    if !state.config.metrics_enabled {
+        return ApiError::NotFound("/metrics (METRICS_ENABLED=false)".into()).into_response();
+    }
+    let snapshot = snapshot(&state).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(snapshot),
+    )
+        .into_response()
+}
+
+/// What the services counted, gathered for one scrape.
+async fn snapshot(state: &AppState) -> Snapshot {
+    let figures = state.usage.figures().await;
+    let papita = state.papita.snapshot();
+    let refusals = state.guardrails.refusals.snapshot();
+    Snapshot {
+        models: figures
+            .rows
+            .iter()
+            .map(|(model, t)| {
+                (
+                    model.clone(),
+                    t.prompt,
+                    t.completion,
+                    t.prompt_cost + t.completion_cost,
+                )
+            })
+            .collect(),
+        papita: vec![
+            ("sent", papita.sent),
+            ("retried", papita.retried),
+            ("spooled", papita.spooled),
+            ("replayed", papita.replayed),
+            ("rejected", papita.rejected),
+            ("dropped", papita.dropped),
+            ("malformed", papita.malformed),
+        ],
+        refusals: vec![
+            ("model", refusals.model),
+            ("rate_limit", refusals.rate_limit),
+            ("budget", refusals.budget),
+            ("input_too_large", refusals.input_too_large),
+            ("admin_token", refusals.admin_token),
+        ],
+        session_log: vec![
+            ("written", state.session_log.written()),
+            ("dropped", state.session_log.dropped()),
+        ],
+        session_log_syncs: state.session_log.syncs(),
+        spool_bytes: papita.spool_bytes,
+    }
+}
+
+/// Counts and times every request by its matched route (never the raw URL, so a client cannot
+/// create series), method and status.
+pub async fn measure(
+    State(metrics): State<std::sync::Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().as_str().to_string();
+    let started = Instant::now();
+    metrics.in_flight.inc();
+    let response = next.run(request).await;
+    metrics.in_flight.dec();
+    metrics
+        .http_duration
+        .get_or_create(&RouteLabels {
+            route: route.clone(),
+            method: method.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            method,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}

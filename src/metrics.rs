@@ -1,0 +1,259 @@
+//! Prometheus metrics (`GET /metrics`), with `prometheus-client`: one registry per application,
+//! so tests that run several apps in one process never share series.
+//!
+//! Two kinds of series. Those measured where things happen (HTTP requests, upstream latency,
+//! time to first token, the service's own overhead per chat, requests in flight, open streams)
+//! are counters, gauges and histograms updated on the spot. Those the services already count
+//! (tokens and cost by model, Papita records, guardrail refusals, session-log lines) are read at
+//! scrape time into a snapshot and written by a collector, so the hot path pays nothing twice.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The matched route (`/api/chat`), never the raw URL: unknown paths are `unmatched`.
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub method: String,
+}
+
+/// What the services counted, read at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// (model, prompt tokens, completion tokens, cost USD); at most 256 models and `other`.
+    pub models: Vec<(String, u64, u64, f64)>,
+    /// (outcome, records).
+    pub papita: Vec<(&'static str, u64)>,
+    /// (guardrail, refusals).
+    pub refusals: Vec<(&'static str, u64)>,
+    /// (outcome, lines).
+    pub session_log: Vec<(&'static str, u64)>,
+    pub session_log_syncs: u64,
+    pub spool_bytes: u64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: Family<RouteLabels, Histogram>,
+    pub in_flight: Gauge,
+    pub streams_open: Gauge,
+    pub upstream_duration: Histogram,
+    pub time_to_first_token: Histogram,
+    pub overhead: Histogram,
+    snapshot: Arc<Mutex<Snapshot>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Latency buckets from 100 µs to ~100 s.
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("alchat");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        let http_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(seconds as fn() -> Histogram);
+        let in_flight = Gauge::default();
+        let streams_open = Gauge::default();
+        let upstream_duration = seconds();
+        let time_to_first_token = seconds();
+        let overhead = seconds();
+        registry.register(
+            "http_requests",
+            "HTTP requests by matched route, method and status",
+            http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer, by matched route and method (streams: to the response head)",
+            http_duration.clone(),
+        );
+        registry.register(
+            "http_requests_in_flight",
+            "Requests being answered now",
+            in_flight.clone(),
+        );
+        registry.register(
+            "sse_streams_open",
+            "Streamed chat replies open now",
+            streams_open.clone(),
+        );
+        registry.register(
+            "openai_request_duration_seconds",
+            "Time the OpenAI call of a whole (non-streamed) chat took",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "openai_time_to_first_token_seconds",
+            "Time from a streamed chat's request to its first token from OpenAI",
+            time_to_first_token.clone(),
+        );
+        registry.register(
+            "chat_overhead_seconds",
+            "The service's own time per whole chat: total time minus the OpenAI call",
+            overhead.clone(),
+        );
+        let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+        registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            in_flight,
+            streams_open,
+            upstream_duration,
+            time_to_first_token,
+            overhead,
+            snapshot,
+        }
+    }
+
+    /// The text exposition, with `snapshot` as the services' counts.
+    pub fn render(&self, snapshot: Snapshot) -> String {
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn observe(histogram: &Histogram, took: Duration) {
+        histogram.observe(took.as_secs_f64());
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug)]
+struct SnapshotCollector(Arc<Mutex<Snapshot>>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelKindLabels {
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardrailLabels {
+    guardrail: &'static str,
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+
+        let mut tokens = encoder.encode_descriptor(
+            "chat_tokens",
+            "Tokens of successful chats as OpenAI reported them, by model (at most 256, then other) and kind",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (model, prompt, completion, _) in &snap.models {
+            for (kind, value) in [("prompt", *prompt), ("completion", *completion)] {
+                let labels = ModelKindLabels {
+                    model: model.clone(),
+                    kind,
+                };
+                ConstCounter::new(value).encode(tokens.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut cost = encoder.encode_descriptor(
+            "chat_cost_usd",
+            "Cost of successful chats in US dollars, by model (at most 256, then other)",
+            None,
+            ConstCounter::new(0.0f64).metric_type(),
+        )?;
+        for (model, _, _, usd) in &snap.models {
+            let labels = ModelLabels {
+                model: model.clone(),
+            };
+            ConstCounter::new(*usd).encode(cost.encode_family(&labels)?)?;
+        }
+
+        let mut papita = encoder.encode_descriptor(
+            "papita_usage_records",
+            "Papita usage records by outcome (sent, retried, spooled, replayed, rejected, dropped, malformed)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (outcome, value) in &snap.papita {
+            ConstCounter::new(*value).encode(papita.encode_family(&OutcomeLabels { outcome })?)?;
+        }
+
+        let spool = ConstGauge::new(snap.spool_bytes as i64);
+        spool.encode(encoder.encode_descriptor(
+            "papita_spool_bytes",
+            "Bytes of Papita usage records waiting in the spool",
+            None,
+            spool.metric_type(),
+        )?)?;
+
+        let mut refusals = encoder.encode_descriptor(
+            "guardrail_refusals",
+            "Requests refused by each guardrail",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (guardrail, value) in &snap.refusals {
+            ConstCounter::new(*value)
+                .encode(refusals.encode_family(&GuardrailLabels { guardrail })?)?;
+        }
+
+        let mut lines = encoder.encode_descriptor(
+            "session_log_lines",
+            "Session log lines by outcome (written, dropped)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (outcome, value) in &snap.session_log {
+            ConstCounter::new(*value).encode(lines.encode_family(&OutcomeLabels { outcome })?)?;
+        }
+
+        let syncs = ConstCounter::new(snap.session_log_syncs);
+        syncs.encode(encoder.encode_descriptor(
+            "session_log_syncs",
+            "fdatasync calls of the session log writer (one per file per batch)",
+            None,
+            syncs.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
