@@ -21,15 +21,16 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     /// The matched route (`/api/chat`), never the raw URL: unknown paths are `unmatched`.
-    pub route: String,
-    pub method: String,
+    /// Static strings, so labelling a request allocates nothing.
+    pub route: &'static str,
+    pub method: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
-    pub method: String,
+    pub route: &'static str,
+    pub method: &'static str,
 }
 
 /// What the services counted, read at scrape time.
@@ -47,8 +48,30 @@ pub struct Snapshot {
     pub spool_bytes: u64,
 }
 
+/// Every route the router serves, as its `route` label.
+pub const ROUTES: &[&str] = &[
+    "/api/health",
+    "/api/ready",
+    "/api/chat",
+    "/api/session/start",
+    "/api/session/stop",
+    "/api/openai/info",
+    "/api/openai/test",
+    "/api/openai/usage",
+    "/metrics",
+];
+
+/// The series of one route and method, looked up once at start-up: the common case (a 200 on a
+/// known route) then costs two atomic updates and no hashing.
+pub struct RouteSeries {
+    pub duration: Histogram,
+    pub ok: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// `ROUTES` × (GET, POST).
+    routes: Vec<[RouteSeries; 2]>,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: Family<RouteLabels, Histogram>,
     pub in_flight: Gauge,
@@ -118,8 +141,25 @@ impl Metrics {
         );
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
         registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
+        let series = |route: &'static str, method: &'static str| RouteSeries {
+            duration: http_duration
+                .get_or_create(&RouteLabels { route, method })
+                .clone(),
+            ok: http_requests
+                .get_or_create(&HttpLabels {
+                    route,
+                    method,
+                    status: 200,
+                })
+                .clone(),
+        };
+        let routes = ROUTES
+            .iter()
+            .map(|route| [series(route, "GET"), series(route, "POST")])
+            .collect();
         Self {
             registry,
+            routes,
             http_requests,
             http_duration,
             in_flight,
@@ -138,6 +178,11 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// The start-up series of `ROUTES[route]` with GET (0) or POST (1).
+    pub fn route_series(&self, route: usize, method: usize) -> Option<&RouteSeries> {
+        self.routes.get(route).and_then(|r| r.get(method))
     }
 
     pub fn observe(histogram: &Histogram, took: Duration) {

@@ -4,14 +4,14 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::error::ApiError;
 use crate::http::guards::AdminAccess;
-use crate::metrics::{HttpLabels, Metrics, RouteLabels, Snapshot};
+use crate::metrics::{HttpLabels, Metrics, ROUTES, RouteLabels, Snapshot};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -76,6 +76,30 @@ async fn snapshot(state: &AppState) -> Snapshot {
     }
 }
 
+/// The route's index in `ROUTES` and its label (`unmatched` when no route matched).
+fn route_label(path: Option<&MatchedPath>) -> (Option<usize>, &'static str) {
+    match path {
+        Some(path) => match ROUTES.iter().position(|r| *r == path.as_str()) {
+            Some(i) => (Some(i), ROUTES[i]),
+            None => (None, "other"),
+        },
+        None => (None, "unmatched"),
+    }
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::OPTIONS => "OPTIONS",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
 /// Counts and times every request by its matched route (never the raw URL, so a client cannot
 /// create series), method and status.
 pub async fn measure(
@@ -83,29 +107,53 @@ pub async fn measure(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = request.method().as_str().to_string();
+    let (route_index, route) = route_label(request.extensions().get::<MatchedPath>());
+    let method = method_label(request.method());
     let started = Instant::now();
     metrics.in_flight.inc();
     let response = next.run(request).await;
     metrics.in_flight.dec();
-    metrics
-        .http_duration
-        .get_or_create(&RouteLabels {
-            route: route.clone(),
-            method: method.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    metrics
-        .http_requests
-        .get_or_create(&HttpLabels {
-            route,
-            method,
-            status: response.status().as_u16(),
-        })
-        .inc();
+    let took = started.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    let method_index = match method {
+        "GET" => Some(0),
+        "POST" => Some(1),
+        _ => None,
+    };
+    // The common case through the series looked up at start-up; the rest through the families.
+    let cached = route_index
+        .zip(method_index)
+        .and_then(|(r, m)| metrics.route_series(r, m));
+    match cached {
+        Some(series) => {
+            series.duration.observe(took);
+            if status == 200 {
+                series.ok.inc();
+            } else {
+                metrics
+                    .http_requests
+                    .get_or_create(&HttpLabels {
+                        route,
+                        method,
+                        status,
+                    })
+                    .inc();
+            }
+        }
+        None => {
+            metrics
+                .http_duration
+                .get_or_create(&RouteLabels { route, method })
+                .observe(took);
+            metrics
+                .http_requests
+                .get_or_create(&HttpLabels {
+                    route,
+                    method,
+                    status,
+                })
+                .inc();
+        }
+    }
     response
 }
