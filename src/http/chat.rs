@@ -24,7 +24,26 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/chat", post(post_chat))
 }
 
-async fn post_chat(
+#[utoipa::path(post, path = "/api/chat", tag = "chat",
+    request_body(content = super::openapi::ChatRequestBody, description = "The chat; an empty body counts as {}"),
+    params(("X-Session-ID" = Option<String>, Header, description = "The session this chat belongs to (wins over sessionId)")),
+    responses(
+        (status = 200, description = "The reply (JSON), or with \"stream\": true server-sent events: `delta` {content}, then one `done` (this object) or `error` {error}",
+            content(
+                (super::openapi::ChatAnswer = "application/json"),
+                (String = "text/event-stream"),
+            )),
+        (status = 400, description = "Bad input, a model off the allow-list, or OpenAI refused the request", body = super::openapi::ErrorBody),
+        (status = 401, description = "OpenAI rejected the key", body = super::openapi::ErrorBody),
+        (status = 408, description = "The body or the answer took too long", body = super::openapi::ErrorBody),
+        (status = 413, description = "Body or input too large", body = super::openapi::ErrorBody),
+        (status = 415, description = "Not JSON", body = super::openapi::ErrorBody),
+        (status = 429, description = "Rate limit, budget, or OpenAI's rate limit (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 502, description = "OpenAI failed", body = super::openapi::ErrorBody),
+        (status = 503, description = "No OpenAI key configured", body = super::openapi::ErrorBody),
+        (status = 504, description = "OpenAI too slow", body = super::openapi::ErrorBody),
+    ))]
+pub(super) async fn post_chat(
     State(state): State<AppState>,
     ClientAddr(client): ClientAddr,
     headers: HeaderMap,

@@ -18,7 +18,12 @@ pub fn router() -> Router<AppState> {
         .route("/api/ready", get(ready))
 }
 
-async fn ready(State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/api/ready", tag = "health",
+    responses(
+        (status = 200, description = "Ready: the session log folder takes writes", body = super::openapi::ReadyAnswer),
+        (status = 503, description = "Not ready, saying what is wrong", body = super::openapi::ErrorBody),
+    ))]
+pub(super) async fn ready(State(state): State<AppState>) -> Response {
     let dir = state.session_log.dir().display().to_string();
     let now = timestamp(&state.clock.now());
     // Papita's state is reported, not judged: chats work whatever it is.
@@ -58,7 +63,9 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn health(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/api/health", tag = "health",
+    responses((status = 200, description = "Alive", body = super::openapi::HealthAnswer)))]
+pub(super) async fn health(State(state): State<AppState>) -> Json<Value> {
     let configured = state
         .credentials
         .peek()

@@ -18,7 +18,13 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(scrape))
 }
 
-async fn scrape(_admin: AdminAccess, State(state): State<AppState>) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format (Docs/OBSERVABILITY.md)", content_type = "text/plain", body = String),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = super::openapi::ErrorBody),
+        (status = 404, description = "METRICS_ENABLED=false", body = super::openapi::ErrorBody),
+    ))]
+pub(super) async fn scrape(_admin: AdminAccess, State(state): State<AppState>) -> Response {
     if !state.config.metrics_enabled {
         return ApiError::NotFound("/metrics (METRICS_ENABLED=false)".into()).into_response();
     }

@@ -10,6 +10,7 @@ mod guards;
 mod health;
 mod metrics;
 mod openai;
+mod openapi;
 mod session;
 
 use std::time::Duration;
@@ -67,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .merge(session::router())
         .merge(openai::router())
         .merge(metrics::router())
+        .merge(openapi::router())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         // The tower-http limit above answers 413 for every route; axum's own 2 MB default is off.

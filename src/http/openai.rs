@@ -23,7 +23,12 @@ pub fn router() -> Router<AppState> {
         .route("/api/openai/usage", get(usage))
 }
 
-async fn info(_admin: AdminAccess, State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/api/openai/info", tag = "openai",
+    responses(
+        (status = 200, description = "The OpenAI configuration (never more of the key than its prefix)", body = super::openapi::InfoAnswer),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = super::openapi::ErrorBody),
+    ))]
+pub(super) async fn info(_admin: AdminAccess, State(state): State<AppState>) -> Json<Value> {
     let credentials = state.credentials.get().await;
     Json(info_body(&state, &credentials))
 }
@@ -57,7 +62,14 @@ fn info_body(state: &AppState, credentials: &Credentials) -> Value {
 }
 
 /// A real one-message call; not counted in usage statistics.
-async fn test(
+#[utoipa::path(get, path = "/api/openai/test", tag = "openai",
+    responses(
+        (status = 200, description = "A live call: status success, or error with the reason", body = super::openapi::TestAnswer),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = super::openapi::ErrorBody),
+        (status = 429, description = "Rate limit or budget", body = super::openapi::ErrorBody),
+        (status = 500, description = "Not configured (status error, with the info)", body = super::openapi::TestAnswer),
+    ))]
+pub(super) async fn test(
     _admin: AdminAccess,
     ClientAddr(client): ClientAddr,
     State(state): State<AppState>,
@@ -99,11 +111,17 @@ async fn test(
 }
 
 #[derive(Deserialize)]
-struct UsageQuery {
+pub(super) struct UsageQuery {
     session_id: Option<String>,
 }
 
-async fn usage(State(state): State<AppState>, Query(query): Query<UsageQuery>) -> Json<Value> {
+#[utoipa::path(get, path = "/api/openai/usage", tag = "openai",
+    params(("session_id" = Option<String>, Query, description = "Only this session's chats")),
+    responses((status = 200, description = "Usage and cost since start-up", body = super::openapi::UsageAnswer)))]
+pub(super) async fn usage(
+    State(state): State<AppState>,
+    Query(query): Query<UsageQuery>,
+) -> Json<Value> {
     let credentials = state.credentials.get().await;
     let account_info = match credentials.usable_key() {
         Some(key) => json!({

@@ -18,7 +18,12 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The body is ignored, as before.
-async fn start(State(state): State<AppState>) -> Result<Json<Value>> {
+#[utoipa::path(post, path = "/api/session/start", tag = "sessions",
+    responses(
+        (status = 200, description = "Started; its line is on disk", body = super::openapi::SessionStarted),
+        (status = 500, description = "The session log cannot be written", body = super::openapi::ErrorBody),
+    ))]
+pub(super) async fn start(State(state): State<AppState>) -> Result<Json<Value>> {
     let started = state.sessions.start().await?;
     Ok(Json(
         json!({ "session_id": started.session_id, "timestamp": started.timestamp }),
@@ -26,7 +31,7 @@ async fn start(State(state): State<AppState>) -> Result<Json<Value>> {
 }
 
 #[derive(Deserialize)]
-struct StopBody {
+pub(super) struct StopBody {
     #[serde(default)]
     session_id: Option<String>,
     /// Any JSON object; `null` or missing is `{}`.
@@ -34,7 +39,15 @@ struct StopBody {
     metrics: Option<Map<String, Value>>,
 }
 
-async fn stop(
+#[utoipa::path(post, path = "/api/session/stop", tag = "sessions",
+    request_body(content = super::openapi::StopBody, description = "Without session_id: the latest session"),
+    responses(
+        (status = 200, description = "Stopped (or saved); its line is on disk", body = super::openapi::SessionStopped),
+        (status = 400, description = "No session to stop, or metrics not an object", body = super::openapi::ErrorBody),
+        (status = 415, description = "Not JSON", body = super::openapi::ErrorBody),
+        (status = 500, description = "The session log cannot be written", body = super::openapi::ErrorBody),
+    ))]
+pub(super) async fn stop(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<StopBody>,
 ) -> Result<Json<Value>> {

@@ -5,6 +5,7 @@ mod helpers;
 mod metrics;
 mod mock_openai;
 mod mock_papita;
+mod openapi;
 
 mod attribution;
 mod binary;
