@@ -32,18 +32,70 @@ pub struct ChatBody {
 }
 
 /// One earlier turn; extra fields (timestamps, ids) are dropped.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct HistoryItem {
     pub role: Role,
     pub content: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct AttachedFile {
-    #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
     pub content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HistoryFields {
+    role: Role,
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct FileFields {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// Items must be JSON objects: serde would also read a struct from an array (`[role, content]`),
+/// which the contract never allowed and the fuzzer found.
+fn object_only<'de, D, T>(deserializer: D, expecting: &'static str) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectOnly<T>(&'static str, std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    deserializer.deserialize_map(ObjectOnly(expecting, std::marker::PhantomData))
+}
+
+impl<'de> Deserialize<'de> for HistoryItem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f: HistoryFields = object_only(d, "an object with role and content")?;
+        Ok(Self {
+            role: f.role,
+            content: f.content,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for AttachedFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f: FileFields = object_only(d, "an object with name and content")?;
+        Ok(Self {
+            name: f.name,
+            content: f.content,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -312,6 +364,22 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("MAX_INPUT_CHARS"));
+    }
+
+    #[test]
+    fn list_items_must_be_objects() {
+        for body in [
+            serde_json::json!({"message": "m", "attached_files": [[null, null]]}),
+            serde_json::json!({"message": "m", "history": [["user", "hi"]]}),
+        ] {
+            assert!(
+                serde_json::from_value::<ChatBody>(body.clone()).is_err(),
+                "{body}"
+            );
+        }
+        let ok = serde_json::json!({"message": "m", "history": [{"role": "user", "content": "x", "id": 3}],
+            "attached_files": [{"name": "a", "content": "b"}]});
+        assert!(serde_json::from_value::<ChatBody>(ok).is_ok());
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub(super) struct StopBody {
 }
 
 #[utoipa::path(post, path = "/api/session/stop", tag = "sessions",
-    request_body(content = super::openapi::StopBody, description = "Without session_id: the latest session"),
+    request_body(content = Option<super::openapi::StopBody>, description = "Without session_id: the latest session"),
     responses(
         (status = 200, description = "Stopped (or saved); its line is on disk", body = super::openapi::SessionStopped),
         (status = 400, description = "No session to stop, or metrics not an object", body = super::openapi::ErrorBody),

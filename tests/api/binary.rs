@@ -566,3 +566,72 @@ fn records_spooled_before_a_kill_9_arrive_after_the_restart() {
     sigterm(&child);
     assert!(wait_exit(child).status.success());
 }
+
+/// schemathesis, as `scripts/test` installs it.
+fn schemathesis() -> String {
+    let installed = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/schemathesis-venv/bin/st"
+    );
+    let bin = std::env::var("SCHEMATHESIS_BIN").unwrap_or_else(|_| installed.to_string());
+    assert!(
+        Path::new(&bin).exists(),
+        "schemathesis is needed: run scripts/test (the README's test command), which installs it \
+         into target/schemathesis-venv"
+    );
+    bin
+}
+
+#[test]
+fn schemathesis_fuzzing_from_the_openapi_document_finds_nothing() {
+    let st = schemathesis();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
+    let papita = rt.block_on(crate::mock_papita::MockPapita::start());
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, papita_url) = (openai.base_url(), papita.url());
+    let env = [
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", "sk-test-1234567890"),
+        ("PAPITA_API_URL", papita_url.as_str()),
+    ];
+    let (child, port) = start_service(tmp.path(), &env);
+    // Every check, bounded examples, deterministic generation. `positive_data_acceptance` is
+    // excluded: a chat needs "a message or a file" and a whitespace-only message counts as none,
+    // which JSON Schema cannot say, so schema-valid bodies can rightly get 400.
+    let out = Command::new(&st)
+        .args([
+            "run",
+            &format!("http://127.0.0.1:{port}/api/openapi.json"),
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-examples",
+            "25",
+            "--generation-deterministic",
+            "--workers",
+            "1",
+        ])
+        .env("NO_COLOR", "1")
+        .current_dir(tmp.path())
+        .output()
+        .expect("schemathesis runs");
+    sigterm(&child);
+    let exit = wait_exit(child);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("Tested: 10"),
+        "schemathesis selected and tested ten operations:\n{report}"
+    );
+    assert!(exit.status.success());
+}
