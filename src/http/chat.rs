@@ -30,7 +30,7 @@ pub fn router() -> Router<AppState> {
     responses(
         (status = 200, description = "The reply (JSON), or with \"stream\": true server-sent events: `delta` {content}, then one `done` (this object) or `error` {error}",
             content(
-                (super::openapi::ChatAnswer = "application/json"),
+                (crate::services::chat::ChatReply = "application/json"),
                 (String = "text/event-stream"),
             )),
         (status = 400, description = "Bad input, a model off the allow-list, or OpenAI refused the request", body = super::openapi::ErrorBody),

@@ -15,6 +15,8 @@ use serde_json::Value;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::services::chat::ReplyUsage;
+use crate::services::usage::ModelUsage;
 use crate::state::AppState;
 
 /// `{"error": "a sentence saying what to do", "details"?: "..."}`: every error, every status.
@@ -74,22 +76,6 @@ pub struct ChatRequestBody {
 }
 
 #[derive(ToSchema)]
-pub struct ReplyUsage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub total_tokens: u64,
-    pub model: String,
-}
-
-/// The answer of a whole chat, and the data of a stream's `done` event.
-#[derive(ToSchema)]
-pub struct ChatAnswer {
-    pub message: String,
-    pub usage: ReplyUsage,
-    pub timestamp: String,
-}
-
-#[derive(ToSchema)]
 pub struct SessionStarted {
     pub session_id: String,
     pub timestamp: String,
@@ -129,17 +115,6 @@ pub struct TestAnswer {
     pub model: Option<String>,
     pub usage: Option<ReplyUsage>,
     pub info: Option<Value>,
-}
-
-#[derive(ToSchema)]
-pub struct ModelUsage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub total_tokens: u64,
-    pub cached_tokens: u64,
-    pub request_count: u64,
-    pub cost_usd: f64,
-    pub priced: bool,
 }
 
 #[derive(ToSchema)]

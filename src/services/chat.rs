@@ -26,14 +26,15 @@ use crate::services::upstream::{UpstreamError, UpstreamKind};
 use crate::services::usage::{UsageKind, UsageStats};
 
 /// The success answer of `POST /api/chat`, and the `done` event's data when streaming.
-#[derive(Debug, Clone, Serialize)]
+// `ToSchema`: the OpenAPI document describes these very types (`http/openapi.rs`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ChatReply {
     pub message: String,
     pub usage: ReplyUsage,
     pub timestamp: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ReplyUsage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -227,7 +228,8 @@ impl ChatService {
             .await?;
         Ok(InFlight {
             chat: self.clone(),
-            reservation: Some(reservation),
+            // An empty reservation needs no settling, so a dropped call spawns nothing for it.
+            reservation: Some(reservation).filter(|r| !r.is_empty()),
             model: request.model.clone(),
             session: session.map(str::to_string),
             prompt_tokens: (request.input_chars as u64).div_ceil(CHARS_PER_TOKEN),

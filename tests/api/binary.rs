@@ -61,6 +61,30 @@ fn wait_exit(mut child: Child) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Mock OpenAI and Papita on a runtime of their own threads, serving while a test blocks.
+fn upstream_mocks() -> (
+    tokio::runtime::Runtime,
+    crate::mock_openai::MockOpenAi,
+    crate::mock_papita::MockPapita,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
+    let papita = rt.block_on(crate::mock_papita::MockPapita::start());
+    (rt, openai, papita)
+}
+
+/// SIGTERM, then the exit and how long it took from the signal.
+fn sigterm_and_time(child: Child) -> (Output, Duration) {
+    let stopping = Instant::now();
+    sigterm(&child);
+    let out = wait_exit(child);
+    (out, stopping.elapsed())
+}
+
 fn get_json(port: u16, path: &str) -> serde_json::Value {
     let rt = runtime();
     rt.block_on(async {
@@ -289,13 +313,7 @@ fn json_logs_have_one_line_per_request_with_route_status_latency_and_id() {
 
 #[test]
 fn sigterm_with_a_hanging_request_exits_within_the_grace() {
-    // The mock upstream runs on its own runtime threads while this test blocks.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
+    let (rt, openai, _papita) = upstream_mocks();
     openai.set_default(crate::mock_openai::Reply::Hang);
     let tmp = tempfile::tempdir().unwrap();
     let base = openai.base_url();
@@ -315,15 +333,9 @@ fn sigterm_with_a_hanging_request_exits_within_the_grace() {
         Duration::from_secs(5),
         || openai.request_count() > 0,
     );
-    let stopping = Instant::now();
-    sigterm(&child);
-    let out = wait_exit(child);
+    let (out, took) = sigterm_and_time(child);
     assert_eq!(out.status.code(), Some(0));
-    assert!(
-        stopping.elapsed() < Duration::from_secs(3),
-        "exit took {:?}",
-        stopping.elapsed()
-    );
+    assert!(took < Duration::from_secs(3), "exit took {took:?}");
     assert!(
         rt.block_on(in_flight).unwrap().is_err(),
         "the hanging request was cut at exit"
@@ -432,26 +444,17 @@ fn sigterm_closes_idle_and_half_sent_connections_at_once() {
     let _silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     // Connections are accepted in order: once a later one is answered, both were taken.
     assert_eq!(get_json(port, "/api/health")["status"], "healthy");
-    let stopping = Instant::now();
-    sigterm(&child);
-    let out = wait_exit(child);
+    let (out, took) = sigterm_and_time(child);
     assert_eq!(out.status.code(), Some(0));
     assert!(
-        stopping.elapsed() < Duration::from_secs(3),
-        "a half-sent head held shutdown for {:?} (grace 30 s)",
-        stopping.elapsed()
+        took < Duration::from_secs(3),
+        "a half-sent head held shutdown for {took:?} (grace 30 s)"
     );
 }
 
 #[test]
 fn in_flight_requests_and_the_papita_drain_share_one_grace_budget() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
-    let papita = rt.block_on(crate::mock_papita::MockPapita::start());
+    let (rt, openai, papita) = upstream_mocks();
     // Papita takes every usage record and never answers within the grace.
     papita.set_usage(crate::mock_papita::Usage::Slow(Duration::from_secs(60)));
     let tmp = tempfile::tempdir().unwrap();
@@ -483,11 +486,8 @@ fn in_flight_requests_and_the_papita_drain_share_one_grace_budget() {
     wait_for("the chat and the record", Duration::from_secs(5), || {
         openai.request_count() >= 2 && papita.usage_attempts() > 0
     });
-    let stopping = Instant::now();
-    sigterm(&child);
-    let out = wait_exit(child);
+    let (out, took) = sigterm_and_time(child);
     assert_eq!(out.status.code(), Some(0));
-    let took = stopping.elapsed();
     // Two budgets one after the other would be 4 s.
     assert!(took >= Duration::from_millis(1900), "{took:?}");
     assert!(took < Duration::from_millis(3500), "{took:?}");
@@ -511,13 +511,7 @@ fn an_unknown_time_zone_is_named_in_a_start_up_warning() {
 
 #[test]
 fn records_spooled_before_a_kill_9_arrive_after_the_restart() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
-    let papita = rt.block_on(crate::mock_papita::MockPapita::start());
+    let (rt, openai, papita) = upstream_mocks();
     papita.set_usage(crate::mock_papita::Usage::Status(503));
     let tmp = tempfile::tempdir().unwrap();
     let (base, papita_url) = (openai.base_url(), papita.url());
@@ -585,13 +579,7 @@ fn schemathesis() -> String {
 #[test]
 fn schemathesis_fuzzing_from_the_openapi_document_finds_nothing() {
     let st = schemathesis();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let openai = rt.block_on(crate::mock_openai::MockOpenAi::start());
-    let papita = rt.block_on(crate::mock_papita::MockPapita::start());
+    let (_rt, openai, papita) = upstream_mocks();
     let tmp = tempfile::tempdir().unwrap();
     let (base, papita_url) = (openai.base_url(), papita.url());
     let env = [

@@ -116,7 +116,7 @@ pub struct Budgets {
 }
 
 /// Spend held for one call until its real usage is known. Settle it, or release it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Reservation {
     changes: Vec<(String, f64, Unit)>,
     model: String,
@@ -130,6 +130,13 @@ enum Unit {
 
 /// Rough size of a token in characters, for estimates before OpenAI counts.
 pub const CHARS_PER_TOKEN: u64 = 4;
+
+impl Reservation {
+    /// Holds nothing (no budget is set): there is nothing to settle.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
 
 impl Budgets {
     pub fn new(
@@ -153,6 +160,10 @@ impl Budgets {
         model: &str,
         input_chars: usize,
     ) -> Result<Reservation, BudgetSpent> {
+        if !self.limits.any() {
+            // No budget: nothing to price or count, per chat.
+            return Ok(Reservation::default());
+        }
         let prompt = (input_chars as u64).div_ceil(CHARS_PER_TOKEN);
         let estimate = TokenUsage {
             prompt_tokens: prompt,

@@ -24,7 +24,7 @@ pub struct UsageStats {
     default_model: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelUsage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,

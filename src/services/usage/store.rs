@@ -119,6 +119,23 @@ impl Ledger {
         }
     }
 
+    /// The model's own row if it has one or there is room for it (`None`: `other`), and its
+    /// name, shared with the existing row (or the latest model) when there is one.
+    fn slot_for(&self, model: &str) -> (Option<Arc<str>>, Arc<str>) {
+        let slot = match self.by_model.get_key_value(model) {
+            Some((name, _)) => Some(name.clone()),
+            None if self.by_model.len() < MAX_MODELS && model.len() <= MAX_MODEL_NAME_BYTES => {
+                Some(Arc::from(model))
+            }
+            None => None,
+        };
+        let name = slot.clone().unwrap_or_else(|| match &self.latest_model {
+            Some(latest) if &**latest == model => latest.clone(),
+            _ => Arc::from(model),
+        });
+        (slot, name)
+    }
+
     /// The rows, with `other` last; a model that is itself named "other" shares its row.
     fn figures(&self) -> Figures {
         let mut rows: Vec<(String, Tally)> = self
@@ -178,36 +195,11 @@ impl MemoryUsageStore {
             } else {
                 &mut state.estimated
             };
-            // Few models here (the default one for tests); `other` past the same bound.
-            let slot = match ledger.by_model.get_key_value(model) {
-                Some((name, _)) => Some(name.clone()),
-                None if ledger.by_model.len() < MAX_MODELS
-                    && model.len() <= MAX_MODEL_NAME_BYTES =>
-                {
-                    Some(Arc::from(model))
-                }
-                None => None,
-            };
-            let name: Arc<str> = slot.clone().unwrap_or_else(|| Arc::from(model));
+            let (slot, name) = ledger.slot_for(model);
             ledger.add(slot.as_ref(), &name, usage, cost);
             return;
         }
-        // The model's own row if it has one or there is room for it; else `other`.
-        let slot: Option<Arc<str>> = match state.all.by_model.get_key_value(model) {
-            Some((name, _)) => Some(name.clone()),
-            None if state.all.by_model.len() < MAX_MODELS
-                && model.len() <= MAX_MODEL_NAME_BYTES =>
-            {
-                Some(Arc::from(model))
-            }
-            None => None,
-        };
-        let name = slot
-            .clone()
-            .unwrap_or_else(|| match &state.all.latest_model {
-                Some(latest) if &**latest == model => latest.clone(),
-                _ => Arc::from(model),
-            });
+        let (slot, name) = state.all.slot_for(model);
         state.all.add(slot.as_ref(), &name, usage, cost);
         if let Some(id) = session_id {
             // Look up before inserting: `entry` would allocate the key on every chat.
