@@ -91,16 +91,22 @@ impl Application {
         let background = TaskTracker::new();
         let stop_background = CancellationToken::new();
         let spool_now = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
         let session_log = SessionLog::start(
             config.log_dir.clone(),
             SESSION_LOG_QUEUE,
             entries::project_init(&clock.now()),
+            metrics.session_log.clone(),
         )
         .map_err(StartupError::SessionLog)?;
 
         let logged_starts = logged_starts(&config, clock.as_ref()).await;
         let papita = PapitaClient::new(&config.papita, papita_http);
-        let credentials = Arc::new(CredentialProvider::new(&config, papita.clone()));
+        let credentials = Arc::new(CredentialProvider::new(
+            &config,
+            papita.clone(),
+            metrics.credential_resolutions.clone(),
+        ));
         // Resolve the key now, in the background, so health soon tells the truth.
         credentials.peek();
 
@@ -136,7 +142,6 @@ impl Application {
             spool_now.clone(),
         );
         let guardrails = Arc::new(guardrails(&config, clock.clone()));
-        let metrics = Arc::new(Metrics::new());
         let chat = Arc::new(ChatService::new(
             credentials.clone(),
             OpenAiService::new(&config.openai, openai_http),
@@ -146,7 +151,7 @@ impl Application {
             session_log.clone(),
             clock.clone(),
             guardrails.clone(),
-            metrics.clone(),
+            config.metrics_enabled.then(|| metrics.clone()),
         ));
         let state = AppState::new(Services {
             metrics,

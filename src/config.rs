@@ -257,7 +257,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "METRICS_ENABLED",
         default: "true",
-        help: "serve Prometheus metrics at GET /metrics (behind ADMIN_TOKEN when set)",
+        help: "serve Prometheus metrics at GET /metrics (behind ADMIN_TOKEN when set); false also stops recording them",
     },
     Var {
         name: "LOG_FORMAT",

@@ -28,6 +28,23 @@ pub struct HttpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    /// Where the key came from: `papita_api`, `local_env` or `none`.
+    pub source: &'static str,
+    /// `usable`, `missing` or `invalid`.
+    pub result: &'static str,
+}
+
+/// What the session-log writer thread measures, one observation per batch.
+#[derive(Clone, Debug)]
+pub struct SessionLogMetrics {
+    /// Time one `fdatasync` took.
+    pub fsync: Histogram,
+    /// Lines written by one batch (the group commit's size).
+    pub batch_lines: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: &'static str,
     pub method: &'static str,
@@ -79,6 +96,8 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     pub time_to_first_token: Histogram,
     pub overhead: Histogram,
+    pub credential_resolutions: Family<CredentialLabels, Counter>,
+    pub session_log: SessionLogMetrics,
     snapshot: Arc<Mutex<Snapshot>>,
 }
 
@@ -139,6 +158,27 @@ impl Metrics {
             "The service's own time per whole chat: total time minus the OpenAI call",
             overhead.clone(),
         );
+        let credential_resolutions = Family::<CredentialLabels, Counter>::default();
+        registry.register(
+            "credential_resolutions",
+            "OpenAI key resolutions by where the key came from and whether it was usable",
+            credential_resolutions.clone(),
+        );
+        let session_log = SessionLogMetrics {
+            fsync: seconds(),
+            // 1 to 4096 lines (MAX_BATCH is 1024).
+            batch_lines: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+        };
+        registry.register(
+            "session_log_fsync_duration_seconds",
+            "Time one fdatasync of the session log took (one per file per durable batch)",
+            session_log.fsync.clone(),
+        );
+        registry.register(
+            "session_log_batch_lines",
+            "Lines the session log writer wrote per batch (its group commit size)",
+            session_log.batch_lines.clone(),
+        );
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
         registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
         let series = |route: &'static str, method: &'static str| RouteSeries {
@@ -167,6 +207,8 @@ impl Metrics {
             upstream_duration,
             time_to_first_token,
             overhead,
+            credential_resolutions,
+            session_log,
             snapshot,
         }
     }

@@ -1,13 +1,17 @@
 //! `GET /metrics` (Prometheus text format) and the layer that measures every request.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, header};
-use axum::middleware::Next;
+use axum::extract::{MatchedPath, State};
+use axum::http::{Method, Request, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tower::{Layer, Service};
 
 use crate::error::ApiError;
 use crate::http::guards::AdminAccess;
@@ -107,20 +111,109 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 /// Counts and times every request by its matched route (never the raw URL, so a client cannot
-/// create series), method and status.
-pub async fn measure(
-    State(metrics): State<std::sync::Arc<Metrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let (route_index, route) = route_label(request.extensions().get::<MatchedPath>());
-    let method = method_label(request.method());
-    let started = Instant::now();
-    metrics.in_flight.inc();
-    let response = next.run(request).await;
-    metrics.in_flight.dec();
-    let took = started.elapsed().as_secs_f64();
-    let status = response.status().as_u16();
+/// create series), method and status. A tower layer rather than `middleware::from_fn`, which
+/// boxes a clone of the inner service and its future on every request: this costs the hot path
+/// two clock reads, an `Arc` clone and three atomic updates.
+#[derive(Clone)]
+pub struct MeasureLayer(pub Arc<Metrics>);
+
+impl<S> Layer<S> for MeasureLayer {
+    type Service = Measure<S>;
+
+    fn layer(&self, inner: S) -> Measure<S> {
+        Measure {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Measure<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B> Service<Request<B>> for Measure<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = MeasureFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let (route_index, route) = route_label(request.extensions().get::<MatchedPath>());
+        let method = method_label(request.method());
+        self.metrics.in_flight.inc();
+        MeasureFuture {
+            inner: self.inner.call(request),
+            in_flight: InFlight(self.metrics.clone()),
+            route_index,
+            route,
+            method,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Counts the request in `http_requests_in_flight` until it is answered or dropped (a client
+/// that went away).
+struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct MeasureFuture<F> {
+        #[pin]
+        inner: F,
+        in_flight: InFlight,
+        route_index: Option<usize>,
+        route: &'static str,
+        method: &'static str,
+        started: Instant,
+    }
+}
+
+impl<F, E> Future for MeasureFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if let Ok(response) = &result {
+            record(
+                &this.in_flight.0,
+                *this.route_index,
+                this.route,
+                this.method,
+                response.status().as_u16(),
+                this.started.elapsed().as_secs_f64(),
+            );
+        }
+        Poll::Ready(result)
+    }
+}
+
+fn record(
+    metrics: &Metrics,
+    route_index: Option<usize>,
+    route: &'static str,
+    method: &'static str,
+    status: u16,
+    took: f64,
+) {
     let method_index = match method {
         "GET" => Some(0),
         "POST" => Some(1),
@@ -161,5 +254,4 @@ pub async fn measure(
                 .inc();
         }
     }
-    response
 }

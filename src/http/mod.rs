@@ -62,7 +62,7 @@ pub fn router(state: AppState) -> Router {
             config.request_timeout,
         ));
 
-    Router::new()
+    let routes = Router::new()
         .merge(health::router())
         .merge(chat::router())
         .merge(session::router())
@@ -72,13 +72,14 @@ pub fn router(state: AppState) -> Router {
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         // The tower-http limit above answers 413 for every route; axum's own 2 MB default is off.
-        .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn_with_state(
-            state.metrics.clone(),
-            metrics::measure,
-        ))
-        .layer(layers)
-        .with_state(state)
+        .layer(DefaultBodyLimit::disable());
+    // With METRICS_ENABLED=false nothing is measured at all (so the benchmark can compare).
+    let routes = if config.metrics_enabled {
+        routes.layer(metrics::MeasureLayer(state.metrics.clone()))
+    } else {
+        routes
+    };
+    routes.layer(layers).with_state(state)
 }
 
 /// Longest client-chosen `X-Request-ID` kept; longer ones are replaced, not echoed.

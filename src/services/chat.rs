@@ -183,7 +183,8 @@ pub struct ChatService {
     session_log: SessionLog,
     clock: Arc<dyn Clock>,
     guardrails: Arc<Guardrails>,
-    metrics: Arc<Metrics>,
+    /// `None` with `METRICS_ENABLED=false`: nothing is timed or recorded.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl ChatService {
@@ -198,7 +199,7 @@ impl ChatService {
         session_log: SessionLog,
         clock: Arc<dyn Clock>,
         guardrails: Arc<Guardrails>,
-        metrics: Arc<Metrics>,
+        metrics: Option<Arc<Metrics>>,
     ) -> Self {
         Self {
             credentials,
@@ -241,11 +242,11 @@ impl ChatService {
 
     /// A whole answer.
     pub async fn complete(self: &Arc<Self>, request: ChatRequest) -> Result<ChatReply, ChatError> {
-        let started = Instant::now();
+        let started = self.metrics.is_some().then(Instant::now);
         let session = self.sessions.resolve(request.session_id.clone()).await;
         // A client that goes away mid-call drops this: the prompt's estimate is then settled.
         let in_flight = self.admit(&request, session.as_deref(), false).await?;
-        let upstream_started = Instant::now();
+        let upstream_started = started.map(|_| Instant::now());
         let completion = {
             let request = &request;
             self.with_key(|key| async move {
@@ -255,8 +256,10 @@ impl ChatService {
             })
             .await
         };
-        let upstream = upstream_started.elapsed();
-        Metrics::observe(&self.metrics.upstream_duration, upstream);
+        let upstream = upstream_started.map(|t| t.elapsed());
+        if let (Some(metrics), Some(upstream)) = (&self.metrics, upstream) {
+            Metrics::observe(&metrics.upstream_duration, upstream);
+        }
         let completion = match completion {
             Ok(completion) => completion,
             Err(e) => {
@@ -271,10 +274,12 @@ impl ChatService {
             self.account(&request, session.as_deref(), usage).await;
         }
         // What the gateway adds: everything but the OpenAI call (gateways publish this figure).
-        Metrics::observe(
-            &self.metrics.overhead,
-            started.elapsed().saturating_sub(upstream),
-        );
+        if let (Some(metrics), Some(started), Some(upstream)) = (&self.metrics, started, upstream) {
+            Metrics::observe(
+                &metrics.overhead,
+                started.elapsed().saturating_sub(upstream),
+            );
+        }
         Ok(self.reply(
             completion.text,
             completion.usage.unwrap_or_default(),
@@ -312,7 +317,7 @@ impl ChatService {
             }
         };
         let this = self.clone();
-        let open = OpenStream::new(&self.metrics);
+        let open = self.metrics.as_deref().map(OpenStream::new);
         Ok(async_stream::stream! {
             let _open = open;
             let mut first = true;
@@ -324,7 +329,9 @@ impl ChatService {
                 match piece {
                     Ok(StreamPiece::Delta(delta)) => {
                         if std::mem::take(&mut first) {
-                            Metrics::observe(&this.metrics.time_to_first_token, started.elapsed());
+                            if let Some(metrics) = &this.metrics {
+                                Metrics::observe(&metrics.time_to_first_token, started.elapsed());
+                            }
                         }
                         text.push_str(&delta);
                         in_flight.streamed_chars = text.len() as u64;

@@ -14,10 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::domain::ApiKey;
+use crate::metrics::CredentialLabels;
 use crate::services::papita::PapitaClient;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,10 +87,15 @@ pub struct CredentialProvider {
     /// Held while a resolution runs: at most one Papita request in flight.
     resolving: tokio::sync::Mutex<()>,
     background_refresh: AtomicBool,
+    resolutions: Family<CredentialLabels, Counter>,
 }
 
 impl CredentialProvider {
-    pub fn new(config: &Config, papita: PapitaClient) -> Self {
+    pub fn new(
+        config: &Config,
+        papita: PapitaClient,
+        resolutions: Family<CredentialLabels, Counter>,
+    ) -> Self {
         Self {
             papita,
             env_key: config.openai.api_key.as_deref().and_then(ApiKey::parse),
@@ -104,6 +112,7 @@ impl CredentialProvider {
             cache: RwLock::new(None),
             resolving: tokio::sync::Mutex::new(()),
             background_refresh: AtomicBool::new(false),
+            resolutions,
         }
     }
 
@@ -221,6 +230,17 @@ impl CredentialProvider {
             Some(_) => None,
         };
         tracing::info!(source = source.as_str(), usable = problem.is_none(), key = ?key, "resolved OpenAI credentials");
+        let result = match problem {
+            None => "usable",
+            Some(KEY_MISSING) => "missing",
+            Some(_) => "invalid",
+        };
+        self.resolutions
+            .get_or_create(&CredentialLabels {
+                source: source.as_str(),
+                result,
+            })
+            .inc();
         Credentials {
             key,
             source,

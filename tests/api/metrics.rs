@@ -99,6 +99,20 @@ async fn traffic_shows_up_by_route_model_and_outcome() {
         1.0
     );
     assert_eq!(value(&text, "alchat_sse_streams_open"), 0.0);
+    // The test app has a key of its own for a custom base URL: resolved locally, usable.
+    assert!(
+        value(
+            &text,
+            r#"alchat_credential_resolutions_total{source="local_env",result="usable"}"#
+        ) >= 1.0
+    );
+    // The session start waited for an fsync; each batch's size is recorded.
+    assert!(value(&text, "alchat_session_log_fsync_duration_seconds_count") >= 1.0);
+    assert!(value(&text, "alchat_session_log_batch_lines_count") >= 1.0);
+    assert!(
+        value(&text, "alchat_session_log_batch_lines_sum") >= 2.0,
+        "the start line and the chats' usage lines"
+    );
     assert_eq!(
         value(
             &text,
@@ -130,6 +144,11 @@ async fn model_labels_are_bounded_like_by_model() {
 async fn metrics_can_be_turned_off_and_are_behind_the_admin_token() {
     let app = spawn_app_with(|c, _, _| c.metrics_enabled = false).await;
     assert_eq!(app.get("/metrics").await.status(), 404);
+    // Turned off, nothing is recorded either (what the benchmark's on/off comparison relies on).
+    assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
+    let unrecorded = app.state.metrics.render(Default::default());
+    assert!(!unrecorded.contains(r#"route="/api/chat",method="POST",status="200"} 1"#));
+    assert!(unrecorded.contains("alchat_chat_overhead_seconds_count 0"));
     let app = spawn_app_with(|c, _, _| c.guardrails.admin_token = Some("tok".into())).await;
     assert_eq!(app.get("/metrics").await.status(), 401);
     let r = app
@@ -140,4 +159,23 @@ async fn metrics_can_be_turned_off_and_are_behind_the_admin_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn credential_resolutions_are_counted_by_source_and_result() {
+    let app = spawn_app_with(|c, _, papita| {
+        c.openai.api_key = None;
+        papita.set_credentials(crate::mock_papita::Credentials::Status(404));
+    })
+    .await;
+    let r = app.post_chat(&json!({"message": "hi"})).await;
+    assert_eq!(r.status(), 503, "no key anywhere: not configured");
+    let text = scrape(&app).await;
+    assert!(
+        value(
+            &text,
+            r#"alchat_credential_resolutions_total{source="none",result="missing"}"#
+        ) >= 1.0
+    );
+    assert!(!text.contains(r#"result="usable""#));
 }

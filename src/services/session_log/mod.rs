@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::NaiveDateTime;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::SessionLogMetrics;
 pub use line::Line;
 use writer::Writer;
 
@@ -65,14 +66,21 @@ impl SessionLog {
     ///
     /// `init` (the `project_init` line) is written first; if the folder is not writable yet, it
     /// is written with the first batch that succeeds.
-    pub fn start(dir: PathBuf, capacity: usize, init: Line) -> io::Result<Self> {
+    /// The writer records its fsync latency and batch sizes in `metrics`.
+    pub fn start(
+        dir: PathBuf,
+        capacity: usize,
+        init: Line,
+        metrics: SessionLogMetrics,
+    ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity);
         let syncs = Arc::new(AtomicU64::new(0));
         let backlog = Backlog::default();
         let written = Arc::new(AtomicU64::new(0));
         let writer = Writer::new(dir.clone(), syncs.clone(), backlog.clone())
             .with_init(init)
-            .with_written(written.clone());
+            .with_written(written.clone())
+            .with_metrics(metrics);
         std::thread::Builder::new()
             .name("session-log".into())
             .spawn(move || writer.run(rx))?;

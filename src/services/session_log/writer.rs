@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::SessionLogMetrics;
+
 use super::{Backlog, Command, Line, MAX_BATCH, file_path};
 
 pub(super) struct Writer {
@@ -21,6 +23,8 @@ pub(super) struct Writer {
     /// The start-up `project_init` line until it is written: a folder that is not writable at
     /// start-up delays it, never loses it.
     pending_init: Option<Line>,
+    /// Fsync latency and batch sizes, when the application measures them.
+    metrics: Option<SessionLogMetrics>,
 }
 
 /// The lines of one batch that go to one file.
@@ -39,7 +43,14 @@ impl Writer {
             files: Vec::new(),
             pending_init: None,
             written: Arc::default(),
+            metrics: None,
         }
+    }
+
+    /// Records each fsync's latency and each batch's line count in `metrics`.
+    pub(super) fn with_metrics(mut self, metrics: SessionLogMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Counts every line written into `counter`.
@@ -90,11 +101,13 @@ impl Writer {
             // Only start/stop lines wait for durability; a batch of metric lines alone is written
             // without a sync (the next durable batch, or shutdown, syncs it).
             let sync = !flushes.is_empty() || groups.iter().any(|g| !g.acks.is_empty());
+            let mut batch_lines = 0;
             for group in groups {
                 let result = self.write(&group.date, &group.bytes, sync);
                 if result.is_ok() {
                     let lines = group.bytes.iter().filter(|b| **b == b'\n').count() as u64;
                     self.written.fetch_add(lines, Ordering::Relaxed);
+                    batch_lines += lines;
                 }
                 if let Err(e) = &result {
                     tracing::error!(date = %group.date, error = %e, dir = %self.dir.display(), "session log write failed");
@@ -107,6 +120,11 @@ impl Writer {
                             .map_err(|e| io::Error::new(e.kind(), e.to_string())),
                     );
                 }
+            }
+            if let Some(metrics) = &self.metrics
+                && batch_lines > 0
+            {
+                metrics.batch_lines.observe(batch_lines as f64);
             }
             if !flushes.is_empty() {
                 // Shutdown: make the metric lines written without a sync durable too.
@@ -129,12 +147,17 @@ impl Writer {
 
     fn write(&mut self, date: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
         let syncs = self.syncs.clone();
+        let fsync = self.metrics.as_ref().map(|m| m.fsync.clone());
         let result = self.file(date).and_then(|file| {
             let before = file.metadata()?.len();
             let mut written = file.write_all(bytes);
             if sync && written.is_ok() {
+                let started = std::time::Instant::now();
                 written = file.sync_data();
                 syncs.fetch_add(1, Ordering::Relaxed);
+                if let Some(fsync) = &fsync {
+                    fsync.observe(started.elapsed().as_secs_f64());
+                }
             }
             if written.is_err() {
                 // Cut back to the last whole line, so a full disk never leaves half a line.
