@@ -76,6 +76,11 @@ pub const ROUTES: &[&str] = &[
     "/api/openai/test",
     "/api/openai/usage",
     "/metrics",
+    "/api/models",
+    "/api/dashboard",
+    "/dashboard",
+    "/playground",
+    "/assets/{file}",
 ];
 
 /// The series of one route and method, looked up once at start-up: the common case (a 200 on a

@@ -27,15 +27,7 @@ pub(super) async fn ready(State(state): State<AppState>) -> Response {
     let dir = state.session_log.dir().display().to_string();
     let now = timestamp(&state.clock.now());
     // Papita's state is reported, not judged: chats work whatever it is.
-    let papita = state.papita.snapshot();
-    let papita_status = if papita.dropped > 0 {
-        "dropping"
-    } else if papita.spool_bytes > 0 {
-        "spooling"
-    } else {
-        "ok"
-    };
-    let papita = json!({"status": papita_status, "usage_records": papita});
+    let papita = papita_check(&state);
     match state.session_log.check_writable().await {
         Ok(()) => Json(json!({
             "status": "ready",
@@ -61,6 +53,19 @@ pub(super) async fn ready(State(state): State<AppState>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }
+}
+
+/// Papita's delivery state: `ok`, `spooling` (records wait on disk) or `dropping`.
+pub(super) fn papita_check(state: &AppState) -> Value {
+    let papita = state.papita.snapshot();
+    let status = if papita.dropped > 0 {
+        "dropping"
+    } else if papita.spool_bytes > 0 {
+        "spooling"
+    } else {
+        "ok"
+    };
+    json!({"status": status, "usage_records": papita})
 }
 
 #[utoipa::path(get, path = "/api/health", tag = "health",

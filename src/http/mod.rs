@@ -4,13 +4,16 @@
 //! wraps them in the middleware stack.
 
 mod chat;
+mod dashboard;
 mod errors;
 mod extract;
 mod guards;
 mod health;
 mod metrics;
+mod models;
 mod openai;
 mod openapi;
+mod pages;
 mod session;
 
 use std::time::Duration;
@@ -68,6 +71,9 @@ pub fn router(state: AppState) -> Router {
         .merge(session::router())
         .merge(openai::router())
         .merge(metrics::router())
+        .merge(models::router())
+        .merge(dashboard::router())
+        .merge(pages::router())
         .merge(openapi::router())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
@@ -147,6 +153,9 @@ mod tests {
             include_str!("session.rs"),
             include_str!("openai.rs"),
             include_str!("metrics.rs"),
+            include_str!("models.rs"),
+            include_str!("dashboard.rs"),
+            include_str!("pages.rs"),
         ];
         let mut routes = 0;
         for source in sources {
@@ -165,6 +174,6 @@ mod tests {
                 routes += 1;
             }
         }
-        assert_eq!(routes, 9, "every route found in the sources");
+        assert_eq!(routes, 14, "every route found in the sources");
     }
 }

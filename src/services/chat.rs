@@ -23,7 +23,7 @@ use crate::services::papita::{UsageRecord, UsageReporter};
 use crate::services::session_log::{SessionLog, entries};
 use crate::services::sessions::Sessions;
 use crate::services::upstream::{UpstreamError, UpstreamKind};
-use crate::services::usage::{UsageKind, UsageStats};
+use crate::services::usage::{ChatsPerMinute, UsageKind, UsageStats};
 
 /// The success answer of `POST /api/chat`, and the `done` event's data when streaming.
 // `ToSchema`: the OpenAPI document describes these very types (`http/openapi.rs`).
@@ -185,6 +185,8 @@ pub struct ChatService {
     guardrails: Arc<Guardrails>,
     /// `None` with `METRICS_ENABLED=false`: nothing is timed or recorded.
     metrics: Option<Arc<Metrics>>,
+    /// Successful chats per minute over the last hour (the dashboard).
+    pub chats_per_minute: ChatsPerMinute,
 }
 
 impl ChatService {
@@ -211,6 +213,7 @@ impl ChatService {
             clock,
             guardrails,
             metrics,
+            chats_per_minute: ChatsPerMinute::default(),
         }
     }
 
@@ -422,6 +425,9 @@ impl ChatService {
     /// The bookkeeping of one successful chat; nothing here waits on the network or the disk.
     async fn account(&self, request: &ChatRequest, session: Option<&str>, usage: &TokenUsage) {
         self.usage.record(session, &request.model, usage).await;
+        let now = self.clock.now();
+        self.chats_per_minute
+            .record(now.timestamp().div_euclid(60) as u64);
         self.papita.submit(UsageRecord {
             user_id: None,
             username: request.user.username.clone(),
@@ -438,7 +444,7 @@ impl ChatService {
                 id,
                 &request.model,
                 usage,
-                &self.clock.now(),
+                &now,
             ));
         }
     }

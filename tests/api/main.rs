@@ -9,6 +9,7 @@ mod openapi;
 
 mod attribution;
 mod binary;
+mod browser_pages;
 mod browser_snippet;
 mod chat;
 mod credentials;

@@ -109,6 +109,11 @@ impl Guardrails {
         }
     }
 
+    /// The model allow-list (the playground's model picker).
+    pub fn models(&self) -> &ModelPolicy {
+        &self.models
+    }
+
     /// Before anything reaches OpenAI: is this model allowed?
     pub fn check_model(&self, model: &str) -> Result<(), GuardrailError> {
         if self.models.allows(model) {

@@ -47,6 +47,21 @@ impl ModelPolicy {
         }
     }
 
+    /// Whether any model name is allowed (`*`).
+    pub fn any(&self) -> bool {
+        self.patterns.is_none()
+    }
+
+    /// The whole names in the list (not the `prefix*` patterns).
+    pub fn names(&self) -> Vec<String> {
+        self.patterns
+            .iter()
+            .flatten()
+            .filter(|p| !p.ends_with('*'))
+            .cloned()
+            .collect()
+    }
+
     /// The list as the refusal names it (sorted, at most 20 shown).
     pub fn describe(&self) -> String {
         match &self.patterns {

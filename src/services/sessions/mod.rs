@@ -5,6 +5,7 @@
 //! are read back from the log files once; after that a stop for a session not in memory never
 //! reads a file (2026-11 amendment): its start comes from its id, else it is unknown.
 
+mod recent;
 mod store;
 
 use std::io;
@@ -17,6 +18,7 @@ use serde_json::{Map, Value};
 use crate::clock::{Clock, timestamp};
 use crate::services::session_log::{SessionLog, entries};
 
+pub use recent::{RecentSession, RecentSessions};
 pub use store::{MemorySessionStore, SessionStore};
 
 pub const SESSION_ID_REQUIRED: &str = "session_id is required";
@@ -39,6 +41,8 @@ pub struct Sessions {
     store: Arc<dyn SessionStore>,
     log: SessionLog,
     clock: Arc<dyn Clock>,
+    /// The latest sessions this process started or stopped (the dashboard).
+    recent: RecentSessions,
 }
 
 pub struct Started {
@@ -53,7 +57,12 @@ pub struct Stopped {
 
 impl Sessions {
     pub fn new(store: Arc<dyn SessionStore>, log: SessionLog, clock: Arc<dyn Clock>) -> Self {
-        Self { store, log, clock }
+        Self {
+            store,
+            log,
+            clock,
+            recent: RecentSessions::default(),
+        }
     }
 
     fn log_error(&self, source: io::Error) -> SessionError {
@@ -75,9 +84,11 @@ impl Sessions {
         {
             Ok(()) => {
                 self.store.started(&id).await;
+                let at = timestamp(&now);
+                self.recent.started(&id, at.clone());
                 Ok(Started {
                     session_id: id,
-                    timestamp: timestamp(&now),
+                    timestamp: at,
                 })
             }
             Err(e) => {
@@ -109,10 +120,17 @@ impl Sessions {
             .await
             .map_err(|e| self.log_error(e))?;
         self.store.stopped(&id).await;
+        let at = timestamp(&now);
+        self.recent.stopped(&id, at.clone(), duration);
         Ok(Stopped {
-            timestamp: timestamp(&now),
+            timestamp: at,
             duration_seconds: duration,
         })
+    }
+
+    /// The latest sessions started or stopped here, newest first.
+    pub fn recent(&self) -> Vec<RecentSession> {
+        self.recent.list()
     }
 
     /// Sessions remembered (bounded by `SESSION_MAX_TRACKED` and `SESSION_MAX_AGE_HOURS`).

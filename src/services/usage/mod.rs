@@ -2,6 +2,7 @@
 //! Each chat is priced when it is recorded; the figures live in a `UsageStore` (in-process by
 //! default), and this service turns them into the `/api/openai/usage` answer.
 
+mod activity;
 mod store;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use serde_json::{Value, json};
 use crate::domain::TokenUsage;
 use crate::services::pricing::PriceTable;
 
+pub use activity::ChatsPerMinute;
 pub use store::{
     Figures, MAX_MODEL_NAME_BYTES, MAX_MODELS, MemoryUsageStore, OTHER, Tally, UsageKind,
     UsageStore,
