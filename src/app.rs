@@ -20,14 +20,18 @@ use crate::server;
 use crate::services::chat::ChatService;
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::{
-    Budgets, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
+    BudgetStore, Budgets, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
+    RateLimitStore,
 };
 use crate::services::openai::OpenAiService;
 use crate::services::papita::{PapitaClient, UsageReporter};
 use crate::services::session_log::entries;
 use crate::services::session_log::{self, SessionLog};
-use crate::services::sessions::{MemorySessionStore, Sessions};
-use crate::services::usage::{MemoryUsageStore, UsageStats};
+use crate::services::sessions::{MemorySessionStore, SessionStore, Sessions};
+use crate::services::shared::{
+    RedisBudgetStore, RedisRateLimits, RedisSessionStore, RedisUsageStore, SharedState,
+};
+use crate::services::usage::{MemoryUsageStore, UsageStats, UsageStore};
 use crate::state::{AppState, Services};
 
 /// Lines waiting for the session log writer; start/stop wait when it is full.
@@ -47,6 +51,8 @@ pub enum StartupError {
     SessionLog(io::Error),
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    #[error("invalid STATE_URL: {0}")]
+    StateUrl(redis::RedisError),
 }
 
 pub struct Application {
@@ -118,13 +124,43 @@ impl Application {
             clock.now(),
             logged_starts,
         );
+        // STATE_URL: the shared stores on Redis, each falling back to its in-process twin.
+        let shared = match &config.state {
+            Some(settings) => Some(
+                SharedState::connect(settings, stop_background.clone())
+                    .await
+                    .map_err(StartupError::StateUrl)?,
+            ),
+            None => None,
+        };
+        let (session_store, usage_store): (Arc<dyn SessionStore>, Arc<dyn UsageStore>) =
+            match &shared {
+                Some(shared) => (
+                    Arc::new(RedisSessionStore::new(
+                        shared.clone(),
+                        session_store,
+                        max_age,
+                    )),
+                    Arc::new(RedisUsageStore::new(
+                        shared.clone(),
+                        config.sessions_max.get(),
+                        max_age,
+                        &background,
+                        stop_background.clone(),
+                    )),
+                ),
+                None => (
+                    Arc::new(session_store),
+                    Arc::new(MemoryUsageStore::new(config.sessions_max.get())),
+                ),
+            };
         let sessions = Arc::new(Sessions::new(
-            Arc::new(session_store),
+            session_store,
             session_log.clone(),
             clock.clone(),
         ));
         let usage = Arc::new(UsageStats::new(
-            Arc::new(MemoryUsageStore::new(config.sessions_max.get())),
+            usage_store,
             config.pricing.clone(),
             &config.openai.model,
         ));
@@ -141,7 +177,7 @@ impl Application {
             stop_background.clone(),
             spool_now.clone(),
         );
-        let guardrails = Arc::new(guardrails(&config, clock.clone()));
+        let guardrails = Arc::new(guardrails(&config, clock.clone(), shared.as_ref()));
         let chat = Arc::new(ChatService::new(
             credentials.clone(),
             OpenAiService::new(&config.openai, openai_http),
@@ -154,6 +190,7 @@ impl Application {
             config.metrics_enabled.then(|| metrics.clone()),
         ));
         let state = AppState::new(Services {
+            shared,
             metrics,
             chat,
             guardrails,
@@ -263,26 +300,41 @@ impl Application {
     }
 }
 
-/// The guardrails with the in-process stores for their counters.
-fn guardrails(config: &Config, clock: Arc<dyn Clock>) -> Guardrails {
+/// The guardrails, their counters in process or, with `STATE_URL`, on Redis.
+fn guardrails(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    shared: Option<&Arc<SharedState>>,
+) -> Guardrails {
     let settings = &config.guardrails;
     let models = ModelPolicy::new(
         settings.allowed_models.as_deref(),
         &config.openai.model,
         &config.pricing.models(),
     );
-    let rate = MemoryRateLimits::new(settings.chat_per_min, settings.test_per_min);
     // Day counters plus one per session: bounded like the sessions themselves.
     let budget_store = MemoryBudgetStore::new(config.sessions_max.get() + 16);
-    let budgets = Budgets::new(
-        Arc::new(budget_store),
-        settings.budget,
-        config.pricing.clone(),
-        clock,
-    );
+    let (rate, budget_store): (Arc<dyn RateLimitStore>, Arc<dyn BudgetStore>) = match shared {
+        Some(shared) => (
+            Arc::new(RedisRateLimits::new(
+                shared.clone(),
+                settings.chat_per_min,
+                settings.test_per_min,
+            )),
+            Arc::new(RedisBudgetStore::new(shared.clone(), budget_store)),
+        ),
+        None => (
+            Arc::new(MemoryRateLimits::new(
+                settings.chat_per_min,
+                settings.test_per_min,
+            )),
+            Arc::new(budget_store),
+        ),
+    };
+    let budgets = Budgets::new(budget_store, settings.budget, config.pricing.clone(), clock);
     Guardrails::new(
         models,
-        Arc::new(rate),
+        rate,
         (
             settings.chat_per_min.map(|n| n.get()),
             settings.test_per_min.map(|n| n.get()),

@@ -215,6 +215,26 @@ pub const VARS: &[Var] = &[
         help: "when set, /api/openai/info and /api/openai/test need Authorization: Bearer <token>",
     },
     Var {
+        name: "STATE_URL",
+        default: "",
+        help: "redis://host:port/db: sessions, usage, budgets and rate limits shared by replicas on Redis/Valkey; unset keeps them in this process",
+    },
+    Var {
+        name: "STATE_PREFIX",
+        default: "al-chat:",
+        help: "prefix of every key this service writes in Redis",
+    },
+    Var {
+        name: "STATE_UNAVAILABLE",
+        default: "local",
+        help: "while Redis is unreachable: local (budgets and rate limits per replica) or refuse (chats get 503)",
+    },
+    Var {
+        name: "STATE_TIMEOUT_MS",
+        default: "250",
+        help: "longest wait for one Redis call; after a failure Redis is skipped until a probe sees it back",
+    },
+    Var {
         name: "REQUEST_BODY_LIMIT_BYTES",
         default: "16777216",
         help: "larger request bodies get 413",
@@ -330,9 +350,29 @@ pub struct GuardrailSettings {
     pub admin_token: Option<String>,
 }
 
+/// What budgets and rate limits do while the shared state is unreachable (`STATE_UNAVAILABLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenStateUnavailable {
+    /// Enforce them per replica (the website keeps working).
+    Local,
+    /// Refuse chats (503) rather than enforce them per replica.
+    Refuse,
+}
+
+/// Shared state on Redis (`STATE_*`); `None` in `Config::state`: in-process.
+#[derive(Debug, Clone)]
+pub struct StateSettings {
+    pub url: String,
+    pub prefix: String,
+    pub when_unavailable: WhenStateUnavailable,
+    pub timeout: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub guardrails: GuardrailSettings,
+    /// `STATE_URL` and its settings; `None`: state in this process.
+    pub state: Option<StateSettings>,
     pub host: String,
     pub port: u16,
     pub openai: OpenAiSettings,
@@ -529,6 +569,46 @@ impl Config {
                 "true" | "1" | "yes" | "on" => true,
                 "false" | "0" | "no" | "off" => false,
                 other => return Err(invalid("METRICS_ENABLED", other, "expected true or false")),
+            },
+            state: match src.raw("STATE_URL").map(|u| u.trim().to_string()) {
+                None => None,
+                Some(url) if url.is_empty() => None,
+                Some(url) => {
+                    const SCHEMES: &[&str] = &[
+                        "redis://",
+                        "rediss://",
+                        "valkey://",
+                        "valkeys://",
+                        "redis+unix://",
+                        "valkey+unix://",
+                        "unix://",
+                    ];
+                    if !SCHEMES.iter().any(|s| url.starts_with(s)) {
+                        return Err(invalid("STATE_URL", &url, "expected redis://host:port/db"));
+                    }
+                    Some(StateSettings {
+                        url,
+                        prefix: src.string("STATE_PREFIX"),
+                        when_unavailable: match src
+                            .string("STATE_UNAVAILABLE")
+                            .to_ascii_lowercase()
+                            .as_str()
+                        {
+                            "local" => WhenStateUnavailable::Local,
+                            "refuse" => WhenStateUnavailable::Refuse,
+                            other => {
+                                return Err(invalid(
+                                    "STATE_UNAVAILABLE",
+                                    other,
+                                    "expected local or refuse",
+                                ));
+                            }
+                        },
+                        timeout: Duration::from_millis(
+                            src.positive::<NonZeroU64>("STATE_TIMEOUT_MS")?.get(),
+                        ),
+                    })
+                }
             },
             log_filter: src.string("RUST_LOG"),
             env_file,

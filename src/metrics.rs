@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub session_log: Vec<(&'static str, u64)>,
     pub session_log_syncs: u64,
     pub spool_bytes: u64,
+    /// With `STATE_URL`: (Redis up, failed calls, operations done locally or refused, recoveries).
+    pub shared_state: Option<(bool, u64, u64, u64)>,
 }
 
 /// Every route the router serves, as its `route` label.
@@ -346,6 +348,41 @@ impl Collector for SnapshotCollector {
             None,
             syncs.metric_type(),
         )?)?;
+
+        if let Some((up, failures, fallbacks, recoveries)) = snap.shared_state {
+            let gauge = ConstGauge::new(i64::from(up));
+            gauge.encode(encoder.encode_descriptor(
+                "shared_state_up",
+                "1 while the shared state (Redis, STATE_URL) answers, 0 while it is skipped",
+                None,
+                gauge.metric_type(),
+            )?)?;
+            for (name, help, value) in [
+                (
+                    "shared_state_failures",
+                    "Redis calls that failed or timed out (each marks it down until a probe sees it back)",
+                    failures,
+                ),
+                (
+                    "shared_state_fallbacks",
+                    "Operations done on local state, or refused, because Redis was down",
+                    fallbacks,
+                ),
+                (
+                    "shared_state_recoveries",
+                    "Times Redis was seen back after being down",
+                    recoveries,
+                ),
+            ] {
+                let counter = ConstCounter::new(value);
+                counter.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    counter.metric_type(),
+                )?)?;
+            }
+        }
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ use crate::services::guardrails::Guardrails;
 use crate::services::papita::UsageReporter;
 use crate::services::session_log::SessionLog;
 use crate::services::sessions::Sessions;
+use crate::services::shared::SharedState;
 use crate::services::usage::UsageStats;
 
 #[derive(Clone)]
@@ -31,6 +32,8 @@ pub struct Services {
     pub papita: UsageReporter,
     pub session_log: SessionLog,
     pub metrics: Arc<Metrics>,
+    /// The Redis connection when `STATE_URL` is set (readiness, metrics).
+    pub shared: Option<Arc<SharedState>>,
 }
 
 impl AppState {

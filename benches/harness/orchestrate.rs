@@ -80,6 +80,35 @@ fn start_al_chat_with(
     Server { child, port }
 }
 
+struct Redis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis(dir: &Path) -> Redis {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (benches/run installs it)");
+    wait_listening(port);
+    Redis {
+        child,
+        url: format!("redis://127.0.0.1:{port}/0"),
+    }
+}
+
 /// (chats answered, records Papita received), after giving the records up to 30 s to drain.
 fn records_delivered(al_chat: &Server, papita: &Server) -> (u64, u64) {
     let get = |url: String| -> String {
@@ -150,6 +179,16 @@ pub fn run() {
         &tmp.path().join("logs-no-metrics"),
         &[("METRICS_ENABLED", "false")],
     );
+    // And with STATE_URL: shared state on a redis-server on this box (in memory, no
+    // persistence), Papita records again to a mock of their own.
+    let redis = start_redis(tmp.path());
+    let papita_redis = start_self(&["mock".into(), free_port().to_string(), "0".into()]);
+    let al_chat_redis = start_al_chat_with(
+        &upstream,
+        &papita_redis.url(),
+        &tmp.path().join("logs-redis"),
+        &[("STATE_URL", &redis.url)],
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     let idle_rss = al_chat.rss_kb("VmRSS:");
@@ -181,6 +220,13 @@ pub fn run() {
         Some(&chat_lua),
         5,
     );
+    wrk(
+        &format!("{}/api/chat", al_chat_redis.url()),
+        16,
+        1,
+        Some(&chat_lua),
+        5,
+    );
 
     let [health, starts16] = interleaved(
         rounds,
@@ -206,7 +252,7 @@ pub fn run() {
         "(reference)".into(),
     );
 
-    let [direct, yardstick, ours, no_metrics] = interleaved(
+    let [direct, yardstick, ours, no_metrics, on_redis] = interleaved(
         rounds,
         [
             &|| {
@@ -239,6 +285,15 @@ pub fn run() {
             &|| {
                 wrk(
                     &format!("{}/api/chat", al_chat_off.url()),
+                    16,
+                    secs,
+                    Some(&chat_lua),
+                    5,
+                )
+            },
+            &|| {
+                wrk(
+                    &format!("{}/api/chat", al_chat_redis.url()),
                     16,
                     secs,
                     Some(&chat_lua),
@@ -286,6 +341,21 @@ pub fn run() {
     );
     drop(al_chat_off);
     drop(papita_off);
+    let shared_ratio = on_redis.rps / ours.rps;
+    row(
+        "8. POST /api/chat with STATE_URL (Redis on this box), same rounds",
+        format!(
+            "{:.0} req/s, p99 {:.2} ms, {} errors",
+            on_redis.rps, on_redis.p99_ms, on_redis.errors
+        ),
+        verdict(
+            shared_ratio >= 0.8 && on_redis.errors == 0,
+            &format!("{shared_ratio:.2} of the in-process default; target ≥ 0.80"),
+        ),
+    );
+    drop(al_chat_redis);
+    drop(papita_redis);
+    drop(redis);
 
     let half = ((yardstick.rps / 2.0) as u64).max(100);
     let rate_secs = if quick { 3 } else { 5 };

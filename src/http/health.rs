@@ -28,11 +28,13 @@ pub(super) async fn ready(State(state): State<AppState>) -> Response {
     let now = timestamp(&state.clock.now());
     // Papita's state is reported, not judged: chats work whatever it is.
     let papita = papita_check(&state);
+    // Reported, not judged: with Redis down chats go on with local state (Docs/SCALING.md).
+    let shared = state.shared.as_ref().map(|s| s.check());
     match state.session_log.check_writable().await {
         Ok(()) => Json(json!({
             "status": "ready",
             "timestamp": now,
-            "checks": {"session_log": {"status": "ok", "dir": dir}, "papita": papita},
+            "checks": {"session_log": {"status": "ok", "dir": dir}, "papita": papita, "shared_state": shared},
         }))
         .into_response(),
         Err(e) => {
@@ -48,6 +50,7 @@ pub(super) async fn ready(State(state): State<AppState>) -> Response {
                 "checks": {
                     "session_log": {"status": "failing", "dir": dir, "reason": e.to_string()},
                     "papita": papita,
+                    "shared_state": shared,
                 },
             });
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()

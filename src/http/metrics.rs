@@ -83,6 +83,16 @@ async fn snapshot(state: &AppState) -> Snapshot {
         ],
         session_log_syncs: state.session_log.syncs(),
         spool_bytes: papita.spool_bytes,
+        shared_state: state.shared.as_ref().map(|s| {
+            let get =
+                |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            (
+                s.is_up(),
+                get(&s.stats.failures),
+                get(&s.stats.fallbacks),
+                get(&s.stats.recoveries),
+            )
+        }),
     }
 }
 

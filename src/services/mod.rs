@@ -12,5 +12,6 @@ pub mod papita;
 pub mod pricing;
 pub mod session_log;
 pub mod sessions;
+pub mod shared;
 pub mod upstream;
 pub mod usage;

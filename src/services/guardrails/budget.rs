@@ -25,10 +25,19 @@ pub struct Charge {
     pub cap: f64,
 }
 
+/// Why a budget store did not reserve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetRefusal {
+    /// The charge at this index does not fit its cap.
+    Over(usize),
+    /// The shared store is down and `STATE_UNAVAILABLE=refuse`.
+    Unavailable,
+}
+
 pub trait BudgetStore: Send + Sync {
     /// Adds every charge if each counter stays within its cap, atomically; else changes
-    /// nothing and names the first charge that does not fit.
-    fn reserve<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Result<(), usize>>;
+    /// nothing and says why (the first charge that does not fit).
+    fn reserve<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Result<(), BudgetRefusal>>;
     /// Adds each amount (negative to give back).
     fn adjust<'a>(&'a self, changes: &'a [(String, f64)]) -> BoxFuture<'a, ()>;
     /// A counter's value.
@@ -52,13 +61,13 @@ impl MemoryBudgetStore {
 }
 
 impl BudgetStore for MemoryBudgetStore {
-    fn reserve<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Result<(), usize>> {
+    fn reserve<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Result<(), BudgetRefusal>> {
         let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let over = charges.iter().position(|c| {
             counters.get(&c.key).copied().unwrap_or(0.0) + c.amount > c.cap + f64::EPSILON
         });
         if let Some(i) = over {
-            return ready(Err(i)).boxed();
+            return ready(Err(BudgetRefusal::Over(i))).boxed();
         }
         for c in charges {
             *counters.entry(c.key.clone()).or_insert(0.0) += c.amount;
@@ -97,6 +106,14 @@ impl BudgetLimits {
     pub fn any(&self) -> bool {
         self.daily_usd.is_some() || self.daily_tokens.is_some() || self.session_tokens.is_some()
     }
+}
+
+/// Why a chat's spend was not reserved.
+#[derive(Debug, Clone)]
+pub enum BudgetDenied {
+    Spent(BudgetSpent),
+    /// The shared store is down and `STATE_UNAVAILABLE=refuse`.
+    Unavailable,
 }
 
 /// A budget that does not fit this chat.
@@ -159,7 +176,7 @@ impl Budgets {
         session: Option<&str>,
         model: &str,
         input_chars: usize,
-    ) -> Result<Reservation, BudgetSpent> {
+    ) -> Result<Reservation, BudgetDenied> {
         if !self.limits.any() {
             // No budget: nothing to price or count, per chat.
             return Ok(Reservation::default());
@@ -186,7 +203,10 @@ impl Budgets {
             .collect();
         match self.store.reserve(&charges).await {
             Ok(()) => Ok(reservation),
-            Err(i) => Err(self.spent_error(&charges[i].key)),
+            Err(BudgetRefusal::Over(i)) => {
+                Err(BudgetDenied::Spent(self.spent_error(&charges[i].key)))
+            }
+            Err(BudgetRefusal::Unavailable) => Err(BudgetDenied::Unavailable),
         }
     }
 

@@ -13,9 +13,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use budget::{BudgetLimits, BudgetSpent, BudgetStore, Budgets, MemoryBudgetStore, Reservation};
+pub use budget::{
+    BudgetDenied, BudgetLimits, BudgetRefusal, BudgetSpent, BudgetStore, Budgets, Charge,
+    MemoryBudgetStore, Reservation,
+};
 pub use models::ModelPolicy;
-pub use rate::{Limited, MemoryRateLimits, RateLimitStore};
+pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
 /// Why a guardrail refused a request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -33,6 +36,12 @@ pub enum GuardrailError {
     },
     #[error(transparent)]
     Budget(#[from] BudgetSpent),
+    /// Budgets or rate limits are set, the shared state (Redis) is unreachable and
+    /// `STATE_UNAVAILABLE=refuse`.
+    #[error(
+        "Usage limits cannot be checked right now: the shared state (STATE_URL) is unreachable. Try again in a few seconds."
+    )]
+    StateUnavailable,
 }
 
 impl GuardrailError {
@@ -42,6 +51,7 @@ impl GuardrailError {
             Self::ModelNotAllowed { .. } => None,
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::Budget(b) => Some(b.retry_after),
+            Self::StateUnavailable => Some(Duration::from_secs(2)),
         }
     }
 }
@@ -137,14 +147,20 @@ impl Guardrails {
             Limited::Test => (self.test_per_min, "RATE_LIMIT_TEST_PER_MIN"),
         };
         let Some(limit) = limit else { return Ok(()) };
-        self.rate.check(what, client).await.map_err(|retry_after| {
-            self.refusals.rate_limit.fetch_add(1, Ordering::Relaxed);
-            GuardrailError::RateLimited {
-                limit,
-                setting,
-                retry_after,
-            }
-        })
+        self.rate
+            .check(what, client)
+            .await
+            .map_err(|refusal| match refusal {
+                RateRefusal::Wait(retry_after) => {
+                    self.refusals.rate_limit.fetch_add(1, Ordering::Relaxed);
+                    GuardrailError::RateLimited {
+                        limit,
+                        setting,
+                        retry_after,
+                    }
+                }
+                RateRefusal::Unavailable => GuardrailError::StateUnavailable,
+            })
     }
 
     /// Reserves a call's estimated spend (see `budget.rs`).
@@ -157,9 +173,12 @@ impl Guardrails {
         self.budgets
             .reserve(session, model, input_chars)
             .await
-            .map_err(|spent| {
-                self.refusals.budget.fetch_add(1, Ordering::Relaxed);
-                spent.into()
+            .map_err(|denied| match denied {
+                BudgetDenied::Spent(spent) => {
+                    self.refusals.budget.fetch_add(1, Ordering::Relaxed);
+                    spent.into()
+                }
+                BudgetDenied::Unavailable => GuardrailError::StateUnavailable,
             })
     }
 }

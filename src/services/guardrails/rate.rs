@@ -17,9 +17,18 @@ pub enum Limited {
     Test,
 }
 
+/// Why a rate-limit store said no.
+#[derive(Debug, Clone, Copy)]
+pub enum RateRefusal {
+    /// Over the limit: how long until one more is allowed.
+    Wait(Duration),
+    /// The shared store is down and `STATE_UNAVAILABLE=refuse`.
+    Unavailable,
+}
+
 pub trait RateLimitStore: Send + Sync {
-    /// `Ok` if `client` may make one more `what` now, else how long until it may.
-    fn check(&self, what: Limited, client: IpAddr) -> BoxFuture<'_, Result<(), Duration>>;
+    /// `Ok` if `client` may make one more `what` now.
+    fn check(&self, what: Limited, client: IpAddr) -> BoxFuture<'_, Result<(), RateRefusal>>;
 }
 
 /// Keys held at most; past it the limiter forgets clients that are back to a full allowance.
@@ -63,7 +72,7 @@ impl MemoryRateLimits {
 }
 
 impl RateLimitStore for MemoryRateLimits {
-    fn check(&self, what: Limited, client: IpAddr) -> BoxFuture<'_, Result<(), Duration>> {
-        ready(self.check_now(what, client)).boxed()
+    fn check(&self, what: Limited, client: IpAddr) -> BoxFuture<'_, Result<(), RateRefusal>> {
+        ready(self.check_now(what, client).map_err(RateRefusal::Wait)).boxed()
     }
 }

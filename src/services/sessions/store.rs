@@ -47,6 +47,9 @@ pub struct MemorySessionStore {
     registry: Mutex<Registry>,
     max_tracked: usize,
     max_age: chrono::Duration,
+    /// Added to the `_N` suffix (and then always written): a replica's fallback while the shared
+    /// store is down issues ids no other replica issues in the same second. 0: plain ids.
+    id_offset: u32,
 }
 
 impl MemorySessionStore {
@@ -62,6 +65,7 @@ impl MemorySessionStore {
             registry: Mutex::default(),
             max_tracked,
             max_age,
+            id_offset: 0,
         };
         {
             let mut reg = store.registry();
@@ -73,6 +77,12 @@ impl MemorySessionStore {
             }
         }
         store
+    }
+
+    /// Ids get the suffix `_{offset + N}` (see `id_offset`).
+    pub fn with_id_offset(mut self, offset: u32) -> Self {
+        self.id_offset = offset;
+        self
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -110,10 +120,9 @@ impl MemorySessionStore {
         };
         // The clock can step back (NTP, DST): check what is still remembered, too.
         let id = loop {
-            let candidate = if n == 1 {
-                base.clone()
-            } else {
-                format!("{base}_{n}")
+            let candidate = match (n, self.id_offset) {
+                (1, 0) => base.clone(),
+                (n, offset) => format!("{base}_{}", n + offset),
             };
             if !reg.started.contains_key(&candidate) {
                 break candidate;

@@ -69,6 +69,13 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// One call's figures.
+    pub fn of(usage: &TokenUsage, cost: &Cost) -> Self {
+        let mut tally = Self::default();
+        tally.add(usage, cost);
+        tally
+    }
+
     fn add(&mut self, usage: &TokenUsage, cost: &Cost) {
         self.prompt += usage.prompt_tokens;
         self.completion += usage.completion_tokens;
@@ -214,6 +221,64 @@ impl MemoryUsageStore {
                 state.sessions.insert(id.to_string(), ledger);
             }
         }
+    }
+
+    /// Whether nothing has been recorded (since the last `take`).
+    pub fn is_empty(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.all.by_model.is_empty()
+            && state.all.other.requests == 0
+            && state.tests.by_model.is_empty()
+            && state.tests.other.requests == 0
+            && state.estimated.by_model.is_empty()
+            && state.estimated.other.requests == 0
+            && state.sessions.is_empty()
+    }
+
+    /// Everything recorded so far, and empties the store (a buffer handing its figures on):
+    /// `(kind, None, rows)` per ledger, and `(Chat, Some(session), rows)` per session, whose rows
+    /// are also in the chat totals.
+    pub fn take(&self) -> Vec<(UsageKind, Option<String>, Vec<(String, Tally)>)> {
+        let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = Vec::new();
+        for (kind, ledger) in [
+            (UsageKind::Chat, &state.all),
+            (UsageKind::Test, &state.tests),
+            (UsageKind::Estimated, &state.estimated),
+        ] {
+            let rows = ledger.figures().rows;
+            if !rows.is_empty() {
+                out.push((kind, None, rows));
+            }
+        }
+        for (id, ledger) in &state.sessions {
+            out.push((UsageKind::Chat, Some(id.clone()), ledger.figures().rows));
+        }
+        out
+    }
+
+    /// Adds back a row `take` returned (it could not be handed on): into the ledger of `kind`, or
+    /// only into `session`'s when one is named.
+    pub fn put_back(&self, kind: UsageKind, session: Option<&str>, model: &str, tally: &Tally) {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *guard;
+        let ledger = match (kind, session) {
+            (UsageKind::Chat, Some(id)) => {
+                if !state.sessions.contains_key(id) && state.sessions.len() >= self.max_sessions {
+                    state.sessions.shift_remove_index(0);
+                }
+                state.sessions.entry(id.to_string()).or_default()
+            }
+            (UsageKind::Chat, None) => &mut state.all,
+            (UsageKind::Test, _) => &mut state.tests,
+            (UsageKind::Estimated, _) => &mut state.estimated,
+        };
+        let (slot, name) = ledger.slot_for(model);
+        match slot {
+            Some(slot) => ledger.by_model.entry(slot).or_default().merge(tally),
+            None => ledger.other.merge(tally),
+        }
+        ledger.latest_model = Some(name);
     }
 
     fn figures_now(&self, session_id: Option<&str>) -> Figures {
