@@ -201,14 +201,16 @@ async fn a_rate_limit_is_shared_by_the_replicas() {
     })
     .await;
     let mut statuses = Vec::new();
+    let mut retry_after = None;
     for i in 0..18 {
-        statuses.push(
-            apps[i % 3]
-                .post_chat(&json!({"message": "hi"}))
-                .await
-                .status()
-                .as_u16(),
-        );
+        let r = apps[i % 3].post_chat(&json!({"message": "hi"})).await;
+        if r.status() == 429 {
+            retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+        }
+        statuses.push(r.status().as_u16());
     }
     assert_eq!(
         statuses.iter().filter(|s| **s == 200).count(),
@@ -216,6 +218,8 @@ async fn a_rate_limit_is_shared_by_the_replicas() {
         "{statuses:?}"
     );
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 12);
+    let wait: u64 = retry_after.expect("Retry-After on a 429").parse().unwrap();
+    assert!((1..=60).contains(&wait), "until the window ends: {wait}");
 }
 
 /// Each request during the outage must answer well within the test client's timeout.

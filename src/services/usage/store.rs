@@ -48,6 +48,10 @@ pub trait UsageStore: Send + Sync {
     fn figures<'a>(&'a self, session_id: Option<&'a str>) -> BoxFuture<'a, Figures>;
 }
 
+/// One ledger handed on by `MemoryUsageStore::take`: its kind, its session (if it is one
+/// session's), its rows.
+pub type TakenLedger = (UsageKind, Option<String>, Vec<(String, Tally)>);
+
 /// What a ledger holds, for the report.
 #[derive(Debug, Default, Clone)]
 pub struct Figures {
@@ -238,7 +242,7 @@ impl MemoryUsageStore {
     /// Everything recorded so far, and empties the store (a buffer handing its figures on):
     /// `(kind, None, rows)` per ledger, and `(Chat, Some(session), rows)` per session, whose rows
     /// are also in the chat totals.
-    pub fn take(&self) -> Vec<(UsageKind, Option<String>, Vec<(String, Tally)>)> {
+    pub fn take(&self) -> Vec<TakenLedger> {
         let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()));
         let mut out = Vec::new();
         for (kind, ledger) in [
