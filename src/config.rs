@@ -350,6 +350,16 @@ pub struct GuardrailSettings {
     pub admin_token: Option<String>,
 }
 
+/// `redis://user:secret@host:6379/0` → `redis://host:6379/0`: a URL fit for logs and errors.
+pub fn without_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// What budgets and rate limits do while the shared state is unreachable (`STATE_UNAVAILABLE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenStateUnavailable {
@@ -574,17 +584,29 @@ impl Config {
                 None => None,
                 Some(url) if url.is_empty() => None,
                 Some(url) => {
+                    // The error names the URL without its password.
+                    let shown = without_credentials(&url);
+                    // No TLS client is built in: rediss:// is refused here, not at the first call.
+                    if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+                        return Err(invalid(
+                            "STATE_URL",
+                            &shown,
+                            "TLS to Redis is not built in; use redis:// on a private network, or a TLS sidecar",
+                        ));
+                    }
                     const SCHEMES: &[&str] = &[
                         "redis://",
-                        "rediss://",
                         "valkey://",
-                        "valkeys://",
                         "redis+unix://",
                         "valkey+unix://",
                         "unix://",
                     ];
                     if !SCHEMES.iter().any(|s| url.starts_with(s)) {
-                        return Err(invalid("STATE_URL", &url, "expected redis://host:port/db"));
+                        return Err(invalid(
+                            "STATE_URL",
+                            &shown,
+                            "expected redis://host:port/db",
+                        ));
                     }
                     Some(StateSettings {
                         url,
@@ -789,6 +811,35 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_sources(|k| env.get(k).cloned(), &file, PathBuf::from(".env"), false)
+    }
+
+    #[test]
+    fn state_url_is_checked_and_its_password_never_echoed() {
+        assert!(
+            build(&[], &[]).unwrap().state.is_none(),
+            "unset: in process"
+        );
+        let state = build(&[("STATE_URL", "redis://cache:6379/2")], &[])
+            .unwrap()
+            .state
+            .unwrap();
+        assert_eq!(state.prefix, "al-chat:");
+        assert_eq!(state.when_unavailable, WhenStateUnavailable::Local);
+        assert_eq!(state.timeout, Duration::from_millis(250));
+        for bad in ["http://:hunter2@cache:6379", "rediss://:hunter2@cache:6379"] {
+            let e = build(&[("STATE_URL", bad)], &[]).unwrap_err().to_string();
+            assert!(e.contains("STATE_URL") && !e.contains("hunter2"), "{e}");
+        }
+        let e = build(
+            &[
+                ("STATE_URL", "redis://cache"),
+                ("STATE_UNAVAILABLE", "maybe"),
+            ],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("STATE_UNAVAILABLE"), "{e}");
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub use rate::RedisRateLimits;
 pub use sessions::RedisSessionStore;
 pub use usage::RedisUsageStore;
 
-use crate::config::{StateSettings, WhenStateUnavailable};
+use crate::config::{StateSettings, WhenStateUnavailable, without_credentials};
 
 /// How often a probe tries Redis while it is down.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -79,16 +79,6 @@ impl std::fmt::Debug for SharedState {
             .field("location", &self.location)
             .field("up", &self.is_up())
             .finish()
-    }
-}
-
-/// `redis://user:secret@host:6379/0` → `redis://host:6379/0` (no credentials in logs).
-fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -264,11 +254,11 @@ mod tests {
     #[test]
     fn credentials_never_leave_the_url() {
         assert_eq!(
-            super::without_credentials("redis://:s3cret@cache:6379/0"),
+            crate::config::without_credentials("redis://:s3cret@cache:6379/0"),
             "redis://cache:6379/0"
         );
         assert_eq!(
-            super::without_credentials("redis://cache:6379"),
+            crate::config::without_credentials("redis://cache:6379"),
             "redis://cache:6379"
         );
     }

@@ -2,9 +2,9 @@
 //!
 //! A window per client: the first request starts a one-minute window (`INCR`, then `PEXPIRE ..
 //! NX` sets its end), and at most the limit pass within it; a refused request is told the
-//! window's remaining time (`PTTL`) as `Retry-After`. The three commands go in one pipelined
-//! round trip with no Lua: a script per chat cost Redis about 20 µs of CPU (measured with
-//! `INFO commandstats`), the plain commands about 1 µs each, and this check runs on every chat.
+//! window's remaining time (`PTTL`) as `Retry-After`. An allowed request within an open window
+//! costs one `INCR`, with no Lua: a script per chat cost Redis about 20 µs of CPU (measured
+//! with `INFO commandstats`), a plain command about 1 µs, and this check runs on every chat.
 //! It is coarser than the in-process limiter (GCRA, smooth refill): a client may spend its
 //! allowance at the end of one window and again at the start of the next. Keys are
 //! `rate:{chat|test}:{address}` and expire with their window. Needs Redis 7 (or Valkey) for
@@ -58,31 +58,55 @@ impl RateLimitStore for RedisRateLimits {
             };
             let Some(limit) = limit else { return Ok(()) };
             let key = self.state.key(&format!("rate:{name}:{client}"));
-            let shared = self
+            // The common case is one `INCR`. The window's end is set by whoever opens it, and
+            // is read only to refuse; a key left without one (a replica died between the two
+            // calls) gets it then, so no client is locked out for good.
+            let count = self
                 .state
-                .call("rate check", |mut conn| async move {
+                .call("rate check", |mut conn| {
+                    let key = key.clone();
+                    async move {
+                        redis::cmd("INCR")
+                            .arg(key)
+                            .query_async::<u64>(&mut conn)
+                            .await
+                    }
+                })
+                .await;
+            let count = match count {
+                Ok(count) => count,
+                Err(_) => {
+                    return match self.state.when_unavailable {
+                        WhenStateUnavailable::Local => self.local.check(what, client).await,
+                        WhenStateUnavailable::Refuse => Err(RateRefusal::Unavailable),
+                    };
+                }
+            };
+            let within = count <= u64::from(limit.get());
+            if count > 1 && within {
+                return Ok(());
+            }
+            let end = self
+                .state
+                .call("rate window", |mut conn| async move {
                     redis::pipe()
-                        .incr(&key, 1)
                         .cmd("PEXPIRE")
                         .arg(&key)
                         .arg(WINDOW_MS)
                         .arg("NX")
                         .ignore()
                         .pttl(&key)
-                        .query_async::<(u64, i64)>(&mut conn)
+                        .query_async::<(i64,)>(&mut conn)
                         .await
                 })
                 .await;
-            match shared {
-                Ok((count, _)) if count <= u64::from(limit.get()) => Ok(()),
-                Ok((_, left_ms)) => Err(RateRefusal::Wait(Duration::from_millis(
-                    left_ms.clamp(1, WINDOW_MS as i64) as u64,
-                ))),
-                Err(_) => match self.state.when_unavailable {
-                    WhenStateUnavailable::Local => self.local.check(what, client).await,
-                    WhenStateUnavailable::Refuse => Err(RateRefusal::Unavailable),
-                },
+            if within {
+                return Ok(());
             }
+            let left_ms = end.map_or(WINDOW_MS as i64, |(ms,)| ms);
+            Err(RateRefusal::Wait(Duration::from_millis(
+                left_ms.clamp(1, WINDOW_MS as i64) as u64,
+            )))
         }
         .boxed()
     }
