@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, Http2};
 use crate::metrics::Metrics;
 use crate::server;
 use crate::services::chat::ChatService;
@@ -86,8 +86,15 @@ impl Application {
         let openai_http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.openai.connect_timeout)
-            .tcp_nodelay(true)
-            .build()?;
+            .tcp_nodelay(true);
+        // HTTP/2: chats in flight share a connection (streams) instead of holding one each,
+        // which is most of what 10,000 slow chats cost (Docs/BENCHMARKS.md).
+        let openai_http = match config.openai.http2 {
+            Http2::Auto => openai_http,
+            Http2::Always => openai_http.http2_prior_knowledge(),
+            Http2::Never => openai_http.http1_only(),
+        }
+        .build()?;
         let papita_http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(PAPITA_CONNECT_TIMEOUT)

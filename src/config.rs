@@ -70,6 +70,11 @@ pub const VARS: &[Var] = &[
         help: "TCP/TLS connect timeout to the OpenAI server",
     },
     Var {
+        name: "OPENAI_HTTP2",
+        default: "auto",
+        help: "HTTP/2 to the OpenAI server: auto (when TLS negotiates it, as OpenAI's does), always (also h2c on plain http://), never",
+    },
+    Var {
         name: "OPENAI_MAX_RETRIES",
         default: "2",
         help: "retries on 429 / 5xx / refused connections (0 disables)",
@@ -315,6 +320,19 @@ pub struct OpenAiSettings {
     pub stream_idle_timeout: Duration,
     pub stream_max: Duration,
     pub sse_keepalive: Duration,
+    pub http2: Http2,
+}
+
+/// `OPENAI_HTTP2`: whether chats share HTTP/2 connections to the upstream instead of holding one
+/// HTTP/1.1 connection each while in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http2 {
+    /// When TLS's ALPN agrees on it (OpenAI does); plain `http://` stays HTTP/1.1.
+    Auto,
+    /// Always, with prior knowledge (h2c) on plain `http://`.
+    Always,
+    /// HTTP/1.1 only.
+    Never,
 }
 
 impl OpenAiSettings {
@@ -532,6 +550,18 @@ impl Config {
                 stream_idle_timeout: src.secs("OPENAI_STREAM_IDLE_TIMEOUT_SECS")?,
                 stream_max: src.secs("OPENAI_STREAM_MAX_SECS")?,
                 sse_keepalive: src.secs("SSE_KEEPALIVE_SECS")?,
+                http2: match src.string("OPENAI_HTTP2").to_ascii_lowercase().as_str() {
+                    "auto" => Http2::Auto,
+                    "always" => Http2::Always,
+                    "never" => Http2::Never,
+                    other => {
+                        return Err(invalid(
+                            "OPENAI_HTTP2",
+                            other,
+                            "expected auto, always or never",
+                        ));
+                    }
+                },
             },
             papita: PapitaSettings {
                 url: papita_url,
@@ -811,6 +841,17 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_sources(|k| env.get(k).cloned(), &file, PathBuf::from(".env"), false)
+    }
+
+    #[test]
+    fn openai_http2_takes_auto_always_or_never() {
+        assert_eq!(build(&[], &[]).unwrap().openai.http2, Http2::Auto);
+        let always = build(&[("OPENAI_HTTP2", "Always")], &[]).unwrap();
+        assert_eq!(always.openai.http2, Http2::Always);
+        let e = build(&[("OPENAI_HTTP2", "h3")], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("OPENAI_HTTP2"), "{e}");
     }
 
     #[test]

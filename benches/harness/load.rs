@@ -211,17 +211,25 @@ pub fn first_delta(url: &str, body: &Value, marker: &[u8], n: usize) -> Percenti
     })
 }
 
-/// Runs each closure `rounds` times, interleaved (a, b, c, a, b, c, ...), and returns each one's
-/// median run: on a small, noisy machine the comparison is only fair if both sides see the same
-/// moments.
+/// Pause before each interleaved run, for the previous one's background work to finish.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+/// Runs each closure `rounds` times, interleaved, and returns each one's median run: on a small,
+/// noisy machine the comparison is only fair if all sides see the same moments. Each round starts
+/// one place later (a b c, b c a, c a b, ...), and every run is preceded by a pause: a service
+/// finishes its background work (Papita records, log lines) after its load stops, and without
+/// the pause the next run in a fixed order always paid for it (the same binary measured 13 to
+/// 34 % apart depending on its place).
 pub fn interleaved<const N: usize>(
     rounds: usize,
     runs: [&dyn Fn() -> WrkResult; N],
 ) -> [WrkResult; N] {
     let mut results: [Vec<WrkResult>; N] = std::array::from_fn(|_| Vec::new());
-    for _ in 0..rounds {
-        for (i, run) in runs.iter().enumerate() {
-            results[i].push(run());
+    for round in 0..rounds.max(N.min(3)) {
+        for k in 0..N {
+            let i = (round + k) % N;
+            std::thread::sleep(SETTLE);
+            results[i].push(runs[i]());
         }
     }
     results.map(|mut r| {

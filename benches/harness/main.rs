@@ -39,7 +39,14 @@ fn main() {
 }
 
 /// Serves `app` on 127.0.0.1:`port` until the process is killed (the mock and the yardstick).
+/// HTTP/1.1, and HTTP/2 with prior knowledge (h2c) with no limit on concurrent streams that a
+/// benchmark could reach, so a client speaking HTTP/2 (`OPENAI_HTTP2=always`) can put all its
+/// chats on one connection.
 pub(crate) fn run_server(port: u16, app: Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,6 +55,20 @@ pub(crate) fn run_server(port: u16, app: Router) {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
-        axum::serve(listener, app).await.unwrap();
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder.http2().max_concurrent_streams(1_000_000);
+        let builder = std::sync::Arc::new(builder);
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let service = TowerToHyperService::new(app.clone());
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
     });
 }

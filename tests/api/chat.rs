@@ -384,3 +384,26 @@ async fn upstream_errors_never_echo_the_key() {
     assert!(!text.contains(TEST_KEY), "{text}");
     assert!(text.contains("sk-test..."), "{text}");
 }
+
+#[tokio::test]
+async fn openai_http2_chooses_the_upstream_protocol() {
+    use al_chat::config::Http2;
+    use axum::http::Version;
+    for (setting, expected) in [
+        (Http2::Always, Version::HTTP_2),
+        (Http2::Never, Version::HTTP_11),
+        // A plain http:// upstream under `auto`: no TLS to negotiate HTTP/2 with.
+        (Http2::Auto, Version::HTTP_11),
+    ] {
+        let app = spawn_app_with(|c, _, _| c.openai.http2 = setting).await;
+        for stream in [false, true] {
+            let r = app
+                .post_chat(&json!({"message": "hi", "stream": stream}))
+                .await;
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap();
+        }
+        let versions: Vec<Version> = app.openai.requests().iter().map(|r| r.version).collect();
+        assert_eq!(versions, vec![expected; 2], "{setting:?}");
+    }
+}

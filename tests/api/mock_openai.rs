@@ -111,6 +111,8 @@ impl Reply {
 pub struct Recorded {
     pub authorization: String,
     pub body: Value,
+    /// The HTTP version the request came in (the mock serves HTTP/1.1 and h2c).
+    pub version: axum::http::Version,
 }
 
 struct MockState {
@@ -208,6 +210,7 @@ impl Drop for Watch {
 
 async fn chat(
     State(state): State<Arc<MockState>>,
+    version: axum::http::Version,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
@@ -219,6 +222,7 @@ async fn chat(
     state.requests.lock().unwrap().push(Recorded {
         authorization: authorization.clone(),
         body: body.clone(),
+        version,
     });
     if let Some(keys) = state.valid_keys.lock().unwrap().as_ref() {
         let key = authorization.strip_prefix("Bearer ").unwrap_or("");
