@@ -93,7 +93,9 @@ struct LaneInput {
     /// records go here (after the queue's, so the order holds). Bounded like the queue.
     overflow: Mutex<Vec<Bytes>>,
     overflowing: AtomicBool,
-    capacity: usize,
+    /// Shared by every lane's overflow: a hot lane (one busy session: all its records go to one
+    /// lane, in order) may hold more than its share while its spool write waits on the disk.
+    held: Arc<OverflowBudget>,
     /// Wakes the lane when records land in the overflow.
     wake: tokio::sync::Notify,
 }
@@ -107,9 +109,31 @@ pub struct UsageReporter {
     next_guest_lane: Arc<AtomicUsize>,
 }
 
-/// Each lane's overflow holds at least this many records while they are moved to disk, so a
-/// lane busy with one record does not drop the burst behind it (32 lanes: ~8 MB at most).
+/// The lanes' overflows hold at least this many records per lane between them while they are
+/// moved to disk, so a lane busy with one record does not drop the burst behind it (32 lanes:
+/// ~8 MB at most). It is one budget for all lanes: one busy session's lane may use all of it.
 const OVERFLOW_MIN: usize = 1024;
+
+/// Records held in all the lanes' overflows, and the most they may hold together.
+#[derive(Debug)]
+struct OverflowBudget {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl OverflowBudget {
+    fn take_one(&self) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < self.max).then_some(held + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+}
 /// Replayed lines per read from the spool.
 const REPLAY_BATCH: usize = 64;
 /// Waits between attempts while Papita is failing: from the first to the longest.
@@ -135,13 +159,17 @@ impl UsageReporter {
             max: settings.spool_max_bytes,
         });
         let mut inputs = Vec::with_capacity(lanes);
+        let held = Arc::new(OverflowBudget {
+            held: AtomicUsize::new(0),
+            max: per_lane.max(OVERFLOW_MIN) * lanes,
+        });
         for index in 0..lanes {
             let (queue, rx) = mpsc::channel(per_lane);
             let input = Arc::new(LaneInput {
                 queue,
                 overflow: Mutex::new(Vec::new()),
                 overflowing: AtomicBool::new(false),
-                capacity: per_lane.max(OVERFLOW_MIN),
+                held: held.clone(),
                 wake: tokio::sync::Notify::new(),
             });
             let spool = match LaneSpool::open(&spool_dir, index, lanes, budget.clone()) {
@@ -246,7 +274,7 @@ impl LaneInput {
     }
 
     fn push_locked(&self, overflow: &mut Vec<Bytes>, body: Bytes, stats: &ReporterStats) {
-        if overflow.len() < self.capacity {
+        if self.held.take_one() {
             overflow.push(body);
         } else {
             let dropped = stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -448,6 +476,7 @@ impl Lane {
                 .overflow
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            self.input.held.give_back(overflow.len());
             lines.append(&mut overflow);
             // Records submitted from now on use the queue again; it was just emptied, and the
             // spool (if any) is replayed before the queue is read, so order holds.
@@ -542,5 +571,51 @@ impl Lane {
     fn rejected(&self, reason: &str) {
         let rejected = self.stats.rejected.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(%reason, rejected, "Papita refused a usage record (4xx); not sent again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lane(held: &Arc<OverflowBudget>) -> LaneInput {
+        LaneInput {
+            queue: mpsc::channel(1).0,
+            overflow: Mutex::new(Vec::new()),
+            overflowing: AtomicBool::new(true),
+            held: held.clone(),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    #[test]
+    fn one_busy_lane_may_use_the_whole_overflow_budget_and_no_more() {
+        // 32 lanes' worth of overflow, all of it wanted by one session's lane.
+        let held = Arc::new(OverflowBudget {
+            held: AtomicUsize::new(0),
+            max: 32 * OVERFLOW_MIN,
+        });
+        let (hot, quiet) = (lane(&held), lane(&held));
+        let stats = ReporterStats::default();
+        for _ in 0..5 * OVERFLOW_MIN {
+            assert!(hot.push_overflow(&Bytes::from_static(b"{}"), &stats));
+        }
+        assert_eq!(hot.overflow.lock().unwrap().len(), 5 * OVERFLOW_MIN);
+        assert_eq!(
+            stats.dropped.load(Ordering::Relaxed),
+            0,
+            "more than one lane's share, none lost"
+        );
+        for _ in 0..27 * OVERFLOW_MIN {
+            quiet.push_overflow(&Bytes::from_static(b"{}"), &stats);
+        }
+        // The budget is spent: the next record is dropped (and counted), whichever lane.
+        hot.push_overflow(&Bytes::from_static(b"{}"), &stats);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 1);
+        // Moved to disk, the records give their room back.
+        let moved = hot.overflow.lock().unwrap().len();
+        held.give_back(moved);
+        assert!(hot.push_overflow(&Bytes::from_static(b"{}"), &stats));
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 1);
     }
 }
