@@ -474,3 +474,39 @@ async fn every_key_carries_the_prefix_and_per_session_and_daily_keys_expire() {
     assert!(keys.iter().any(|k| k.starts_with("site-a:budget:")));
     assert!(keys.iter().any(|k| k.starts_with("site-a:rate:chat:")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_limit_leased_in_blocks_is_never_exceeded_across_replicas() {
+    let redis = RedisServer::start().await;
+    // 1,000 a minute: each replica leases blocks of 10 tokens, one Redis call per block.
+    let apps = replicas(2, &redis.url(), |c, _, _| {
+        c.guardrails.chat_per_min = std::num::NonZeroU32::new(1000);
+        // Leasing is under test, not timeouts: a loaded test machine must not make Redis look
+        // down (the replicas would then limit on their own, as documented).
+        c.state.as_mut().unwrap().timeout = Duration::from_secs(5);
+    })
+    .await;
+    let chats = (0..1100).map(|i| apps[i % 2].post_chat(&json!({"message": "hi"})));
+    let statuses: Vec<u16> = futures_util::future::join_all(chats)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!(ok <= 1000, "never more than the limit: {ok}");
+    // A block leased by one replica and not used is used by nobody: at most one per replica.
+    assert!(
+        ok >= 1000 - 2 * 10,
+        "at most a block per replica unused: {ok}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 1100 - ok);
+    // The counter in Redis moved once per block, not once per chat.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let counted: u64 = redis::cmd("GET")
+        .arg("al-chat:rate:chat:127.0.0.1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(counted >= 1000 && counted % 10 == 0, "{counted}");
+}

@@ -10,13 +10,19 @@
 //! `rate:{chat|test}:{address}` and expire with their window. Needs Redis 7 (or Valkey) for
 //! `PEXPIRE .. NX`.
 //!
+//! Limits of 200 a minute and more are leased in blocks (a hundredth of the limit, at most 100):
+//! a replica takes a block with one `INCRBY` and spends it locally until its window ends. Tokens
+//! a replica leased and did not use are used by nobody, so with several replicas a client may be
+//! refused a little before the limit, never after it.
+//!
 //! While Redis is down: `STATE_UNAVAILABLE=local` uses this replica's own limiter (so the limit
 //! holds per replica), `refuse` refuses.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt};
 
@@ -32,6 +38,10 @@ pub struct RedisRateLimits {
     local: MemoryRateLimits,
     chat: Option<NonZeroU32>,
     test: Option<NonZeroU32>,
+    leases: Mutex<HashMap<(Limited, IpAddr), Lease>>,
+    /// One block fetched at a time: requests that find no lease while one is being fetched wait
+    /// for it rather than each leasing a block (which would strand tokens).
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl RedisRateLimits {
@@ -45,8 +55,77 @@ impl RedisRateLimits {
             local: MemoryRateLimits::new(chat_per_min, test_per_min),
             chat: chat_per_min,
             test: test_per_min,
+            leases: Mutex::default(),
+            fetching: tokio::sync::Mutex::new(()),
         }
     }
+}
+
+/// Tokens one Redis call takes for a client at most: a hundredth of the limit, at most 100.
+/// Limits under 200 a minute take one at a time (exact, one `INCR` per request); higher ones
+/// lease a block, so a busy client costs Redis one round trip per block, not one per request.
+fn lease_size(limit: u32) -> u64 {
+    (u64::from(limit) / 100).clamp(1, 100)
+}
+
+/// Leases held at most; past it the expired ones are forgotten, then all if need be.
+const MAX_LEASES: usize = 10_000;
+
+/// Tokens taken from Redis in a block and not used yet, until the window they came from ends.
+struct Lease {
+    tokens: u64,
+    until: Instant,
+}
+
+impl RedisRateLimits {
+    /// One token from this replica's lease for `client`, if it holds one.
+    fn take_leased(&self, what: Limited, client: IpAddr) -> bool {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        match leases.get_mut(&(what, client)) {
+            Some(lease) if lease.tokens > 0 && lease.until > Instant::now() => {
+                lease.tokens -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn keep_lease(&self, what: Limited, client: IpAddr, tokens: u64, window_left: Duration) {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if leases.len() >= MAX_LEASES {
+            let now = Instant::now();
+            leases.retain(|_, l| l.until > now && l.tokens > 0);
+            if leases.len() >= MAX_LEASES {
+                leases.clear();
+            }
+        }
+        leases.insert(
+            (what, client),
+            Lease {
+                tokens,
+                until: Instant::now() + window_left,
+            },
+        );
+    }
+
+    fn unavailable<'a>(
+        &'a self,
+        what: Limited,
+        client: IpAddr,
+    ) -> BoxFuture<'a, Result<(), RateRefusal>> {
+        match self.state.when_unavailable {
+            WhenStateUnavailable::Local => self.local.check(what, client),
+            WhenStateUnavailable::Refuse => {
+                futures_util::future::ready(Err(RateRefusal::Unavailable)).boxed()
+            }
+        }
+    }
+}
+
+fn wait(left_ms: i64) -> RateRefusal {
+    RateRefusal::Wait(Duration::from_millis(
+        left_ms.clamp(1, WINDOW_MS as i64) as u64
+    ))
 }
 
 impl RateLimitStore for RedisRateLimits {
@@ -57,10 +136,50 @@ impl RateLimitStore for RedisRateLimits {
                 Limited::Test => (self.test, "test"),
             };
             let Some(limit) = limit else { return Ok(()) };
+            if self.take_leased(what, client) {
+                return Ok(());
+            }
             let key = self.state.key(&format!("rate:{name}:{client}"));
-            // The common case is one `INCR`. The window's end is set by whoever opens it, and
-            // is read only to refuse; a key left without one (a replica died between the two
-            // calls) gets it then, so no client is locked out for good.
+            let block = lease_size(limit.get());
+            if block > 1 {
+                let _one_at_a_time = self.fetching.lock().await;
+                if self.take_leased(what, client) {
+                    return Ok(());
+                }
+                // A block: `INCRBY`, the window's end (set if this opened it) and what is left
+                // of it, in one round trip. Tokens past the limit are not granted; a lease
+                // unused here is never given to another replica, so the limit can only be
+                // stricter than exact, never looser.
+                let answer = self
+                    .state
+                    .call("rate lease", |mut conn| async move {
+                        redis::pipe()
+                            .incr(&key, block)
+                            .cmd("PEXPIRE")
+                            .arg(&key)
+                            .arg(WINDOW_MS)
+                            .arg("NX")
+                            .ignore()
+                            .pttl(&key)
+                            .query_async::<(u64, i64)>(&mut conn)
+                            .await
+                    })
+                    .await;
+                let Ok((count, left_ms)) = answer else {
+                    return self.unavailable(what, client).await;
+                };
+                let before = count.saturating_sub(block);
+                let granted = u64::from(limit.get()).saturating_sub(before).min(block);
+                if granted == 0 {
+                    return Err(wait(left_ms));
+                }
+                let left = Duration::from_millis(left_ms.clamp(1, WINDOW_MS as i64) as u64);
+                self.keep_lease(what, client, granted - 1, left);
+                return Ok(());
+            }
+            // One at a time: the common case is one `INCR`. The window's end is set by whoever
+            // opens it, and is read only to refuse; a key left without one (a replica died
+            // between the two calls) gets it then, so no client is locked out for good.
             let count = self
                 .state
                 .call("rate check", |mut conn| {
@@ -73,14 +192,8 @@ impl RateLimitStore for RedisRateLimits {
                     }
                 })
                 .await;
-            let count = match count {
-                Ok(count) => count,
-                Err(_) => {
-                    return match self.state.when_unavailable {
-                        WhenStateUnavailable::Local => self.local.check(what, client).await,
-                        WhenStateUnavailable::Refuse => Err(RateRefusal::Unavailable),
-                    };
-                }
+            let Ok(count) = count else {
+                return self.unavailable(what, client).await;
             };
             let within = count <= u64::from(limit.get());
             if count > 1 && within {
@@ -103,10 +216,7 @@ impl RateLimitStore for RedisRateLimits {
             if within {
                 return Ok(());
             }
-            let left_ms = end.map_or(WINDOW_MS as i64, |(ms,)| ms);
-            Err(RateRefusal::Wait(Duration::from_millis(
-                left_ms.clamp(1, WINDOW_MS as i64) as u64,
-            )))
+            Err(wait(end.map_or(WINDOW_MS as i64, |(ms,)| ms)))
         }
         .boxed()
     }
