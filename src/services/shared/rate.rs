@@ -122,6 +122,17 @@ impl RedisRateLimits {
     }
 }
 
+/// Appends to `pipe`: start the window if this request opened it (`PEXPIRE .. NX`, its answer
+/// ignored), then what is left of it in ms (`PTTL`).
+fn window_end<'a>(pipe: &'a mut redis::Pipeline, key: &str) -> &'a mut redis::Pipeline {
+    pipe.cmd("PEXPIRE")
+        .arg(key)
+        .arg(WINDOW_MS)
+        .arg("NX")
+        .ignore()
+        .pttl(key)
+}
+
 fn wait(left_ms: i64) -> RateRefusal {
     RateRefusal::Wait(Duration::from_millis(
         left_ms.clamp(1, WINDOW_MS as i64) as u64
@@ -153,14 +164,9 @@ impl RateLimitStore for RedisRateLimits {
                 let answer = self
                     .state
                     .call("rate lease", |mut conn| async move {
-                        redis::pipe()
-                            .incr(&key, block)
-                            .cmd("PEXPIRE")
-                            .arg(&key)
-                            .arg(WINDOW_MS)
-                            .arg("NX")
-                            .ignore()
-                            .pttl(&key)
+                        let mut pipe = redis::pipe();
+                        pipe.incr(&key, block);
+                        window_end(&mut pipe, &key)
                             .query_async::<(u64, i64)>(&mut conn)
                             .await
                     })
@@ -202,13 +208,7 @@ impl RateLimitStore for RedisRateLimits {
             let end = self
                 .state
                 .call("rate window", |mut conn| async move {
-                    redis::pipe()
-                        .cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(WINDOW_MS)
-                        .arg("NX")
-                        .ignore()
-                        .pttl(&key)
+                    window_end(&mut redis::pipe(), &key)
                         .query_async::<(i64,)>(&mut conn)
                         .await
                 })

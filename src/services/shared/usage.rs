@@ -297,11 +297,8 @@ impl RedisUsageStore {
             .get(key)
             .cloned()
             .unwrap_or_default();
-        for (model, tally) in buffered.rows {
-            match figures.rows.iter_mut().find(|(m, _)| *m == model) {
-                Some((_, t)) => t.merge(&tally),
-                None => figures.rows.push((model, tally)),
-            }
+        for (model, tally) in &buffered.rows {
+            figures.add_row(model, tally);
         }
         if buffered.latest_model.is_some() {
             figures.latest_model = buffered.latest_model;
@@ -336,10 +333,7 @@ impl RedisUsageStore {
         for chunk in self.unsure.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             for row in &chunk.rows {
                 if row.kind == kind && row.session.as_deref() == session {
-                    match buffered.rows.iter_mut().find(|(m, _)| *m == row.model) {
-                        Some((_, t)) => t.merge(&row.tally),
-                        None => buffered.rows.push((row.model.clone(), row.tally)),
-                    }
+                    buffered.add_row(&row.model, &row.tally);
                 }
             }
         }

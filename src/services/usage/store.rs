@@ -59,6 +59,16 @@ pub struct Figures {
     pub latest_model: Option<String>,
 }
 
+impl Figures {
+    /// Adds `tally` to `model`'s row, or appends a row for it.
+    pub fn add_row(&mut self, model: &str, tally: &Tally) {
+        match self.rows.iter_mut().find(|(m, _)| m == model) {
+            Some((_, t)) => t.merge(tally),
+            None => self.rows.push((model.to_string(), *tally)),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Tally {
     pub prompt: u64,
