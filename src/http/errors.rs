@@ -3,9 +3,7 @@
 use std::any::Any;
 
 use axum::body::Body;
-use axum::extract::Request;
 use axum::http::{Method, Response, StatusCode, Uri, header};
-use axum::middleware::Next;
 use axum::response::IntoResponse;
 
 use crate::error::ApiError;
@@ -24,8 +22,14 @@ pub fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response<Body> {
 
 /// Errors produced below the handlers (tower-http's 413 and 408, axum's own rejections) come
 /// as plain text or empty bodies; give them the contract's `{"error": ...}` shape.
-pub async fn ensure_json_error(request: Request, next: Next) -> Response<Body> {
-    let response = next.run(request).await;
+///
+/// A plain `MapResponse` layer: no boxed clone of the inner service per request (as
+/// `middleware::from_fn` makes).
+pub fn ensure_json_error<B>(response: Response<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     let status = response.status();
     let is_json = response
         .headers()
@@ -33,7 +37,7 @@ pub async fn ensure_json_error(request: Request, next: Next) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
+        return response.map(Body::new);
     }
     let error = match status {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,

@@ -11,8 +11,10 @@ use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
     ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
+    CreateChatCompletionResponse,
 };
 use futures_util::{Stream, StreamExt};
+use reqwest::header::{self, HeaderValue};
 
 use crate::config::OpenAiSettings;
 use crate::domain::{ApiKey, ChatMessage, Role, TokenUsage};
@@ -55,8 +57,19 @@ pub struct OpenAiService {
     timeout: Duration,
     stream_idle: Duration,
     stream_max: Duration,
-    /// async-openai clients carry their key; keep the one for the current key.
-    client: Mutex<Option<(ApiKey, Arc<Client<OpenAIConfig>>)>>,
+    /// `{base_url}/chat/completions`, parsed once: whole answers are sent straight through
+    /// reqwest with async-openai's types (its per-request URL building and parsing was a tenth
+    /// of a chat's instructions).
+    completions_url: reqwest::Url,
+    /// async-openai clients carry their key; keep the one for the current key, with its
+    /// `Authorization` header (marked sensitive, so it is never printed).
+    client: Mutex<Option<KeyedClient>>,
+}
+
+struct KeyedClient {
+    key: ApiKey,
+    client: Arc<Client<OpenAIConfig>>,
+    authorization: HeaderValue,
 }
 
 impl OpenAiService {
@@ -68,6 +81,11 @@ impl OpenAiService {
             budget: settings.retry_budget,
         };
         Self {
+            completions_url: reqwest::Url::parse(&format!(
+                "{}/chat/completions",
+                settings.base_url
+            ))
+            .expect("OPENAI_BASE_URL was checked at start-up"),
             base_url: settings.base_url.clone(),
             transport: OpenAiTransport::new(http.clone(), policy),
             http,
@@ -78,11 +96,28 @@ impl OpenAiService {
         }
     }
 
-    fn client_for(&self, key: &ApiKey) -> Arc<Client<OpenAIConfig>> {
+    /// The client and `Authorization` header for `key`. A key no HTTP header can carry (a
+    /// control character from a `.env` or Papita) is refused here, not panicked on in
+    /// async-openai's header building.
+    fn client_for(
+        &self,
+        key: &ApiKey,
+    ) -> Result<(Arc<Client<OpenAIConfig>>, HeaderValue), UpstreamError> {
         let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
         match slot.as_ref() {
-            Some((k, client)) if k == key => client.clone(),
+            Some(keyed) if keyed.key == *key => {
+                Ok((keyed.client.clone(), keyed.authorization.clone()))
+            }
             _ => {
+                let Ok(mut authorization) =
+                    HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                else {
+                    return Err(UpstreamError::new(
+                        UpstreamKind::Unauthorized,
+                        "the OpenAI key holds characters an HTTP header cannot carry",
+                    ));
+                };
+                authorization.set_sensitive(true);
                 let config = OpenAIConfig::new()
                     .with_api_base(&self.base_url)
                     .with_api_key(key.expose());
@@ -90,22 +125,56 @@ impl OpenAiService {
                     Client::build(self.http.clone(), config)
                         .with_http_service(self.transport.clone()),
                 );
-                *slot = Some((key.clone(), client.clone()));
-                client
+                *slot = Some(KeyedClient {
+                    key: key.clone(),
+                    client: client.clone(),
+                    authorization: authorization.clone(),
+                });
+                Ok((client, authorization))
             }
         }
     }
 
     /// One whole answer. Dropping the future drops the upstream request.
+    ///
+    /// Sent straight through reqwest (same transport, retries and error mapping as the
+    /// async-openai calls): the request is serialized once, to a URL parsed once.
     pub async fn complete(
         &self,
         key: &ApiKey,
         model: &str,
         messages: &[ChatMessage],
     ) -> Result<Completion, UpstreamError> {
-        let client = self.client_for(key);
+        let (_, authorization) = self.client_for(key)?;
         let request = build_request(model, messages, false);
-        let response = tokio::time::timeout(self.timeout, client.chat().create(request))
+        let body = bytes::Bytes::from(serde_json::to_vec(&request).map_err(|e| {
+            UpstreamError::new(
+                UpstreamKind::Unavailable,
+                format!("the request could not be serialized: {e}"),
+            )
+        })?);
+        let exchange = async {
+            let response = self
+                .transport
+                .send(|| {
+                    let mut request =
+                        reqwest::Request::new(reqwest::Method::POST, self.completions_url.clone());
+                    let headers = request.headers_mut();
+                    headers.insert(header::AUTHORIZATION, authorization.clone());
+                    headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    *request.body_mut() = Some(body.clone().into());
+                    std::future::ready(Ok(request))
+                })
+                .await?;
+            let bytes = response.bytes().await.map_err(OpenAIError::Reqwest)?;
+            serde_json::from_slice::<CreateChatCompletionResponse>(&bytes).map_err(|e| {
+                OpenAIError::JSONDeserialize(e, String::from_utf8_lossy(&bytes).into_owned())
+            })
+        };
+        let response = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| timed_out("no answer", self.timeout))?
             .map_err(|e| classify(e, key, &self.base_url))?;
@@ -130,7 +199,7 @@ impl OpenAiService {
     ) -> Result<impl Stream<Item = Result<StreamPiece, UpstreamError>> + Send + use<>, UpstreamError>
     {
         let started = Instant::now();
-        let client = self.client_for(key);
+        let (client, _) = self.client_for(key)?;
         let request = build_request(model, messages, true);
         let mut upstream = tokio::time::timeout(self.timeout, client.chat().create_stream(request))
             .await

@@ -147,43 +147,53 @@ impl tower::Service<HttpRequestFactory> for OpenAiTransport {
     }
 
     fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
-        let client = self.client.clone();
-        let policy = self.policy;
-        Box::pin(async move {
-            let started = Instant::now();
-            let mut attempt = 0;
-            loop {
-                let request = factory.build().await?;
-                let failure = match client.execute(request).await {
-                    Ok(response) if response.status().is_success() => return Ok(response),
-                    Ok(response) => {
-                        let status = UpstreamStatus::read(response).await;
-                        let wait = if status.retryable() {
-                            policy.wait(attempt, started, status.retry_after)
-                        } else {
-                            None
-                        };
-                        match wait {
-                            // Only the status: the upstream's text may echo the key, and the transport
-                            // does not know it to redact it (the error mapping does).
-                            Some(wait) => (wait, format!("status {}", status.status.as_u16())),
-                            None => return Err(OpenAIError::Boxed(Box::new(status))),
-                        }
+        let transport = self.clone();
+        Box::pin(async move { transport.send(|| factory.build()).await })
+    }
+}
+
+impl OpenAiTransport {
+    /// Sends the request `make` builds (again for each attempt), retrying within the policy;
+    /// `Ok` only for a success status. Used by async-openai's calls (streams) and by the direct
+    /// path for whole answers.
+    pub async fn send<F, Fut>(&self, mut make: F) -> Result<Response, OpenAIError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<reqwest::Request, OpenAIError>>,
+    {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let request = make().await?;
+            let failure = match self.client.execute(request).await {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) => {
+                    let status = UpstreamStatus::read(response).await;
+                    let wait = if status.retryable() {
+                        self.policy.wait(attempt, started, status.retry_after)
+                    } else {
+                        None
+                    };
+                    match wait {
+                        // Only the status: the upstream's text may echo the key, and the transport
+                        // does not know it to redact it (the error mapping does).
+                        Some(wait) => (wait, format!("status {}", status.status.as_u16())),
+                        None => return Err(OpenAIError::Boxed(Box::new(status))),
                     }
-                    // Only failures to connect are retried: the request never reached the server.
-                    // A timeout or a cut answer may have been processed (and billed) already.
-                    Err(e) if e.is_connect() => match policy.wait(attempt, started, None) {
-                        Some(wait) => (wait, e.to_string()),
-                        None => return Err(OpenAIError::Reqwest(e)),
-                    },
-                    Err(e) => return Err(OpenAIError::Reqwest(e)),
-                };
-                let (wait, reason) = failure;
-                tracing::warn!(attempt = attempt + 1, wait_ms = wait.as_millis() as u64, %reason, "retrying OpenAI request");
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
-        })
+                }
+                // Only failures to connect are retried: the request never reached the server.
+                // A timeout or a cut answer may have been processed (and billed) already.
+                Err(e) if e.is_connect() => match self.policy.wait(attempt, started, None) {
+                    Some(wait) => (wait, e.to_string()),
+                    None => return Err(OpenAIError::Reqwest(e)),
+                },
+                Err(e) => return Err(OpenAIError::Reqwest(e)),
+            };
+            let (wait, reason) = failure;
+            tracing::warn!(attempt = attempt + 1, wait_ms = wait.as_millis() as u64, %reason, "retrying OpenAI request");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
     }
 }
 

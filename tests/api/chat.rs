@@ -407,3 +407,26 @@ async fn openai_http2_chooses_the_upstream_protocol() {
         assert_eq!(versions, vec![expected; 2], "{setting:?}");
     }
 }
+
+#[tokio::test]
+async fn a_key_no_http_header_can_carry_is_a_401_not_a_crash() {
+    // A control character inside the key (a stray byte in a .env): the Authorization header
+    // cannot be built. It is refused before anything is sent, whole and streamed.
+    let app = spawn_app_with(|c, _, _| c.openai.api_key = Some("sk-bad\u{7}key-1234".into())).await;
+    for body in [
+        json!({"message": "hi"}),
+        json!({"message": "hi", "stream": true}),
+    ] {
+        let r = app.post_chat(&body).await;
+        assert_eq!(r.status(), 401, "{body}");
+        let answer: Value = r.json().await.unwrap();
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("Invalid OpenAI API key"),
+            "{answer}"
+        );
+    }
+    assert_eq!(app.openai.request_count(), 0, "nothing was sent");
+}
