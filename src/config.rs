@@ -267,7 +267,7 @@ pub const VARS: &[Var] = &[
     Var {
         name: "MAX_CONNECTIONS",
         default: "auto",
-        help: "open connections at most (more wait); auto: half the open-file limit",
+        help: "open connections at most (more wait); auto: half the open-file limit left after a reserve for files and service connections (a tenth, at most 1,024)",
     },
     Var {
         name: "CORS_ALLOWED_ORIGINS",

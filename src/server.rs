@@ -47,11 +47,22 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-/// `MAX_CONNECTIONS=auto`: half the open-file limit, since each chat in flight may hold an
-/// upstream connection as well as its client's; never below 64.
+/// `MAX_CONNECTIONS=auto`, from the open-file limit in force.
 pub fn auto_max_connections() -> usize {
     let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
-    usize::try_from(soft / 2).unwrap_or(usize::MAX).max(64)
+    connections_for_open_files(soft)
+}
+
+/// Each chat in flight may hold an upstream connection as well as its client's (HTTP/1.1
+/// upstreams), so half of what is left once a reserve is kept for everything else: log and
+/// spool files, Papita's and Redis's connections, the listener. Without the reserve, 10,000
+/// slow chats over HTTP/1.1 took every descriptor and the Papita spool could not open its
+/// file (EMFILE): records were dropped. Never below 64.
+fn connections_for_open_files(limit: u64) -> usize {
+    let reserve = (limit / 10).min(1024);
+    usize::try_from((limit - reserve) / 2)
+        .unwrap_or(usize::MAX)
+        .max(64)
 }
 
 /// Raises the open-file soft limit to the hard limit (as Go's runtime does), so the default
@@ -193,6 +204,21 @@ async fn serve_connection(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::connections_for_open_files;
+
+    #[test]
+    fn automatic_connection_limit_leaves_descriptors_for_files_and_upstreams() {
+        // Two descriptors per chat, plus a reserve for files and service connections.
+        assert_eq!(connections_for_open_files(20_000), 9_488);
+        assert!(connections_for_open_files(20_000) * 2 + 1024 <= 20_000);
+        assert_eq!(connections_for_open_files(1024), 461);
+        assert_eq!(connections_for_open_files(100), 64);
+        assert_eq!(connections_for_open_files(1 << 20), 523_776);
     }
 }
 

@@ -49,9 +49,13 @@ pub(super) async fn post_chat(
     headers: HeaderMap,
     JsonBody(body): JsonBody<ChatBody>,
 ) -> Result<Response> {
+    // Only the session header is kept. The head's values share hyper's read buffer: holding
+    // the map through the upstream wait kept that 8 KiB buffer alive while hyper read ahead
+    // into a second one (80 MB with 10,000 chats in flight).
+    let session_header = headers.get(SESSION_HEADER).map(|v| v.as_bytes().to_vec());
+    drop(headers);
     state.guardrails.check_rate(Limited::Chat, client).await?;
-    let session_header = headers.get(SESSION_HEADER).map(|v| v.as_bytes());
-    let request = ChatRequest::parse(body, session_header, &state.config.openai.model)?;
+    let request = ChatRequest::parse(body, session_header.as_deref(), &state.config.openai.model)?;
     if let Err(e) = request.check_size(state.config.guardrails.max_input_chars) {
         state
             .guardrails
