@@ -109,6 +109,55 @@ fn start_redis(dir: &Path) -> Redis {
     }
 }
 
+/// The cumulative buckets of `alchat_chat_overhead_seconds` (upper bound in seconds, count).
+fn overhead_buckets(al_chat: &Server) -> Vec<(f64, u64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let text = rt.block_on(async {
+        match reqwest::get(format!("{}/metrics", al_chat.url())).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    });
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("alchat_chat_overhead_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// p50 and p99 of the chats between two readings of the histogram, as "≤ bound" texts.
+fn overhead_percentiles(before: &[(f64, u64)], after: &[(f64, u64)]) -> (String, String) {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+            (le, n.saturating_sub(was))
+        })
+        .collect();
+    let total = delta.last().map_or(0, |d| d.1);
+    let at = |q: f64| -> String {
+        if total == 0 {
+            return "n/a (metrics off?)".into();
+        }
+        let want = (q * total as f64).ceil() as u64;
+        match delta.iter().find(|d| d.1 >= want) {
+            Some((le, _)) if le.is_finite() => format!("≤ {:.2} ms", le * 1000.0),
+            _ => "above the largest bucket".into(),
+        }
+    };
+    (at(0.50), at(0.99))
+}
+
 /// Papita usage records the service dropped (its `/api/ready` counters).
 fn papita_dropped(al_chat: &Server) -> u64 {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -339,8 +388,8 @@ pub fn run() {
             ours.rps, ours.p99_ms, ours.errors
         ),
         verdict(
-            ratio >= 0.7 && ours.errors == 0,
-            &format!("{ratio:.2} of the yardstick; target ≥ 0.70"),
+            ratio >= 0.75 && ours.errors == 0,
+            &format!("{ratio:.2} of the yardstick; target ≥ 0.75"),
         ),
     );
 
@@ -378,42 +427,54 @@ pub fn run() {
 
     let half = ((yardstick.rps / 2.0) as u64).max(100);
     let rate_secs = if quick { 3 } else { 5 };
-    let mut p99s = Vec::new();
-    for _ in 0..rounds {
-        let proxy_run = rate(
-            &format!("{}/api/chat", proxy.url()),
-            half,
-            rate_secs,
-            chat_body,
+    // Open loop at a fixed rate, ours and the yardstick in turns; the median round by p99. The
+    // service's own overhead (its `alchat_chat_overhead_seconds` histogram, what it adds to the
+    // upstream's time) is read over the same runs.
+    let mut open_loop = |rps: u64, label: &str| {
+        let before = overhead_buckets(&al_chat);
+        let mut runs = Vec::new();
+        for _ in 0..rounds {
+            let proxy_run = rate(
+                &format!("{}/api/chat", proxy.url()),
+                rps,
+                rate_secs,
+                chat_body,
+            );
+            let ours_run = rate(
+                &format!("{}/api/chat", al_chat.url()),
+                rps,
+                rate_secs,
+                chat_body,
+            );
+            runs.push((ours_run, proxy_run));
+        }
+        let (p50, p99) = overhead_percentiles(&before, &overhead_buckets(&al_chat));
+        runs.sort_by(|a, b| {
+            (a.0.latency.p99_ms - a.1.latency.p99_ms)
+                .total_cmp(&(b.0.latency.p99_ms - b.1.latency.p99_ms))
+        });
+        let (ours_run, proxy_run) = runs[runs.len() / 2];
+        let d50 = ours_run.latency.p50_ms - proxy_run.latency.p50_ms;
+        let d99 = ours_run.latency.p99_ms - proxy_run.latency.p99_ms;
+        row(
+            &format!("2. p50 and p99 at {label} ({rps} req/s, open loop)"),
+            format!(
+                "ours p50 {:.2} / p99 {:.2} ms, yardstick p50 {:.2} / p99 {:.2} ms ({} requests, {} errors); the service's own overhead p50 {p50} / p99 {p99}",
+                ours_run.latency.p50_ms,
+                ours_run.latency.p99_ms,
+                proxy_run.latency.p50_ms,
+                proxy_run.latency.p99_ms,
+                ours_run.requests + proxy_run.requests,
+                ours_run.errors + proxy_run.errors
+            ),
+            verdict(
+                d50 <= 1.0 && d99 <= 1.0 && ours_run.errors == 0,
+                &format!("p50 {d50:+.2} ms, p99 {d99:+.2} ms; target ≤ +1 ms each"),
+            ),
         );
-        let ours_run = rate(
-            &format!("{}/api/chat", al_chat.url()),
-            half,
-            rate_secs,
-            chat_body,
-        );
-        p99s.push((
-            ours_run.latency.p99_ms - proxy_run.latency.p99_ms,
-            ours_run,
-            proxy_run,
-        ));
-    }
-    p99s.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (diff, ours_run, proxy_run) = p99s[p99s.len() / 2];
-    row(
-        &format!("2. p99 at half the yardstick's throughput ({half} req/s, open loop)"),
-        format!(
-            "ours {:.2} ms, yardstick {:.2} ms ({} requests, {} errors)",
-            ours_run.latency.p99_ms,
-            proxy_run.latency.p99_ms,
-            ours_run.requests + proxy_run.requests,
-            ours_run.errors + proxy_run.errors
-        ),
-        verdict(
-            diff <= 1.0 && ours_run.errors == 0,
-            &format!("{diff:+.2} ms; target ≤ +1 ms"),
-        ),
-    );
+    };
+    open_loop(half, "half the yardstick's throughput");
+    open_loop(5000, "5,000 chats/s");
 
     let ratio16 = starts16.rps / health.rps;
     row(
