@@ -40,8 +40,6 @@ const SESSION_LOG_QUEUE: usize = 16 * 1024;
 const SESSION_LOG_FLUSH_MIN: Duration = Duration::from_secs(2);
 /// The end of the grace budget kept for writing unsent Papita records to the spool.
 const SPOOL_MARGIN: Duration = Duration::from_secs(1);
-/// Papita requests: connect fast, the contract's per-request timeouts are set per call.
-const PAPITA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -97,7 +95,7 @@ impl Application {
         .build()?;
         let papita_http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(PAPITA_CONNECT_TIMEOUT)
+            .connect_timeout(crate::services::papita::CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .build()?;
 

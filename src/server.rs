@@ -207,21 +207,6 @@ async fn serve_connection(
     }
 }
 
-#[cfg(test)]
-mod limit_tests {
-    use super::connections_for_open_files;
-
-    #[test]
-    fn automatic_connection_limit_leaves_descriptors_for_files_and_upstreams() {
-        // Two descriptors per chat, plus a reserve for files and service connections.
-        assert_eq!(connections_for_open_files(20_000), 9_488);
-        assert!(connections_for_open_files(20_000) * 2 + 1024 <= 20_000);
-        assert_eq!(connections_for_open_files(1024), 461);
-        assert_eq!(connections_for_open_files(100), 64);
-        assert_eq!(connections_for_open_files(1 << 20), 523_776);
-    }
-}
-
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -393,5 +378,20 @@ impl AsyncWrite for WatchedIo {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connections_for_open_files;
+
+    #[test]
+    fn automatic_connection_limit_leaves_descriptors_for_files_and_upstreams() {
+        // Two descriptors per chat, plus a reserve for files and service connections.
+        assert_eq!(connections_for_open_files(20_000), 9_488);
+        assert!(connections_for_open_files(20_000) * 2 + 1024 <= 20_000);
+        assert_eq!(connections_for_open_files(1024), 461);
+        assert_eq!(connections_for_open_files(100), 64);
+        assert_eq!(connections_for_open_files(1 << 20), 523_776);
     }
 }

@@ -8,6 +8,10 @@ use serde_json::Value;
 use crate::config::PapitaSettings;
 use crate::domain::ApiKey;
 use crate::services::papita::UsageRecord;
+use crate::services::papita::connection::{UsageConnection, UsageTarget};
+
+/// Connecting to Papita (a local service) takes milliseconds; a hung connect is not waited for.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct PapitaClient {
@@ -15,6 +19,8 @@ pub struct PapitaClient {
     base: String,
     credentials_url: reqwest::Url,
     usage_url: reqwest::Url,
+    /// Set for plain-HTTP URLs without a proxy: each reporter lane then keeps its own connection.
+    usage_target: Option<UsageTarget>,
     credentials_timeout: Duration,
     usage_timeout: Duration,
 }
@@ -36,11 +42,13 @@ impl PapitaClient {
             reqwest::Url::parse(&format!("{}{path}", settings.url))
                 .expect("PAPITA_API_URL was checked at start-up")
         };
+        let usage_url = url("/api/usage/log");
         Self {
             http,
             base: settings.url.clone(),
             credentials_url: url("/api/credentials/global/openai"),
-            usage_url: url("/api/usage/log"),
+            usage_target: UsageTarget::for_url(&usage_url),
+            usage_url,
             credentials_timeout: settings.credentials_timeout,
             usage_timeout: settings.usage_timeout,
         }
@@ -76,6 +84,17 @@ impl PapitaClient {
         }
         let body: Value = response.json().await.ok()?;
         key_in_papita_body(&body)
+    }
+
+    /// A connection of its own for a reporter lane (plain HTTP, no proxy), else `None`: then
+    /// `post_usage_body` sends through the pooled client.
+    pub fn usage_connection(&self) -> Option<UsageConnection> {
+        let target = self.usage_target.clone()?;
+        Some(UsageConnection::new(
+            target,
+            CONNECT_TIMEOUT,
+            self.usage_timeout,
+        ))
     }
 
     /// Posts one usage record; `Ok` once Papita answered 2xx.

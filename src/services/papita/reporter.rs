@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::PapitaSettings;
+use crate::services::papita::connection::UsageConnection;
 use crate::services::papita::spool::{LaneSpool, SpoolBudget};
 use crate::services::papita::{PapitaClient, UsageRejected};
 
@@ -184,6 +185,7 @@ impl UsageReporter {
                 input: input.clone(),
                 rx,
                 spool: spool.map(|s| Arc::new(Mutex::new(s))),
+                connection: client.usage_connection(),
                 client: client.clone(),
                 max_attempts: settings.usage_max_attempts.get(),
                 stats: stats.clone(),
@@ -293,6 +295,9 @@ struct Lane {
     rx: mpsc::Receiver<Bytes>,
     spool: Option<Arc<Mutex<LaneSpool>>>,
     client: PapitaClient,
+    /// The lane's own kept-alive connection for plain-HTTP Papita URLs (`connection.rs`);
+    /// `None`: the pooled reqwest client.
+    connection: Option<UsageConnection>,
     max_attempts: u32,
     stats: Arc<ReporterStats>,
     shutdown: CancellationToken,
@@ -535,14 +540,25 @@ impl Lane {
         let client = self.client.clone();
         let mut backoff = BACKOFF_FIRST;
         for attempt in 1..=attempts {
-            let mut post = std::pin::pin!(client.post_usage_body(body.clone()));
-            let sent = loop {
-                tokio::select! {
-                    sent = &mut post => break sent,
-                    () = self.spool_now.cancelled() => return Delivery::Interrupted,
-                    () = self.input.wake.notified() => self.move_memory_to_spool(None).await,
+            // Out of `self` while the post runs (the spool moves below need `&mut self`); an
+            // interrupted post leaves it out, so a half-sent request's connection is not reused.
+            let mut connection = self.connection.take();
+            let sent = {
+                let mut post = std::pin::pin!(async {
+                    match connection.as_mut() {
+                        Some(connection) => connection.post(body.clone()).await,
+                        None => client.post_usage_body(body.clone()).await,
+                    }
+                });
+                loop {
+                    tokio::select! {
+                        sent = &mut post => break sent,
+                        () = self.spool_now.cancelled() => return Delivery::Interrupted,
+                        () = self.input.wake.notified() => self.move_memory_to_spool(None).await,
+                    }
                 }
             };
+            self.connection = connection;
             let UsageRejected { retryable, reason } = match sent {
                 Ok(()) => return Delivery::Delivered,
                 Err(rejected) => rejected,
