@@ -308,7 +308,15 @@ fn json_logs_have_one_line_per_request_with_route_status_latency_and_id() {
     assert_eq!(access["span"]["method"], "POST");
     assert_eq!(access["span"]["path"], "/api/session/start");
     assert_eq!(access["fields"]["status"], 200);
-    assert!(access["fields"]["latency"].is_string(), "{access}");
+    assert!(
+        access["fields"]["latency"]
+            .as_str()
+            .is_some_and(|l| l.ends_with(" μs")),
+        "{access}"
+    );
+    assert_eq!(access["fields"]["message"], "finished processing request");
+    // tower-http's own target, so existing filters (RUST_LOG=tower_http=warn) keep working.
+    assert_eq!(access["target"], "tower_http::trace::on_response");
 }
 
 #[test]

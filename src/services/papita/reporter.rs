@@ -586,7 +586,7 @@ impl Lane {
 
     fn rejected(&self, reason: &str) {
         let rejected = self.stats.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(%reason, rejected, "Papita refused a usage record (4xx); not sent again");
+        tracing::warn!(%reason, rejected, "Papita refused a usage record (4xx) or did not answer in time (it may have counted it); not sent again");
     }
 }
 
