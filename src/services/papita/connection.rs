@@ -8,8 +8,8 @@
 //!
 //! The outcome is classified as `PapitaClient::post_usage_body` does: refused connections and
 //! 5xx are worth sending again, a 4xx or a timeout is not (Papita may have counted it).
-//! `https://` URLs, and any `HTTP_PROXY` / `ALL_PROXY` in the environment (which reqwest would
-//! honour), keep the pooled reqwest client.
+//! `https://` URLs, URLs with credentials, and any `HTTP_PROXY` / `ALL_PROXY` in the environment
+//! (which reqwest would honour), keep the pooled reqwest client.
 
 use std::time::Duration;
 
@@ -37,9 +37,11 @@ pub struct UsageTarget {
 }
 
 impl UsageTarget {
-    /// `None` when the URL is not plain `http://`, or a proxy is configured in the environment.
+    /// `None` when the URL is not plain `http://`, carries credentials (reqwest turns them into
+    /// basic auth), or a proxy is configured in the environment.
     pub fn for_url(url: &reqwest::Url) -> Option<Self> {
-        if url.scheme() != "http" || proxy_in_environment() {
+        let credentials = !url.username().is_empty() || url.password().is_some();
+        if url.scheme() != "http" || credentials || proxy_in_environment() {
             return None;
         }
         let host = url.host_str()?;
@@ -234,5 +236,6 @@ mod tests {
         let v6 = target("http://[::1]:3000/api/usage/log").unwrap();
         assert_eq!(v6.authority, "[::1]:3000");
         assert!(target("https://papita.example/api/usage/log").is_none());
+        assert!(target("http://user:secret@papita:3000/api/usage/log").is_none());
     }
 }
