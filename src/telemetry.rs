@@ -7,12 +7,22 @@ use tracing_subscriber::fmt::time::FormatTime;
 
 use crate::config::LogFormat;
 
+/// Lines the non-blocking stdout writer holds before dropping (see `init`).
+const LOG_QUEUE_LINES: usize = 32_768;
+
 /// Installs the global subscriber. Keep the guard alive until exit: dropping it flushes.
 pub fn init(format: LogFormat, filter: &str) -> WorkerGuard {
     // The worker flushes whenever its queue runs empty, so buffering costs no latency but turns
     // one write(2) per line into one per burst (stdout itself is line-buffered).
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking(stdout);
+    // 32,768 queued lines (4 s of access lines at 8,000 requests/s) rather than the default
+    // 128,000: the queue is allocated and touched in full at start-up, and its 4 MB were over a
+    // quarter of the idle RSS (15 MB target). Lossy as before: a stalled stdout drops lines
+    // instead of blocking requests.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .finish(stdout);
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("warning: RUST_LOG={filter:?} is not a valid filter ({e}); using info");
         EnvFilter::new("info")
