@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use chrono::{DateTime, Datelike, Local, Timelike};
+use chrono::{DateTime, Datelike, Local, Timelike, Utc};
 
 /// Source of the local time used for timestamps, session ids and log file dates.
 pub trait Clock: Send + Sync + 'static {
@@ -42,9 +42,21 @@ impl Clock for ManualClock {
 /// The contract's timestamp: local time, ISO 8601, microseconds, no offset
 /// (`2026-11-23T14:05:09.123456`), as Python's `datetime.now().isoformat()` wrote it.
 pub fn timestamp(at: &DateTime<Local>) -> String {
+    iso_micros(at, 26)
+}
+
+/// The log lines' timestamp (`2026-11-25T16:39:41.221332Z`): UTC, as tracing-subscriber's own
+/// timer writes it, built the same cheap way (every request writes an access line).
+pub fn utc_timestamp(at: &DateTime<Utc>) -> String {
+    let mut out = iso_micros(at, 27);
+    out.push('Z');
+    out
+}
+
+fn iso_micros(at: &(impl Datelike + Timelike), capacity: usize) -> String {
     // Digits written directly: chrono's `format` (and even `format!`) cost thousands of
     // instructions per call, and every chat writes two timestamps (Docs/BENCHMARKS.md).
-    let mut out = String::with_capacity(26);
+    let mut out = String::with_capacity(capacity);
     push_date(&mut out, at);
     out.push('T');
     push_digits(&mut out, at.hour(), 2);
@@ -65,7 +77,7 @@ pub fn date(at: &DateTime<Local>) -> String {
     out
 }
 
-fn push_date(out: &mut String, at: &DateTime<Local>) {
+fn push_date(out: &mut String, at: &impl Datelike) {
     push_digits(out, at.year().clamp(0, 9999) as u32, 4);
     out.push('-');
     push_digits(out, at.month(), 2);

@@ -50,40 +50,8 @@ struct UtcMicros;
 
 impl FormatTime for UtcMicros {
     fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
-        w.write_str(&utc_micros(&chrono::Utc::now()))
+        w.write_str(&crate::clock::utc_timestamp(&chrono::Utc::now()))
     }
-}
-
-fn utc_micros(now: &chrono::DateTime<chrono::Utc>) -> String {
-    use chrono::{Datelike, Timelike};
-    let mut out = [0u8; 27];
-    let mut put = |at: usize, value: u32, width: usize| {
-        let mut value = value;
-        for i in (at..at + width).rev() {
-            out[i] = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
-    };
-    put(0, now.year().clamp(0, 9999) as u32, 4);
-    put(5, now.month(), 2);
-    put(8, now.day(), 2);
-    put(11, now.hour(), 2);
-    put(14, now.minute(), 2);
-    put(17, now.second(), 2);
-    // A leap second carries nanosecond >= 1e9; it still prints six digits.
-    put(20, now.nanosecond() % 1_000_000_000 / 1_000, 6);
-    for (at, separator) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (26, b'Z'),
-    ] {
-        out[at] = separator;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where the C library looks for zone files.
@@ -141,14 +109,17 @@ mod tests {
             .unwrap()
             .checked_add_signed(chrono::TimeDelta::microseconds(7_089))
             .unwrap();
-        assert_eq!(utc_micros(&at), "2026-01-02T03:04:05.007089Z");
+        assert_eq!(
+            crate::clock::utc_timestamp(&at),
+            "2026-01-02T03:04:05.007089Z"
+        );
         // The same shape as tracing-subscriber's own timer, for any instant.
         let now = chrono::Utc::now();
         let mut theirs = String::new();
         tracing_subscriber::fmt::time::SystemTime
             .format_time(&mut Writer::new(&mut theirs))
             .unwrap();
-        let ours = utc_micros(&now);
+        let ours = crate::clock::utc_timestamp(&now);
         assert_eq!(ours.len(), theirs.len(), "{ours} vs {theirs}");
         let same_shape = ours.chars().zip(theirs.chars()).all(|(a, b)| {
             a.is_ascii_digit() == b.is_ascii_digit() && (a.is_ascii_digit() || a == b)

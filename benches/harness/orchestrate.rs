@@ -109,18 +109,18 @@ fn start_redis(dir: &Path) -> Redis {
     }
 }
 
-/// The cumulative buckets of `alchat_chat_overhead_seconds` (upper bound in seconds, count).
-fn overhead_buckets(al_chat: &Server) -> Vec<(f64, u64)> {
+/// One GET from the orchestrator (which has no runtime of its own); `None` if it failed.
+fn get_text(url: String) -> Option<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let text = rt.block_on(async {
-        match reqwest::get(format!("{}/metrics", al_chat.url())).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    });
+    rt.block_on(async { reqwest::get(url).await.ok()?.text().await.ok() })
+}
+
+/// The cumulative buckets of `alchat_chat_overhead_seconds` (upper bound in seconds, count).
+fn overhead_buckets(al_chat: &Server) -> Vec<(f64, u64)> {
+    let text = get_text(format!("{}/metrics", al_chat.url())).unwrap_or_default();
     text.lines()
         .filter_map(|line| {
             let rest = line.strip_prefix("alchat_chat_overhead_seconds_bucket{le=\"")?;
@@ -160,18 +160,8 @@ fn overhead_percentiles(before: &[(f64, u64)], after: &[(f64, u64)]) -> (String,
 
 /// Papita usage records the service dropped (its `/api/ready` counters).
 fn papita_dropped(al_chat: &Server) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let ready: serde_json::Value = rt.block_on(async {
-        reqwest::get(format!("{}/api/ready", al_chat.url()))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or_default()
-    });
+    let ready = get_text(format!("{}/api/ready", al_chat.url())).expect("/api/ready answers");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap_or_default();
     ready["checks"]["papita"]["usage_records"]["dropped"]
         .as_u64()
         .unwrap_or(0)
@@ -179,13 +169,7 @@ fn papita_dropped(al_chat: &Server) -> u64 {
 
 /// (chats answered, records Papita received), after giving the records up to 30 s to drain.
 fn records_delivered(al_chat: &Server, papita: &Server) -> (u64, u64) {
-    let get = |url: String| -> String {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
-    };
+    let get = |url: String| get_text(url).expect("the service and the mock answer");
     let usage: serde_json::Value =
         serde_json::from_str(&get(format!("{}/api/openai/usage", al_chat.url()))).unwrap();
     let answered = usage["request_count"].as_u64().unwrap_or(0);

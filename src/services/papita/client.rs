@@ -35,6 +35,21 @@ pub struct UsageRejected {
     pub reason: String,
 }
 
+impl UsageRejected {
+    /// Papita's answer to a record: 2xx took it; a 5xx is worth sending again, a 4xx never.
+    /// One rule for the pooled client and the lanes' own connections.
+    pub fn check(status: reqwest::StatusCode) -> Result<(), Self> {
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(Self {
+                retryable: status.is_server_error(),
+                reason: format!("status {}", status.as_u16()),
+            })
+        }
+    }
+}
+
 impl PapitaClient {
     /// `http` is shared (pooled connections); it has a connect timeout, each call its own limit.
     pub fn new(settings: &PapitaSettings, http: reqwest::Client) -> Self {
@@ -114,11 +129,7 @@ impl PapitaClient {
             .send()
             .await;
         match result {
-            Ok(r) if r.status().is_success() => Ok(()),
-            Ok(r) => Err(UsageRejected {
-                retryable: r.status().is_server_error(),
-                reason: format!("status {}", r.status().as_u16()),
-            }),
+            Ok(r) => UsageRejected::check(r.status()),
             Err(e) => Err(UsageRejected {
                 retryable: e.is_connect(),
                 reason: e.to_string(),

@@ -113,36 +113,29 @@ impl UsageConnection {
 
     async fn exchange(&mut self, body: Bytes) -> Result<(), UsageRejected> {
         let mut request = self.request(body);
-        // A kept-alive connection Papita closed while idle hands the request back unsent: then
-        // it goes once more, on a new connection.
-        for fresh in [false, true] {
-            let reused = self.sender.is_some() && !fresh;
+        // At most twice: a failed attempt clears `sender`, so the next one is never "reused".
+        loop {
+            let reused = self.sender.is_some();
             let sender = self.ready_sender().await?;
-            match sender.try_send_request(request).await {
+            let mut failed = match sender.try_send_request(request).await {
                 Ok(response) => return self.answer(response).await,
-                Err(mut failed) => {
-                    self.sender = None;
-                    match failed.take_message() {
-                        Some(unsent) if reused => request = unsent,
-                        // Never sent, even on a new connection: as good as refused.
-                        Some(_) => {
-                            return Err(UsageRejected {
-                                retryable: true,
-                                reason: failed.into_error().to_string(),
-                            });
-                        }
-                        // Sent, then the connection failed: Papita may have counted it.
-                        None => {
-                            return Err(UsageRejected {
-                                retryable: false,
-                                reason: failed.into_error().to_string(),
-                            });
-                        }
-                    }
+                Err(failed) => failed,
+            };
+            self.sender = None;
+            match failed.take_message() {
+                // A kept-alive connection Papita closed while idle hands the request back
+                // unsent: it goes once more, on a new connection.
+                Some(unsent) if reused => request = unsent,
+                // Unsent even on a new connection: as good as refused, worth sending again.
+                // Sent, then the connection failed: Papita may have counted it.
+                unsent => {
+                    return Err(UsageRejected {
+                        retryable: unsent.is_some(),
+                        reason: failed.into_error().to_string(),
+                    });
                 }
             }
         }
-        unreachable!("the second attempt always returns")
     }
 
     fn request(&self, body: Bytes) -> Request<Full<Bytes>> {
@@ -207,14 +200,7 @@ impl UsageConnection {
         {
             self.sender = None;
         }
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(UsageRejected {
-                retryable: status.is_server_error(),
-                reason: format!("status {}", status.as_u16()),
-            })
-        }
+        UsageRejected::check(status)
     }
 }
 

@@ -118,15 +118,7 @@ impl BudgetStore for RedisBudgetStore {
     fn spent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, f64> {
         async move {
             let redis_key = self.key(key);
-            let shared = self
-                .state
-                .call("budget spent", |mut conn| async move {
-                    redis::cmd("GET")
-                        .arg(redis_key)
-                        .query_async::<Option<f64>>(&mut conn)
-                        .await
-                })
-                .await;
+            let shared = self.state.get::<f64>("budget spent", redis_key).await;
             match shared {
                 Ok(spent) => spent.unwrap_or(0.0),
                 Err(_) => self.local.spent(key).await,

@@ -156,6 +156,24 @@ impl SharedState {
         }
     }
 
+    /// `GET key` through `call`: `Ok(None)` when the key is not there.
+    pub async fn get<T>(
+        self: &Arc<Self>,
+        what: &'static str,
+        key: String,
+    ) -> Result<Option<T>, Unavailable>
+    where
+        T: FromRedisValue,
+    {
+        self.call(what, |mut conn| async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<T>>(&mut conn)
+                .await
+        })
+        .await
+    }
+
     /// Runs one Redis call with the timeout, unless Redis is down. A failure marks it down.
     pub async fn call<T, F, Fut>(
         self: &Arc<Self>,

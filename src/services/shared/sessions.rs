@@ -188,15 +188,7 @@ impl SessionStore for RedisSessionStore {
     fn start_of<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<DateTime<Local>>> {
         async move {
             let key = self.session_key(id);
-            let shared = self
-                .state
-                .call("session start_of", |mut conn| async move {
-                    redis::cmd("GET")
-                        .arg(key)
-                        .query_async::<Option<i64>>(&mut conn)
-                        .await
-                })
-                .await;
+            let shared = self.state.get::<i64>("session start_of", key).await;
             match shared {
                 Ok(Some(micros)) => from_micros(micros),
                 _ => self.local.start_of(id).await,
@@ -208,15 +200,7 @@ impl SessionStore for RedisSessionStore {
     fn latest(&self) -> BoxFuture<'_, Option<String>> {
         async move {
             let key = self.state.key("latest");
-            let shared = self
-                .state
-                .call("session latest", |mut conn| async move {
-                    redis::cmd("GET")
-                        .arg(key)
-                        .query_async::<Option<String>>(&mut conn)
-                        .await
-                })
-                .await;
+            let shared = self.state.get::<String>("session latest", key).await;
             match shared {
                 Ok(Some(id)) => Some(id),
                 _ => self.local.latest().await,
