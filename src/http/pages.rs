@@ -38,11 +38,13 @@ const ASSETS: &[(&str, &str, &str)] = &[
         "text/javascript; charset=utf-8",
         include_str!("pages/playground.js"),
     ),
-    // The documented browser code (Docs/STREAMING.md), served as is: the playground runs it.
+    // The documented browser code (Docs/STREAMING.md shows this file verbatim), served as is: the
+    // playground runs it. It lives under src/ because everything the binary embeds does: the
+    // Docker build stage copies src/ (see tests/api/build_context.rs).
     (
         "stream-chat.mjs",
         "text/javascript; charset=utf-8",
-        include_str!("../../Docs/examples/stream-chat.mjs"),
+        include_str!("pages/stream-chat.mjs"),
     ),
 ];
 

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::helpers::{eventually, spawn_app};
 use crate::mock_openai::{Reply, StreamScript};
 
-const SNIPPET: &str = include_str!("../../Docs/examples/stream-chat.mjs");
+const SNIPPET: &str = include_str!("../../src/http/pages/stream-chat.mjs");
 const DOC: &str = include_str!("../../Docs/STREAMING.md");
 
 async fn run_driver(base_url: &str, scenario: &str) -> Value {
@@ -41,7 +41,7 @@ async fn run_driver(base_url: &str, scenario: &str) -> Value {
 fn the_documented_snippet_is_the_file_the_tests_run() {
     assert!(
         DOC.contains(SNIPPET.trim()),
-        "Docs/STREAMING.md must show Docs/examples/stream-chat.mjs verbatim"
+        "Docs/STREAMING.md must show src/http/pages/stream-chat.mjs verbatim"
     );
     let version = Command::new("node").arg("--version").output();
     assert!(

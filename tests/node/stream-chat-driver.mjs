@@ -1,8 +1,9 @@
-// Runs Docs/examples/stream-chat.mjs, exactly as documented, against a live service and prints
-// what a page would have seen as one JSON line. Used by tests/api/browser_snippet.rs.
+// Runs src/http/pages/stream-chat.mjs (Docs/STREAMING.md's browser code), exactly as documented,
+// against a live service and prints what a page would have seen as one JSON line. Used by
+// tests/api/browser_snippet.rs.
 //   node stream-chat-driver.mjs BASE_URL ok|abort|json-error|html-error
 import http from "node:http";
-import { streamChat } from "../../Docs/examples/stream-chat.mjs";
+import { streamChat } from "../../src/http/pages/stream-chat.mjs";
 
 const [baseUrl, scenario] = process.argv.slice(2);
 const deltas = [];

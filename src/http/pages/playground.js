@@ -1,5 +1,5 @@
 // The playground: one conversation, streamed through /api/chat with the documented browser code
-// (Docs/examples/stream-chat.mjs, served as /assets/stream-chat.mjs).
+// (src/http/pages/stream-chat.mjs, served as /assets/stream-chat.mjs).
 import { streamChat } from "/assets/stream-chat.mjs";
 
 const $ = (id) => document.getElementById(id);
