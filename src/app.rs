@@ -108,6 +108,7 @@ impl Application {
             SESSION_LOG_QUEUE,
             entries::project_init(&clock.now()),
             metrics.session_log.clone(),
+            config.log_min_free_bytes,
         )
         .map_err(StartupError::SessionLog)?;
 
@@ -239,6 +240,7 @@ impl Application {
             header_read: config.header_read_timeout,
             idle: config.idle_timeout,
             body_read: config.body_read_timeout,
+            write_stall: config.openai.write_stall,
             max_connections: config
                 .max_connections
                 .map_or_else(server::auto_max_connections, NonZeroUsize::get),
@@ -321,18 +323,11 @@ fn guardrails(
     let budget_store = MemoryBudgetStore::new(config.sessions_max.get() + 16);
     let (rate, budget_store): (Arc<dyn RateLimitStore>, Arc<dyn BudgetStore>) = match shared {
         Some(shared) => (
-            Arc::new(RedisRateLimits::new(
-                shared.clone(),
-                settings.chat_per_min,
-                settings.test_per_min,
-            )),
+            Arc::new(RedisRateLimits::new(shared.clone(), &settings.rate)),
             Arc::new(RedisBudgetStore::new(shared.clone(), budget_store)),
         ),
         None => (
-            Arc::new(MemoryRateLimits::new(
-                settings.chat_per_min,
-                settings.test_per_min,
-            )),
+            Arc::new(MemoryRateLimits::new(&settings.rate)),
             Arc::new(budget_store),
         ),
     };
@@ -340,10 +335,7 @@ fn guardrails(
     Guardrails::new(
         models,
         rate,
-        (
-            settings.chat_per_min.map(|n| n.get()),
-            settings.test_per_min.map(|n| n.get()),
-        ),
+        settings.rate,
         Arc::new(budgets),
     )
 }

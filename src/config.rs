@@ -100,6 +100,11 @@ pub const VARS: &[Var] = &[
         help: "a comment is sent on a silent stream this often (keeps proxies from closing it)",
     },
     Var {
+        name: "SSE_WRITE_STALL_SECS",
+        default: "30",
+        help: "a client that takes no bytes of an answer this long is cut (its upstream call cancelled)",
+    },
+    Var {
         name: "PAPITA_API_URL",
         default: "http://localhost:3000",
         help: "Papita: credentials and usage records",
@@ -160,6 +165,16 @@ pub const VARS: &[Var] = &[
         help: "sessions remembered in memory (oldest forgotten first)",
     },
     Var {
+        name: "SESSION_METRICS_MAX_BYTES",
+        default: "65536",
+        help: "largest metrics object a session stop may carry, serialized (413 past it)",
+    },
+    Var {
+        name: "LOG_MIN_FREE_MB",
+        default: "256",
+        help: "below this much free space on the log folder's file system, session writes get 507",
+    },
+    Var {
         name: "SESSION_MAX_AGE_HOURS",
         default: "48",
         help: "sessions older than this are forgotten (their stop still works from the log)",
@@ -183,6 +198,16 @@ pub const VARS: &[Var] = &[
         name: "RATE_LIMIT_TEST_PER_MIN",
         default: "",
         help: "GET /api/openai/test per minute per client (unset: no limit; recommended 2)",
+    },
+    Var {
+        name: "RATE_LIMIT_SESSION_PER_MIN",
+        default: "",
+        help: "session starts and stops together per minute per client (unset: no limit; recommended 30)",
+    },
+    Var {
+        name: "RATE_LIMIT_IPV6_PREFIX",
+        default: "64",
+        help: "IPv6 clients share their rate limits per network of this many bits (a /64 is one customer's)",
     },
     Var {
         name: "TRUSTED_PROXIES",
@@ -320,6 +345,8 @@ pub struct OpenAiSettings {
     pub stream_idle_timeout: Duration,
     pub stream_max: Duration,
     pub sse_keepalive: Duration,
+    /// A client that takes no bytes of an answer this long is cut (`SSE_WRITE_STALL_SECS`).
+    pub write_stall: Duration,
     pub http2: Http2,
 }
 
@@ -360,21 +387,37 @@ pub struct PapitaSettings {
 pub struct GuardrailSettings {
     /// `OPENAI_ALLOWED_MODELS` as written; `None`: the default list.
     pub allowed_models: Option<String>,
-    pub chat_per_min: Option<NonZeroU32>,
-    pub test_per_min: Option<NonZeroU32>,
+    pub rate: RateLimits,
     pub trusted_proxies: Vec<IpNet>,
     pub budget: BudgetLimits,
     pub max_input_chars: usize,
     pub admin_token: Option<String>,
 }
 
+/// Per-client rate limits (`RATE_LIMIT_*`); `None`: no limit.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimits {
+    pub chat: Option<NonZeroU32>,
+    pub test: Option<NonZeroU32>,
+    /// Session start and stop together.
+    pub session: Option<NonZeroU32>,
+    /// IPv6 clients are keyed by their network of this many bits.
+    pub ipv6_prefix: u8,
+}
+
 /// `redis://user:secret@host:6379/0` → `redis://host:6379/0`: a URL fit for logs and errors.
 pub fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        _ => url.to_string(),
+    let Some(scheme) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    // Only the authority (up to the path, query or fragment) can hold credentials: an `@` in a
+    // path is not one.
+    let authority_end = url[scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| scheme + i);
+    match url[scheme..authority_end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..scheme], &url[scheme + at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -410,6 +453,11 @@ pub struct Config {
     pub log_dir: PathBuf,
     pub sessions_max: NonZeroUsize,
     pub sessions_max_age: Duration,
+    /// `SESSION_METRICS_MAX_BYTES`: a stop's `metrics`, serialized, at most this long.
+    pub session_metrics_max_bytes: NonZeroUsize,
+    /// `LOG_MIN_FREE_MB` in bytes: below this free on the log folder's file system, session
+    /// writes are refused (507) and the service is not ready.
+    pub log_min_free_bytes: u64,
     /// `PRICING_FILE`, else the built-in table; checked at start-up like every other setting.
     pub pricing: PriceTable,
     pub body_limit: NonZeroUsize,
@@ -517,8 +565,21 @@ impl Config {
             allowed_models: src
                 .raw("OPENAI_ALLOWED_MODELS")
                 .map(|v| v.trim().to_string()),
-            chat_per_min: src.optional("RATE_LIMIT_CHAT_PER_MIN")?,
-            test_per_min: src.optional("RATE_LIMIT_TEST_PER_MIN")?,
+            rate: RateLimits {
+                chat: src.optional("RATE_LIMIT_CHAT_PER_MIN")?,
+                test: src.optional("RATE_LIMIT_TEST_PER_MIN")?,
+                session: src.optional("RATE_LIMIT_SESSION_PER_MIN")?,
+                ipv6_prefix: match src.parse::<u8>("RATE_LIMIT_IPV6_PREFIX")? {
+                    bits @ 0..=128 => bits,
+                    bits => {
+                        return Err(invalid(
+                            "RATE_LIMIT_IPV6_PREFIX",
+                            &bits.to_string(),
+                            "expected a prefix length from 0 to 128",
+                        ));
+                    }
+                },
+            },
             trusted_proxies,
             budget: BudgetLimits {
                 daily_usd: src.optional_usd("BUDGET_DAILY_USD")?,
@@ -550,6 +611,7 @@ impl Config {
                 stream_idle_timeout: src.secs("OPENAI_STREAM_IDLE_TIMEOUT_SECS")?,
                 stream_max: src.secs("OPENAI_STREAM_MAX_SECS")?,
                 sse_keepalive: src.secs("SSE_KEEPALIVE_SECS")?,
+                write_stall: src.secs("SSE_WRITE_STALL_SECS")?,
                 http2: match src.string("OPENAI_HTTP2").to_ascii_lowercase().as_str() {
                     "auto" => Http2::Auto,
                     "always" => Http2::Always,
@@ -591,6 +653,10 @@ impl Config {
             log_dir: PathBuf::from(src.string("AL_CHAT_LOG_DIR")),
             sessions_max: src.positive("SESSION_MAX_TRACKED")?,
             sessions_max_age: src.hours("SESSION_MAX_AGE_HOURS")?,
+            session_metrics_max_bytes: src.positive("SESSION_METRICS_MAX_BYTES")?,
+            log_min_free_bytes: src
+                .parse::<u64>("LOG_MIN_FREE_MB")?
+                .saturating_mul(1024 * 1024),
             pricing: PriceTable::load(src.raw("PRICING_FILE").map(PathBuf::from).as_deref())
                 .map_err(|e| invalid("PRICING_FILE", &src.string("PRICING_FILE"), e.reason()))?,
             body_limit: src.positive("REQUEST_BODY_LIMIT_BYTES")?,
@@ -906,6 +972,20 @@ mod tests {
                 "Docs/CONFIGURATION.md lacks {}",
                 var.name
             );
+        }
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_credentials() {
+        for (url, shown) in [
+            ("http://user:pw@papita:3000", "http://papita:3000"),
+            ("http://user:p@ss@papita:3000/x", "http://papita:3000/x"),
+            ("redis://:hunter2@cache:6379/0", "redis://cache:6379/0"),
+            ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+            ("http://host/v1/@me", "http://host/v1/@me"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(without_credentials(url), shown, "{url}");
         }
     }
 

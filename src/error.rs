@@ -80,7 +80,7 @@ impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         match e {
             SessionError::IdRequired => Self::BadRequest(e.to_string()),
-            SessionError::Log { .. } => Self::SessionLog(e),
+            SessionError::LowDisk { .. } | SessionError::Log { .. } => Self::SessionLog(e),
         }
     }
 }
@@ -124,6 +124,7 @@ impl ApiError {
                 UpstreamKind::Unavailable => StatusCode::BAD_GATEWAY,
                 UpstreamKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             },
+            Self::SessionLog(SessionError::LowDisk { .. }) => StatusCode::INSUFFICIENT_STORAGE,
             Self::SessionLog(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

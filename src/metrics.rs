@@ -333,7 +333,7 @@ impl Collector for SnapshotCollector {
 
         let mut lines = encoder.encode_descriptor(
             "session_log_lines",
-            "Session log lines by outcome (written, dropped)",
+            "Session log lines by outcome (written, dropped, refused_low_disk: session writes refused below LOG_MIN_FREE_MB)",
             None,
             ConstCounter::new(0u64).metric_type(),
         )?;

@@ -8,6 +8,11 @@
 //!   `IDLE_TIMEOUT_SECS`;
 //! - a request body must arrive within `BODY_READ_TIMEOUT_SECS` (enforced where bodies are read,
 //!   `http::extract`, from the deadline this module puts in the request's extensions);
+//! - a response the client takes no bytes of for `SSE_WRITE_STALL_SECS` (its socket stays full:
+//!   it stopped reading) is cut, closing the connection, which drops the response body and with
+//!   it the upstream call: a client that never reads holds no more than the socket buffers;
+//! - a response that carries a `CutAt` (a streamed chat: `OPENAI_STREAM_MAX_SECS` and a grace)
+//!   is cut then, whether or not the client reads;
 //! - at most `MAX_CONNECTIONS` connections are open; beyond that new ones wait in the kernel's
 //!   backlog (logged once per episode) until a slot frees, which the limits above guarantee.
 //!
@@ -35,6 +40,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+/// `SO_SNDBUF` of accepted connections.
+const SEND_BUFFER: usize = 128 * 1024;
+
 /// While connections keep waiting for a slot, the limit is logged at most this often.
 const SATURATION_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -44,8 +52,15 @@ pub struct Limits {
     pub header_read: Duration,
     pub idle: Duration,
     pub body_read: Duration,
+    /// A response whose bytes the client does not take for this long is cut.
+    pub write_stall: Duration,
     pub max_connections: usize,
 }
+
+/// Put in a response's extensions: the connection is closed at this moment if the response is
+/// still being sent (a streamed answer past its hard limit, with a client that stopped reading).
+#[derive(Debug, Clone, Copy)]
+pub struct CutAt(pub Instant);
 
 /// `MAX_CONNECTIONS=auto`, from the open-file limit in force.
 pub fn auto_max_connections() -> usize {
@@ -112,6 +127,11 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: 
         // Without TCP_NODELAY, small writes (SSE events, short answers) wait on the client's
         // delayed ACK: ~40 ms per streamed event.
         let _ = tcp.set_nodelay(true);
+        // A fixed send buffer instead of the kernel's autotuning (which grows to 4 MB and more):
+        // what a client that stops reading can make us produce before back-pressure reaches the
+        // upstream is this buffer plus hyper's, not megabytes per connection. 128 KiB (the kernel
+        // doubles it) still carries 2.5 MB/s over a 100 ms round trip, far above any answer's.
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&tcp, SEND_BUFFER);
         let (router, stop) = (router.clone(), stop.clone());
         connections.spawn(async move {
             serve_connection(tcp, peer, router, limits, stop).await;
@@ -162,6 +182,9 @@ async fn serve_connection(
                 let response = response
                     .await
                     .unwrap_or_else(|never: Infallible| match never {});
+                if let Some(CutAt(at)) = response.extensions().get::<CutAt>() {
+                    guard.cut_at(*at);
+                }
                 Ok::<_, Infallible>(response.map(|body| {
                     Body::new(GuardedBody {
                         body,
@@ -189,7 +212,11 @@ async fn serve_connection(
             }
             () = sleep_until(deadline) => {
                 if activity.expired(&limits) {
-                    tracing::debug!(%peer, "closing a connection that was idle or too slow to send its request");
+                    if activity.busy() {
+                        tracing::info!(%peer, "cutting a response the client stopped reading (SSE_WRITE_STALL_SECS) or that ran past its limit");
+                    } else {
+                        tracing::debug!(%peer, "closing a connection that was idle or too slow to send its request");
+                    }
                     return;
                 }
             }
@@ -229,6 +256,11 @@ struct Activity {
     changed: Notify,
     /// Set once the watchdog was told about the current head (one notification per head).
     head_announced: AtomicBool,
+    /// Since when the socket has refused our writes (the client is not reading); `NONE` while
+    /// writes go through.
+    write_blocked_since: AtomicU64,
+    /// When the response in progress must be cut (`CutAt`); `NONE`: never.
+    cut_at: AtomicU64,
 }
 
 impl Activity {
@@ -240,6 +272,32 @@ impl Activity {
             head_since: AtomicU64::new(NONE),
             changed: Notify::new(),
             head_announced: AtomicBool::new(false),
+            write_blocked_since: AtomicU64::new(NONE),
+            cut_at: AtomicU64::new(NONE),
+        }
+    }
+
+    /// A write found the socket full: the stall clock starts (once per stall).
+    fn write_blocked(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) == NONE {
+            self.write_blocked_since
+                .store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    fn wrote(&self, blocked: bool) {
+        if blocked {
+            self.write_blocked();
+        } else {
+            self.write_went_through();
+        }
+    }
+
+    /// A write went through: the client is reading.
+    fn write_went_through(&self) {
+        if self.write_blocked_since.load(Ordering::Relaxed) != NONE {
+            self.write_blocked_since.store(NONE, Ordering::Release);
         }
     }
 
@@ -269,10 +327,18 @@ impl Activity {
         RequestGuard(self.clone())
     }
 
-    /// The next moment the watchdog must look; `None` while a request is in progress.
+    /// The next moment the watchdog must look. While a request is in progress: when a stalled
+    /// write or the response's `CutAt` runs out, if either applies.
     fn deadline(&self, limits: &Limits) -> Option<Instant> {
         if self.busy() {
-            return None;
+            let stalled = self.write_blocked_since.load(Ordering::Acquire);
+            let stalled = (stalled != NONE).then(|| self.at(stalled) + limits.write_stall);
+            let cut = self.cut_at.load(Ordering::Acquire);
+            let cut = (cut != NONE).then(|| self.at(cut));
+            return match (stalled, cut) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         let head = self.head_since.load(Ordering::Acquire);
         Some(if head != NONE {
@@ -291,6 +357,15 @@ impl Activity {
 /// One request in progress; dropped when its response body ends or is abandoned.
 struct RequestGuard(Arc<Activity>);
 
+impl RequestGuard {
+    fn cut_at(&self, at: Instant) {
+        let activity = &self.0;
+        let ms = at.saturating_duration_since(activity.epoch).as_millis() as u64;
+        activity.cut_at.store(ms, Ordering::Release);
+        activity.changed.notify_one();
+    }
+}
+
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         let activity = &self.0;
@@ -298,6 +373,7 @@ impl Drop for RequestGuard {
             .idle_since
             .store(activity.now_ms(), Ordering::Release);
         activity.head_announced.store(false, Ordering::Release);
+        activity.cut_at.store(NONE, Ordering::Release);
         if activity.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
             activity.changed.notify_one();
         }
@@ -330,7 +406,7 @@ impl http_body::Body for GuardedBody {
     }
 }
 
-/// The TCP stream, reporting reads to the watchdog.
+/// The TCP stream, reporting reads and blocked writes to the watchdog.
 struct WatchedIo {
     inner: TcpStream,
     activity: Arc<Activity>,
@@ -357,7 +433,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.wrote(result.is_pending());
+        result
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -373,7 +451,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.wrote(result.is_pending());
+        result
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -2,6 +2,7 @@
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::{FmtSpan, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
 
@@ -30,17 +31,84 @@ pub fn init(format: LogFormat, filter: &str) -> WorkerGuard {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_timer(UtcMicros)
-        .with_writer(writer)
         .with_span_events(FmtSpan::NONE);
     match format {
+        // JSON escapes every string itself.
         LogFormat::Json => builder
+            .with_writer(writer)
             .json()
             .with_current_span(true)
             .with_span_list(false)
             .init(),
-        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Text => builder
+            .with_writer(EscapeControls(writer))
+            .with_ansi(false)
+            .init(),
     }
     guard
+}
+
+/// Text lines with every control character escaped but the line's own end. Fields are written
+/// raw by tracing-subscriber's text format (`%` values), and some carry what a client or an
+/// upstream sent (a model name, an upstream's error text): a `\n` in one would start a forged
+/// line, a `\r` or an ANSI escape would rewrite the terminal. tracing-subscriber hands each event
+/// to the writer in one `write`, so escaping here covers every field of every line.
+#[derive(Clone)]
+struct EscapeControls<M>(M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for EscapeControls<M> {
+    type Writer = EscapingWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EscapingWriter(self.0.make_writer())
+    }
+}
+
+struct EscapingWriter<W>(W);
+
+impl<W: std::io::Write> std::io::Write for EscapingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match escape_controls(buf) {
+            None => self.0.write(buf),
+            Some(escaped) => {
+                self.0.write_all(&escaped)?;
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// `line` with its control characters (C0, DEL and C1) written as `\n`, `\r`, `\t` or `\u{..}`,
+/// keeping one final line break; `None` when there is nothing to escape (the usual case, found
+/// with one pass over the bytes).
+fn escape_controls(line: &[u8]) -> Option<Vec<u8>> {
+    let body = line.strip_suffix(b"\n").unwrap_or(line);
+    // C1 controls are U+0080..U+009F, which UTF-8 writes as 0xC2 0x80..0x9F.
+    if !body.iter().any(|&b| b < 0x20 || b == 0x7f || b == 0xc2) {
+        return None;
+    }
+    let text = String::from_utf8_lossy(body);
+    if !text.chars().any(char::is_control) {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    if body.len() < line.len() {
+        out.push('\n');
+    }
+    Some(out.into_bytes())
 }
 
 /// The timestamp tracing-subscriber writes by default (`2026-11-25T16:39:41.221332Z`: UTC,
@@ -125,6 +193,18 @@ mod tests {
             a.is_ascii_digit() == b.is_ascii_digit() && (a.is_ascii_digit() || a == b)
         });
         assert!(same_shape, "{ours} vs {theirs}");
+    }
+
+    #[test]
+    fn control_characters_in_text_lines_are_escaped_and_the_line_end_kept() {
+        let forged = "2026-12-07T01:00:00Z INFO chat model=x\n2026-01-01T00:00:00Z INFO forged\r\u{1b}[2K\u{9b}\n";
+        let escaped = String::from_utf8(escape_controls(forged.as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            escaped,
+            "2026-12-07T01:00:00Z INFO chat model=x\\n2026-01-01T00:00:00Z INFO forged\\r\\u{1b}[2K\\u{9b}\n"
+        );
+        assert_eq!(escaped.matches('\n').count(), 1);
+        assert!(escape_controls(b"plain line, caf\xc3\xa9 \xc2\xa9\n").is_none());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::domain::error::InputError;
+use crate::domain::identifier::check_optional;
 use crate::domain::session_id::{client_session_id, header_session_id};
 
 /// The request body. Unknown fields are ignored; `null` counts as absent.
@@ -176,8 +177,12 @@ impl ChatRequest {
         session_header: Option<&[u8]>,
         default_model: &str,
     ) -> Result<Self, InputError> {
-        // A bad header is refused before anything else is looked at.
+        // A bad header is refused before anything else is looked at, then the identifiers: they
+        // are kept and written everywhere, so they have a size (`identifier.rs`).
         let header_session = header_session_id(session_header)?;
+        check_optional("sessionId", body.session_id.as_deref())?;
+        check_optional("username", body.username.as_deref())?;
+        check_optional("model", body.model.as_deref())?;
         let message = body.message.unwrap_or_default();
         let files = match body.attached_files {
             Some(files) if !files.is_empty() => files,

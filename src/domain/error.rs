@@ -15,6 +15,12 @@ pub enum InputError {
         "Header {SESSION_HEADER} must be visible text (UTF-8, no control characters); send the session_id that /api/session/start returned, or leave the header out."
     )]
     UnreadableSessionHeader,
+    /// A session id, user name or model name that is too long or holds control characters.
+    #[error("Field '{field}' {problem}.")]
+    BadIdentifier {
+        field: &'static str,
+        problem: String,
+    },
     /// Past `MAX_INPUT_CHARS` (a 413).
     #[error(
         "The chat is too large: {chars} characters of message, history and attachments, over the limit of {limit} (MAX_INPUT_CHARS). Most of it is {part}: shorten it or send less."

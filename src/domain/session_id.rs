@@ -24,6 +24,7 @@ pub fn header_session_id(raw: Option<&[u8]>) -> Result<Option<String>, InputErro
     if text.chars().any(char::is_control) {
         return Err(InputError::UnreadableSessionHeader);
     }
+    crate::domain::identifier::check_identifier(SESSION_HEADER, text)?;
     Ok(client_session_id(Some(text)))
 }
 

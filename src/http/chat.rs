@@ -1,6 +1,7 @@
 //! `POST /api/chat` (contract §6): a JSON answer, or with `"stream": true` server-sent events.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -15,9 +16,9 @@ use crate::domain::session_id::SESSION_HEADER;
 use crate::domain::{ChatBody, ChatRequest};
 use crate::error::{ApiError, Result};
 use crate::http::extract::JsonBody;
-use crate::http::guards::ClientAddr;
+use crate::http::guards::{ChatRoute, RateChecked};
 use crate::services::chat::StreamEvent;
-use crate::services::guardrails::Limited;
+use crate::server::CutAt;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -45,7 +46,8 @@ pub fn router() -> Router<AppState> {
     ))]
 pub(super) async fn post_chat(
     State(state): State<AppState>,
-    ClientAddr(client): ClientAddr,
+    // The rate check runs on the head, before the body is read.
+    _rate: RateChecked<ChatRoute>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<ChatBody>,
 ) -> Result<Response> {
@@ -54,7 +56,6 @@ pub(super) async fn post_chat(
     // into a second one (80 MB with 10,000 chats in flight).
     let session_header = headers.get(SESSION_HEADER).map(|v| v.as_bytes().to_vec());
     drop(headers);
-    state.guardrails.check_rate(Limited::Chat, client).await?;
     let request = ChatRequest::parse(body, session_header.as_deref(), &state.config.openai.model)?;
     if let Err(e) = request.check_size(state.config.guardrails.max_input_chars) {
         state
@@ -100,6 +101,10 @@ pub(super) async fn post_chat(
     }
 }
 
+/// After `OPENAI_STREAM_MAX_SECS` the stream ends itself with an `error` event; a client that does
+/// not read that far is cut this much later by the server (`CutAt`).
+const CUT_GRACE: Duration = Duration::from_secs(5);
+
 /// The event-stream response: comments during long silences, and headers that keep proxies
 /// (nginx) from buffering or caching it.
 fn event_stream(events: impl Stream<Item = Event> + Send + 'static, state: &AppState) -> Response {
@@ -107,6 +112,10 @@ fn event_stream(events: impl Stream<Item = Event> + Send + 'static, state: &AppS
     let mut response = Sse::new(events.map(Ok::<_, Infallible>))
         .keep_alive(keepalive)
         .into_response();
+    // The hard limit holds whether or not the client reads: the server closes the connection at
+    // this moment if the stream is still being sent, which drops it and its upstream call.
+    let cut = tokio::time::Instant::now() + state.config.openai.stream_max + CUT_GRACE;
+    response.extensions_mut().insert(CutAt(cut));
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert(

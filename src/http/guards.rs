@@ -2,6 +2,7 @@
 //! first untrusted address in `X-Forwarded-For` when the peer is a trusted proxy), and the
 //! optional admin token.
 
+use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 
@@ -12,6 +13,7 @@ use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::services::guardrails::Limited;
 use crate::state::AppState;
 
 /// The client a rate limit counts against.
@@ -44,8 +46,13 @@ impl FromRequestParts<AppState> for ClientAddr {
 /// The peer, unless it is a trusted proxy: then walk `X-Forwarded-For` from the right (the hop
 /// nearest to us) and take the first address that is not a trusted proxy. A client can put
 /// anything on the left of that header; only what our own proxies appended is believed.
+///
+/// Every address is taken in its canonical form: listening on `::`, IPv4 peers arrive as
+/// IPv4-mapped IPv6 (`::ffff:10.0.0.2`), which must match IPv4 `TRUSTED_PROXIES` and share an
+/// IPv4 client's rate limit.
 pub fn client_ip(peer: IpAddr, forwarded: &str, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let peer = peer.to_canonical();
     if !is_trusted(&peer) {
         return peer;
     }
@@ -55,7 +62,7 @@ pub fn client_ip(peer: IpAddr, forwarded: &str, trusted: &[IpNet]) -> IpAddr {
         .map(str::trim)
         .filter(|h| !h.is_empty())
     {
-        let Ok(ip) = hop.parse::<IpAddr>() else {
+        let Ok(ip) = hop.parse::<IpAddr>().map(|ip| ip.to_canonical()) else {
             break; // garbage: stop at the last address we could read
         };
         client = ip;
@@ -64,6 +71,69 @@ pub fn client_ip(peer: IpAddr, forwarded: &str, trusted: &[IpNet]) -> IpAddr {
         }
     }
     client
+}
+
+/// Which per-client limit a route's `RateChecked` applies.
+pub trait RateLimitedRoute {
+    const WHAT: Limited;
+}
+
+/// `/api/chat`.
+pub struct ChatRoute;
+impl RateLimitedRoute for ChatRoute {
+    const WHAT: Limited = Limited::Chat;
+}
+
+/// `/api/session/start` and `/api/session/stop`, one allowance for both.
+pub struct SessionRoute;
+impl RateLimitedRoute for SessionRoute {
+    const WHAT: Limited = Limited::Session;
+}
+
+/// The client, once its per-minute allowance for `R` had room. An extractor of the request head:
+/// placed before the body's, a refused client costs no body read and no JSON parse (a chat body
+/// may be 16 MB).
+pub struct RateChecked<R>(PhantomData<R>);
+
+impl<R: RateLimitedRoute + Send> FromRequestParts<AppState> for RateChecked<R> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let ClientAddr(client) = ClientAddr::from_request_parts(parts, state).await?;
+        state.guardrails.check_rate(R::WHAT, client).await?;
+        Ok(Self(PhantomData))
+    }
+}
+
+/// Whether the caller may see the operator's details: no `ADMIN_TOKEN` is set, or it sent it.
+/// Never refuses (routes open to anyone show less instead).
+pub struct AdminView(pub bool);
+
+impl FromRequestParts<AppState> for AdminView {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(match &state.config.guardrails.admin_token {
+            None => true,
+            Some(expected) => token_matches(parts, expected),
+        }))
+    }
+}
+
+/// Whether the request carries `Authorization: Bearer <expected>`, compared in constant time
+/// (the comparison does not tell how much of a guess was right).
+fn token_matches(parts: &Parts, expected: &str) -> bool {
+    let given = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 /// Present on routes that need `ADMIN_TOKEN` when one is set (401 JSON otherwise).
@@ -76,15 +146,7 @@ impl FromRequestParts<AppState> for AdminAccess {
         let Some(expected) = &state.config.guardrails.admin_token else {
             return Ok(Self);
         };
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .unwrap_or("");
-        // Constant time: the comparison does not tell how much of a guess was right.
-        if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        if token_matches(parts, expected) {
             Ok(Self)
         } else {
             state
@@ -122,5 +184,18 @@ mod tests {
         );
         // No header: the proxy itself.
         assert_eq!(client_ip(ip("10.0.0.2"), "", &trusted), ip("10.0.0.2"));
+        // Listening on `::`, an IPv4 proxy arrives IPv4-mapped, and is still trusted.
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.2"), "198.51.100.7", &trusted),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            client_ip(ip("::ffff:203.0.113.9"), "1.2.3.4", &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), "::ffff:198.51.100.7", &trusted),
+            ip("198.51.100.7")
+        );
     }
 }

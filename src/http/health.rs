@@ -10,6 +10,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::clock::timestamp;
+use crate::http::guards::AdminView;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -20,42 +21,75 @@ pub fn router() -> Router<AppState> {
 
 #[utoipa::path(get, path = "/api/ready", tag = "health",
     responses(
-        (status = 200, description = "Ready: the session log folder takes writes", body = super::openapi::ReadyAnswer),
+        (status = 200, description = "Ready: the session log folder takes writes and has LOG_MIN_FREE_MB free. With ADMIN_TOKEN set, callers without it see only the statuses (no paths, hosts or reasons)", body = super::openapi::ReadyAnswer),
         (status = 503, description = "Not ready, saying what is wrong", body = super::openapi::ErrorBody),
     ))]
-pub(super) async fn ready(State(state): State<AppState>) -> Response {
+pub(super) async fn ready(State(state): State<AppState>, AdminView(full): AdminView) -> Response {
     let dir = state.session_log.dir().display().to_string();
     let now = timestamp(&state.clock.now());
     // Papita's state is reported, not judged: chats work whatever it is.
     let papita = papita_check(&state);
     // Reported, not judged: with Redis down chats go on with local state (Docs/SCALING.md).
     let shared = state.shared.as_ref().map(|s| s.check());
-    match state.session_log.check_writable().await {
-        Ok(()) => Json(json!({
-            "status": "ready",
-            "timestamp": now,
-            "checks": {"session_log": {"status": "ok", "dir": dir}, "papita": papita, "shared_state": shared},
-        }))
-        .into_response(),
-        Err(e) => {
-            let error = format!(
+    let problem = match state.session_log.check_writable().await {
+        Err(e) => Some((
+            format!(
                 "The session log folder {dir} is not writable ({e}); session start and stop will fail. \
                  Check the folder (AL_CHAT_LOG_DIR) and its owner (the service runs as uid 10001 in Docker)."
-            );
-            tracing::warn!(%dir, error = %e, "not ready: session log folder not writable");
-            let body = json!({
-                "error": error,
-                "status": "not_ready",
+            ),
+            e.to_string(),
+        )),
+        Ok(()) => state.session_log.check_room().err().map(|low| {
+            (
+                format!(
+                    "The session log folder {dir} is on a nearly full disk ({low}); session start and stop get 507. \
+                     Make room, or lower LOG_MIN_FREE_MB."
+                ),
+                low.to_string(),
+            )
+        }),
+    };
+    let (status, mut body) = match problem {
+        None => (
+            StatusCode::OK,
+            json!({
+                "status": "ready",
                 "timestamp": now,
-                "checks": {
-                    "session_log": {"status": "failing", "dir": dir, "reason": e.to_string()},
-                    "papita": papita,
-                    "shared_state": shared,
-                },
-            });
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+                "checks": {"session_log": {"status": "ok", "dir": dir}, "papita": papita, "shared_state": shared},
+            }),
+        ),
+        Some((error, reason)) => {
+            tracing::warn!(%dir, %reason, "not ready: the session log cannot take writes");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({
+                    "error": error,
+                    "status": "not_ready",
+                    "timestamp": now,
+                    "checks": {
+                        "session_log": {"status": "failing", "dir": dir, "reason": reason},
+                        "papita": papita,
+                        "shared_state": shared,
+                    },
+                }),
+            )
+        }
+    };
+    if !full {
+        // Anyone may ask whether the service is ready; where its files live and which hosts it
+        // talks to are the operator's (ADMIN_TOKEN).
+        if status != StatusCode::OK {
+            body["error"] = json!("Not ready: the session log cannot take writes. Details need the admin token.");
+        }
+        if let Some(checks) = body["checks"].as_object_mut() {
+            for check in checks.values_mut() {
+                if let Some(status) = check.get("status").cloned() {
+                    *check = json!({ "status": status });
+                }
+            }
         }
     }
+    (status, Json(body)).into_response()
 }
 
 /// Papita's delivery state: `ok`, `spooling` (records wait on disk) or `dropping`.

@@ -54,7 +54,7 @@ async fn snapshot(state: &AppState) -> Snapshot {
             .iter()
             .map(|(model, t)| {
                 (
-                    model.clone(),
+                    label_value(model),
                     t.prompt,
                     t.completion,
                     t.prompt_cost + t.completion_cost,
@@ -80,6 +80,7 @@ async fn snapshot(state: &AppState) -> Snapshot {
         session_log: vec![
             ("written", state.session_log.written()),
             ("dropped", state.session_log.dropped()),
+            ("refused_low_disk", state.session_log.refused_low_disk()),
         ],
         session_log_syncs: state.session_log.syncs(),
         spool_bytes: papita.spool_bytes,
@@ -94,6 +95,22 @@ async fn snapshot(state: &AppState) -> Snapshot {
             )
         }),
     }
+}
+
+/// `value` fit for a label in the text exposition: prometheus-client writes label values as
+/// given, and a model name comes from a client (any name passes `OPENAI_ALLOWED_MODELS=*`) or
+/// from an upstream, so a `"` or a line break in it would end the label and forge series. The
+/// format's own escapes: `\\`, `\"` and `\n` (and `\r`, which the format has no escape for,
+/// as `\\r`).
+fn label_value(value: &str) -> String {
+    if !value.contains(['\\', '"', '\n', '\r']) {
+        return value.to_string();
+    }
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
 }
 
 /// The route's index in `ROUTES` and its label (`unmatched` when no route matched).

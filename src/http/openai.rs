@@ -8,6 +8,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::config::without_credentials;
 use crate::domain::session_id::client_session_id;
 use crate::error::{ApiError, log_upstream_failure};
 use crate::http::guards::{AdminAccess, ClientAddr};
@@ -43,7 +44,8 @@ fn info_body(state: &AppState, credentials: &Credentials) -> Value {
         "openai_model": config.openai.model,
         "env_file_path": config.env_file.display().to_string(),
         "env_file_exists": config.env_file_exists,
-        "papita_api_url": config.papita.url,
+        // A URL may carry a user and password (http://user:pw@host): never shown.
+        "papita_api_url": without_credentials(&config.papita.url),
         "credential_source": credentials.source.as_str(),
     });
     match credentials.problem {
@@ -51,12 +53,12 @@ fn info_body(state: &AppState, credentials: &Credentials) -> Value {
             "model": config.openai.model,
             "credentials_valid": true,
             "credentials_info": credentials_info,
-            "base_url": config.openai.base_url,
+            "base_url": without_credentials(&config.openai.base_url),
         }),
         Some(reason) => json!({
             "error": reason,
             "credentials_info": credentials_info,
-            "base_url": config.openai.base_url,
+            "base_url": without_credentials(&config.openai.base_url),
         }),
     }
 }

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod credentials;
 pub mod guardrails;
 pub mod openai;
+pub mod openai_sse;
 pub mod openai_transport;
 pub mod papita;
 pub mod pricing;

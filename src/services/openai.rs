@@ -1,24 +1,23 @@
-//! The OpenAI client service: chat completions (whole or streamed) through async-openai, with
-//! our timeouts and our error classification (contract §6).
+//! The OpenAI client service: chat completions (whole or streamed) with async-openai's request
+//! and response types, sent through our transport (bounded retries) on one shared reqwest
+//! client, with our timeouts and our error classification (contract §6).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use async_openai::Client;
-use async_openai::config::OpenAIConfig;
-use async_openai::error::OpenAIError;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
     ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
-    CreateChatCompletionResponse,
+    CreateChatCompletionResponse, CreateChatCompletionStreamResponse,
 };
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{self, HeaderValue};
 
 use crate::config::OpenAiSettings;
 use crate::domain::{ApiKey, ChatMessage, Role, TokenUsage};
-use crate::services::openai_transport::{OpenAiTransport, RetryPolicy, UpstreamStatus};
+use crate::services::openai_sse::{SseData, SseError};
+use crate::services::openai_transport::{CallError, OpenAiTransport, RetryPolicy, UpstreamStatus};
 use crate::services::upstream::{UpstreamError, UpstreamKind};
 
 impl From<CompletionUsage> for TokenUsage {
@@ -52,7 +51,6 @@ pub enum StreamPiece {
 
 pub struct OpenAiService {
     base_url: String,
-    http: reqwest::Client,
     transport: OpenAiTransport,
     timeout: Duration,
     stream_idle: Duration,
@@ -61,15 +59,8 @@ pub struct OpenAiService {
     /// reqwest with async-openai's types (its per-request URL building and parsing was a tenth
     /// of a chat's instructions).
     completions_url: reqwest::Url,
-    /// async-openai clients carry their key; keep the one for the current key, with its
-    /// `Authorization` header (marked sensitive, so it is never printed).
-    client: Mutex<Option<KeyedClient>>,
-}
-
-struct KeyedClient {
-    key: ApiKey,
-    client: Arc<Client<OpenAIConfig>>,
-    authorization: HeaderValue,
+    /// The current key and its `Authorization` header.
+    authorization: Mutex<Option<(ApiKey, HeaderValue)>>,
 }
 
 impl OpenAiService {
@@ -87,92 +78,69 @@ impl OpenAiService {
             ))
             .expect("OPENAI_BASE_URL was checked at start-up"),
             base_url: settings.base_url.clone(),
-            transport: OpenAiTransport::new(http.clone(), policy),
-            http,
+            transport: OpenAiTransport::new(http, policy),
             timeout: settings.timeout,
             stream_idle: settings.stream_idle_timeout,
             stream_max: settings.stream_max,
-            client: Mutex::new(None),
+            authorization: Mutex::new(None),
         }
     }
 
-    /// The client and `Authorization` header for `key`. A key no HTTP header can carry (a
-    /// control character from a `.env` or Papita) is refused here, not panicked on in
-    /// async-openai's header building.
-    fn client_for(
-        &self,
-        key: &ApiKey,
-    ) -> Result<(Arc<Client<OpenAIConfig>>, HeaderValue), UpstreamError> {
-        let mut slot = self.client.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.as_ref() {
-            Some(keyed) if keyed.key == *key => {
-                Ok((keyed.client.clone(), keyed.authorization.clone()))
-            }
-            _ => {
-                let Ok(mut authorization) =
-                    HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                else {
-                    return Err(UpstreamError::new(
-                        UpstreamKind::Unauthorized,
-                        "the OpenAI key holds characters an HTTP header cannot carry",
-                    ));
-                };
-                authorization.set_sensitive(true);
-                let config = OpenAIConfig::new()
-                    .with_api_base(&self.base_url)
-                    .with_api_key(key.expose());
-                let client = Arc::new(
-                    Client::build(self.http.clone(), config)
-                        .with_http_service(self.transport.clone()),
-                );
-                *slot = Some(KeyedClient {
-                    key: key.clone(),
-                    client: client.clone(),
-                    authorization: authorization.clone(),
-                });
-                Ok((client, authorization))
+    /// The `Authorization` header for `key` (marked sensitive, so it is never printed), kept for
+    /// the current key. A key no HTTP header can carry (a control character from a `.env` or
+    /// Papita) is refused here, not panicked on.
+    fn authorization(&self, key: &ApiKey) -> Result<HeaderValue, UpstreamError> {
+        let mut slot = self.authorization.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((current, header)) = slot.as_ref() {
+            if current == key {
+                return Ok(header.clone());
             }
         }
+        let Ok(mut header) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) else {
+            return Err(UpstreamError::new(
+                UpstreamKind::Unauthorized,
+                "the OpenAI key holds characters an HTTP header cannot carry",
+            ));
+        };
+        header.set_sensitive(true);
+        *slot = Some((key.clone(), header.clone()));
+        Ok(header)
+    }
+
+    /// The request for `body`, built anew for each attempt (same URL, key and body).
+    fn post(&self, authorization: &HeaderValue, body: &bytes::Bytes) -> reqwest::Request {
+        let mut request =
+            reqwest::Request::new(reqwest::Method::POST, self.completions_url.clone());
+        let headers = request.headers_mut();
+        headers.insert(header::AUTHORIZATION, authorization.clone());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        *request.body_mut() = Some(body.clone().into());
+        request
     }
 
     /// One whole answer. Dropping the future drops the upstream request.
     ///
-    /// Sent straight through reqwest (same transport, retries and error mapping as the
-    /// async-openai calls): the request is serialized once, to a URL parsed once.
+    /// Sent straight through reqwest with async-openai's types: the request is serialized once,
+    /// to a URL parsed once; the transport retries within its policy.
     pub async fn complete(
         &self,
         key: &ApiKey,
         model: &str,
         messages: &[ChatMessage],
     ) -> Result<Completion, UpstreamError> {
-        let (_, authorization) = self.client_for(key)?;
-        let request = build_request(model, messages, false);
-        let body = bytes::Bytes::from(serde_json::to_vec(&request).map_err(|e| {
-            UpstreamError::new(
-                UpstreamKind::Unavailable,
-                format!("the request could not be serialized: {e}"),
-            )
-        })?);
+        let authorization = self.authorization(key)?;
+        let body = serialize(&build_request(model, messages, false))?;
         let exchange = async {
             let response = self
                 .transport
-                .send(|| {
-                    let mut request =
-                        reqwest::Request::new(reqwest::Method::POST, self.completions_url.clone());
-                    let headers = request.headers_mut();
-                    headers.insert(header::AUTHORIZATION, authorization.clone());
-                    headers.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                    *request.body_mut() = Some(body.clone().into());
-                    std::future::ready(Ok(request))
-                })
+                .send(|| self.post(&authorization, &body))
                 .await?;
-            let bytes = response.bytes().await.map_err(OpenAIError::Reqwest)?;
-            serde_json::from_slice::<CreateChatCompletionResponse>(&bytes).map_err(|e| {
-                OpenAIError::JSONDeserialize(e, String::from_utf8_lossy(&bytes).into_owned())
-            })
+            let bytes = response.bytes().await.map_err(CallError::Http)?;
+            serde_json::from_slice::<CreateChatCompletionResponse>(&bytes)
+                .map_err(|e| CallError::Malformed(format!("malformed answer from the OpenAI server: {e}")))
         };
         let response = tokio::time::timeout(self.timeout, exchange)
             .await
@@ -191,6 +159,12 @@ impl OpenAiService {
     /// A streamed answer. Errors before the stream starts (status codes, refused connection,
     /// no response head in time) are returned here; later ones are the stream's last item.
     /// Dropping the stream closes the upstream connection.
+    ///
+    /// Read straight off reqwest's body (`openai_sse`), with async-openai's chunk type: the
+    /// upstream is read only as fast as the stream is polled, which is as fast as the client
+    /// takes the answer. `OPENAI_STREAM_MAX_SECS` is checked before every chunk, so a fast
+    /// upstream cannot outrun it; a client that stops reading is cut by the server
+    /// (`SSE_WRITE_STALL_SECS`), which drops this stream.
     pub async fn stream(
         &self,
         key: &ApiKey,
@@ -199,44 +173,76 @@ impl OpenAiService {
     ) -> Result<impl Stream<Item = Result<StreamPiece, UpstreamError>> + Send + use<>, UpstreamError>
     {
         let started = Instant::now();
-        let (client, _) = self.client_for(key)?;
-        let request = build_request(model, messages, true);
-        let mut upstream = tokio::time::timeout(self.timeout, client.chat().create_stream(request))
-            .await
-            .map_err(|_| timed_out("no answer", self.timeout))?
-            .map_err(|e| classify(e, key, &self.base_url))?;
+        let authorization = self.authorization(key)?;
+        let body = serialize(&build_request(model, messages, true))?;
+        let response = tokio::time::timeout(
+            self.timeout,
+            self.transport.send(|| self.post(&authorization, &body)),
+        )
+        .await
+        .map_err(|_| timed_out("no answer", self.timeout))?
+        .map_err(|e| classify(e, key, &self.base_url))?;
+        let mut events = Box::pin(SseData::new(response.bytes_stream()));
         let (first_limit, idle, max) = (self.timeout, self.stream_idle, self.stream_max);
         let (key, base_url) = (key.clone(), self.base_url.clone());
         Ok(async_stream::stream! {
             let mut first = true;
             loop {
+                if started.elapsed() >= max {
+                    yield Err(timed_out("the stream did not finish", max));
+                    break;
+                }
                 // Time to the first token, then the longest silence between chunks, never past max.
                 let limit = if first { first_limit.saturating_sub(started.elapsed()) } else { idle };
                 let limit = limit.min(max.saturating_sub(started.elapsed()));
-                let next = match tokio::time::timeout(limit, upstream.next()).await {
+                let next = match tokio::time::timeout(limit, events.next()).await {
                     Ok(next) => next,
                     Err(_) if started.elapsed() >= max => { yield Err(timed_out("the stream did not finish", max)); break; }
                     Err(_) if first => { yield Err(timed_out("no first token", first_limit)); break; }
                     Err(_) => { yield Err(timed_out("the stream stalled: no data", idle)); break; }
                 };
-                match next {
+                let data = match next {
                     None => break,
-                    Some(Err(e)) => { yield Err(classify(e, &key, &base_url)); break; }
-                    Some(Ok(chunk)) => {
-                        first = false;
-                        for choice in chunk.choices {
-                            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
-                                yield Ok(StreamPiece::Delta(text));
-                            }
-                        }
-                        if let Some(usage) = chunk.usage {
-                            yield Ok(StreamPiece::Usage(usage.into()));
-                        }
+                    Some(Err(SseError::Body(e))) => { yield Err(classify(CallError::Http(e), &key, &base_url)); break; }
+                    Some(Err(e)) => { yield Err(UpstreamError::new(UpstreamKind::Unavailable, e.to_string())); break; }
+                    Some(Ok(data)) => data,
+                };
+                let chunk = match serde_json::from_slice::<CreateChatCompletionStreamResponse>(&data) {
+                    Ok(chunk) => chunk,
+                    Err(e) => { yield Err(stream_failure(&data, e, &key)); break; }
+                };
+                first = false;
+                for choice in chunk.choices {
+                    if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                        yield Ok(StreamPiece::Delta(text));
                     }
+                }
+                if let Some(usage) = chunk.usage {
+                    yield Ok(StreamPiece::Usage(usage.into()));
                 }
             }
         })
     }
+}
+
+/// The request body, serialized once for every attempt.
+fn serialize(request: &CreateChatCompletionRequest) -> Result<bytes::Bytes, UpstreamError> {
+    serde_json::to_vec(request).map(Into::into).map_err(|e| {
+        UpstreamError::new(
+            UpstreamKind::Unavailable,
+            format!("the request could not be serialized: {e}"),
+        )
+    })
+}
+
+/// An event that is not a chunk: OpenAI's `{"error": {...}}` mid-stream, or garbage.
+fn stream_failure(data: &[u8], error: serde_json::Error, key: &ApiKey) -> UpstreamError {
+    let message = serde_json::from_slice::<serde_json::Value>(data)
+        .ok()
+        .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_string))
+        .map(|m| format!("the stream failed: {m}"))
+        .unwrap_or_else(|| format!("malformed event from the OpenAI server: {error}"));
+    UpstreamError::new(UpstreamKind::Unavailable, key.redact(&message))
 }
 
 fn build_request(
@@ -277,38 +283,27 @@ fn timed_out(what: &str, after: Duration) -> UpstreamError {
     )
 }
 
-/// Maps async-openai's error to the client-facing classification; the key is redacted from
-/// anything the upstream said.
-fn classify(error: OpenAIError, key: &ApiKey, base_url: &str) -> UpstreamError {
+/// Maps a failed call to the client-facing classification; the key is redacted from anything
+/// the upstream said.
+fn classify(error: CallError, key: &ApiKey, base_url: &str) -> UpstreamError {
     let (kind, message) = match error {
-        OpenAIError::Boxed(boxed) => match boxed.downcast::<UpstreamStatus>() {
-            Ok(status) => (
-                kind_of(status.status, status.retry_after),
-                describe(&status),
-            ),
-            Err(other) => (UpstreamKind::Unavailable, other.to_string()),
-        },
-        OpenAIError::ApiError(api) => (kind_of(api.status_code, None), api.api_error.message),
-        OpenAIError::Reqwest(e) if e.is_timeout() => (
+        CallError::Status(status) => (
+            kind_of(status.status, status.retry_after),
+            describe(&status),
+        ),
+        CallError::Http(e) if e.is_timeout() => (
             UpstreamKind::Timeout,
             format!("request timed out: {}", root_cause(&e)),
         ),
-        OpenAIError::Reqwest(e) if e.is_connect() => (
+        CallError::Http(e) if e.is_connect() => (
             UpstreamKind::Unavailable,
             format!("cannot connect to {base_url}: {}", root_cause(&e)),
         ),
-        OpenAIError::Reqwest(e) => (
+        CallError::Http(e) => (
             UpstreamKind::Unavailable,
             format!("connection failed: {}", root_cause(&e)),
         ),
-        OpenAIError::JSONDeserialize(e, _) => (
-            UpstreamKind::Unavailable,
-            format!("malformed answer from the OpenAI server: {e}"),
-        ),
-        OpenAIError::StreamError(e) => {
-            (UpstreamKind::Unavailable, format!("the stream broke: {e}"))
-        }
-        other => (UpstreamKind::Unavailable, other.to_string()),
+        CallError::Malformed(reason) => (UpstreamKind::Unavailable, reason),
     };
     UpstreamError::new(kind, key.redact(&message))
 }

@@ -1,21 +1,15 @@
-//! The HTTP transport under async-openai: one shared reqwest client and a bounded retry.
+//! The HTTP transport of every OpenAI call: one shared reqwest client and a bounded retry.
 //!
 //! async-openai's default stack retries 429s with whatever `Retry-After` says, uncapped (see
-//! FIELD_NOTES), so a `Retry-After: 60` would hold a chat for minutes. We install our own tower
-//! service instead (the `middleware` feature): a few attempts, waits within a total budget, and a
-//! `Retry-After` longer than the budget is not waited for but handed back to the client.
+//! FIELD_NOTES), so a `Retry-After: 60` would hold a chat for minutes. Our calls go through this
+//! instead: a few attempts, waits within a total budget, and a `Retry-After` longer than the
+//! budget is not waited for but handed back to the client.
 //!
-//! Non-success answers become `UpstreamStatus` (boxed into `OpenAIError::Boxed`) so that the
-//! status, the upstream's message and its `Retry-After` survive to the error mapping; async-openai's
-//! own error type drops the headers.
+//! Non-success answers become `UpstreamStatus`, so that the status, the upstream's message and its
+//! `Retry-After` survive to the error mapping (`openai.rs`).
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_openai::error::OpenAIError;
-use async_openai::middleware::HttpRequestFactory;
 use reqwest::{Response, StatusCode, header};
 
 /// A non-success HTTP answer from the OpenAI server, read and classified.
@@ -28,6 +22,17 @@ pub struct UpstreamStatus {
     /// `error.code`, e.g. `insufficient_quota`.
     pub code: Option<String>,
     pub retry_after: Option<Duration>,
+}
+
+/// Why an OpenAI call failed, before it is classified for the client (`openai::classify`).
+#[derive(Debug)]
+pub enum CallError {
+    /// The server answered with a failure status.
+    Status(UpstreamStatus),
+    /// No answer: refused, reset, timed out, cut.
+    Http(reqwest::Error),
+    /// An answer that is not what OpenAI sends (the reason, and the start of the body).
+    Malformed(String),
 }
 
 /// Error bodies are read up to this size; the rest is not needed to classify them.
@@ -122,7 +127,7 @@ impl RetryPolicy {
     }
 }
 
-/// The tower service async-openai sends every request through.
+/// Sends OpenAI requests with the retry policy.
 #[derive(Clone)]
 pub struct OpenAiTransport {
     client: reqwest::Client,
@@ -135,36 +140,17 @@ impl OpenAiTransport {
     }
 }
 
-type TransportFuture = Pin<Box<dyn Future<Output = Result<Response, OpenAIError>> + Send>>;
-
-impl tower::Service<HttpRequestFactory> for OpenAiTransport {
-    type Response = Response;
-    type Error = OpenAIError;
-    type Future = TransportFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
-        let transport = self.clone();
-        Box::pin(async move { transport.send(|| factory.build()).await })
-    }
-}
-
 impl OpenAiTransport {
     /// Sends the request `make` builds (again for each attempt), retrying within the policy;
-    /// `Ok` only for a success status. Used by async-openai's calls (streams) and by the direct
-    /// path for whole answers.
-    pub async fn send<F, Fut>(&self, mut make: F) -> Result<Response, OpenAIError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<reqwest::Request, OpenAIError>>,
-    {
+    /// `Ok` only for a success status. Whole answers and streams alike.
+    pub async fn send(
+        &self,
+        mut make: impl FnMut() -> reqwest::Request,
+    ) -> Result<Response, CallError> {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
-            let request = make().await?;
+            let request = make();
             let failure = match self.client.execute(request).await {
                 Ok(response) if response.status().is_success() => return Ok(response),
                 Ok(response) => {
@@ -178,16 +164,16 @@ impl OpenAiTransport {
                         // Only the status: the upstream's text may echo the key, and the transport
                         // does not know it to redact it (the error mapping does).
                         Some(wait) => (wait, format!("status {}", status.status.as_u16())),
-                        None => return Err(OpenAIError::Boxed(Box::new(status))),
+                        None => return Err(CallError::Status(status)),
                     }
                 }
                 // Only failures to connect are retried: the request never reached the server.
                 // A timeout or a cut answer may have been processed (and billed) already.
                 Err(e) if e.is_connect() => match self.policy.wait(attempt, started, None) {
                     Some(wait) => (wait, e.to_string()),
-                    None => return Err(OpenAIError::Reqwest(e)),
+                    None => return Err(CallError::Http(e)),
                 },
-                Err(e) => return Err(OpenAIError::Reqwest(e)),
+                Err(e) => return Err(CallError::Http(e)),
             };
             let (wait, reason) = failure;
             tracing::warn!(attempt = attempt + 1, wait_ms = wait.as_millis() as u64, %reason, "retrying OpenAI request");

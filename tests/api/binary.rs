@@ -13,7 +13,7 @@ use crate::ports::{free_port, wait_for, wait_listening};
 const BIN: &str = env!("CARGO_BIN_EXE_al-chat");
 
 /// A command with a clean environment (nothing from the developer's shell leaks in).
-fn al_chat(dir: &Path) -> Command {
+pub(crate) fn al_chat(dir: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
         .current_dir(dir)
@@ -26,7 +26,7 @@ fn al_chat(dir: &Path) -> Command {
 }
 
 /// Starts the service on a free loopback port with `env` added, and waits until it listens.
-fn start_service(dir: &Path, env: &[(&str, &str)]) -> (Child, u16) {
+pub(crate) fn start_service(dir: &Path, env: &[(&str, &str)]) -> (Child, u16) {
     let port = free_port();
     let mut cmd = al_chat(dir);
     cmd.env("HOST", "127.0.0.1")
@@ -45,7 +45,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -54,7 +54,7 @@ fn sigterm(child: &Child) {
     assert!(ok);
 }
 
-fn wait_exit(mut child: Child) -> Output {
+pub(crate) fn wait_exit(mut child: Child) -> Output {
     wait_for("al-chat to exit", Duration::from_secs(20), || {
         child.try_wait().unwrap().is_some()
     });
@@ -62,7 +62,7 @@ fn wait_exit(mut child: Child) -> Output {
 }
 
 /// Mock OpenAI and Papita on a runtime of their own threads, serving while a test blocks.
-fn upstream_mocks() -> (
+pub(crate) fn upstream_mocks() -> (
     tokio::runtime::Runtime,
     crate::mock_openai::MockOpenAi,
     crate::mock_papita::MockPapita,

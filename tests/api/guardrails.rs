@@ -66,7 +66,7 @@ async fn by_default_the_configured_model_and_the_price_tables_are_allowed() {
 
 #[tokio::test]
 async fn chats_past_the_per_minute_limit_get_429_with_retry_after() {
-    let app = spawn_app_with(|c, _, _| c.guardrails.chat_per_min = NonZeroU32::new(2)).await;
+    let app = spawn_app_with(|c, _, _| c.guardrails.rate.chat = NonZeroU32::new(2)).await;
     for _ in 0..2 {
         assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
     }
@@ -88,7 +88,7 @@ async fn chats_past_the_per_minute_limit_get_429_with_retry_after() {
 
 #[tokio::test]
 async fn the_connection_test_has_its_own_limit_and_counts_apart_from_chats() {
-    let app = spawn_app_with(|c, _, _| c.guardrails.test_per_min = NonZeroU32::new(1)).await;
+    let app = spawn_app_with(|c, _, _| c.guardrails.rate.test = NonZeroU32::new(1)).await;
     app.openai
         .enqueue(Reply::text("Connection successful", 20, 3));
     assert_eq!(app.get("/api/openai/test").await.status(), 200);
@@ -118,7 +118,7 @@ async fn chat_as(app: &TestApp, forwarded_for: &str) -> u16 {
 #[tokio::test]
 async fn x_forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
     // Untrusted peer: the header is ignored, both "clients" are the one peer.
-    let app = spawn_app_with(|c, _, _| c.guardrails.chat_per_min = NonZeroU32::new(1)).await;
+    let app = spawn_app_with(|c, _, _| c.guardrails.rate.chat = NonZeroU32::new(1)).await;
     assert_eq!(chat_as(&app, "198.51.100.1").await, 200);
     assert_eq!(
         chat_as(&app, "198.51.100.2").await,
@@ -127,7 +127,7 @@ async fn x_forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
     );
     // Behind a trusted proxy (the loopback peer): each forwarded address has its own limit.
     let app = spawn_app_with(|c, _, _| {
-        c.guardrails.chat_per_min = NonZeroU32::new(1);
+        c.guardrails.rate.chat = NonZeroU32::new(1);
         c.guardrails.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
     })
     .await;

@@ -197,7 +197,7 @@ async fn a_budget_holds_across_replicas() {
 async fn a_rate_limit_is_shared_by_the_replicas() {
     let redis = RedisServer::start().await;
     let apps = replicas(3, &redis.url(), |c, _, _| {
-        c.guardrails.chat_per_min = std::num::NonZeroU32::new(6);
+        c.guardrails.rate.chat = std::num::NonZeroU32::new(6);
     })
     .await;
     let mut statuses = Vec::new();
@@ -242,7 +242,7 @@ async fn ready(app: &TestApp) -> Value {
 async fn redis_killed_mid_run_fails_no_chat_hangs_no_request_and_state_resumes() {
     let mut redis = RedisServer::start().await;
     let apps = replicas(2, &redis.url(), |c, openai, _| {
-        c.guardrails.chat_per_min = std::num::NonZeroU32::new(10_000);
+        c.guardrails.rate.chat = std::num::NonZeroU32::new(10_000);
         openai.set_default(Reply::text("ok", 5, 5));
     })
     .await;
@@ -327,7 +327,7 @@ async fn with_refuse_chats_under_limits_get_503_while_redis_is_down() {
     let app = spawn_app_with(move |c, _, _| {
         shared(c, &url);
         c.state.as_mut().unwrap().when_unavailable = WhenStateUnavailable::Refuse;
-        c.guardrails.chat_per_min = std::num::NonZeroU32::new(100);
+        c.guardrails.rate.chat = std::num::NonZeroU32::new(100);
     })
     .await;
     assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
@@ -416,7 +416,7 @@ async fn every_key_carries_the_prefix_and_per_session_and_daily_keys_expire() {
         shared(c, &url);
         c.state.as_mut().unwrap().prefix = "site-a:".into();
         c.sessions_max_age = Duration::from_secs(3600);
-        c.guardrails.chat_per_min = std::num::NonZeroU32::new(100);
+        c.guardrails.rate.chat = std::num::NonZeroU32::new(100);
         c.guardrails.budget.daily_tokens = Some(1_000_000);
         c.guardrails.budget.session_tokens = Some(100_000);
     })
@@ -480,7 +480,7 @@ async fn a_high_limit_leased_in_blocks_is_never_exceeded_across_replicas() {
     let redis = RedisServer::start().await;
     // 1,000 a minute: each replica leases blocks of 10 tokens, one Redis call per block.
     let apps = replicas(2, &redis.url(), |c, _, _| {
-        c.guardrails.chat_per_min = std::num::NonZeroU32::new(1000);
+        c.guardrails.rate.chat = std::num::NonZeroU32::new(1000);
         // Leasing is under test, not timeouts: a loaded test machine must not make Redis look
         // down (the replicas would then limit on their own, as documented).
         c.state.as_mut().unwrap().timeout = Duration::from_secs(5);

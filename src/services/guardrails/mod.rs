@@ -20,6 +20,23 @@ pub use budget::{
 pub use models::ModelPolicy;
 pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
+use crate::config::RateLimits;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+/// The key a client's rate limits count against: an IPv4 address as it is (an IPv4-mapped IPv6
+/// address is the IPv4 one), an IPv6 address as its network of `v6_prefix` bits.
+pub fn rate_key(client: IpAddr, v6_prefix: u8) -> IpAddr {
+    match client.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let mask = u128::MAX.checked_shl(128 - u32::from(v6_prefix.min(128))).unwrap_or(0);
+            IpAddr::V6((bits & mask).into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Why a guardrail refused a request.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GuardrailError {
@@ -96,8 +113,7 @@ impl Refusals {
 pub struct Guardrails {
     models: ModelPolicy,
     rate: Arc<dyn RateLimitStore>,
-    chat_per_min: Option<u32>,
-    test_per_min: Option<u32>,
+    rate_limits: RateLimits,
     pub budgets: Arc<Budgets>,
     pub refusals: Refusals,
 }
@@ -106,14 +122,13 @@ impl Guardrails {
     pub fn new(
         models: ModelPolicy,
         rate: Arc<dyn RateLimitStore>,
-        per_min: (Option<u32>, Option<u32>),
+        rate_limits: RateLimits,
         budgets: Arc<Budgets>,
     ) -> Self {
         Self {
             models,
             rate,
-            chat_per_min: per_min.0,
-            test_per_min: per_min.1,
+            rate_limits,
             budgets,
             refusals: Refusals::default(),
         }
@@ -136,19 +151,19 @@ impl Guardrails {
         })
     }
 
-    /// One more `what` from `client`, if its per-minute allowance has room.
+    /// One more `what` from `client`, if its per-minute allowance has room. IPv6 clients are
+    /// counted per network (`RATE_LIMIT_IPV6_PREFIX`): one customer's /64 holds 2^64 addresses.
     pub async fn check_rate(
         &self,
         what: Limited,
         client: std::net::IpAddr,
     ) -> Result<(), GuardrailError> {
-        let (limit, setting) = match what {
-            Limited::Chat => (self.chat_per_min, "RATE_LIMIT_CHAT_PER_MIN"),
-            Limited::Test => (self.test_per_min, "RATE_LIMIT_TEST_PER_MIN"),
+        let setting = what.setting();
+        let Some(limit) = what.per_min(&self.rate_limits).map(NonZeroU32::get) else {
+            return Ok(());
         };
-        let Some(limit) = limit else { return Ok(()) };
         self.rate
-            .check(what, client)
+            .check(what, rate_key(client, self.rate_limits.ipv6_prefix))
             .await
             .map_err(|refusal| match refusal {
                 RateRefusal::Wait(retry_after) => {
@@ -180,5 +195,32 @@ impl Guardrails {
                 }
                 BudgetDenied::Unavailable => GuardrailError::StateUnavailable,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rate_key;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_network_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(
+            rate_key(ip("2001:db8:1:2:aaaa::1"), 64),
+            rate_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), 64)
+        );
+        assert_eq!(rate_key(ip("2001:db8:1:2:aaaa::1"), 64), ip("2001:db8:1:2::"));
+        assert_ne!(
+            rate_key(ip("2001:db8:1:2::1"), 64),
+            rate_key(ip("2001:db8:1:3::1"), 64)
+        );
+        assert_eq!(rate_key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+        assert_eq!(rate_key(ip("2001:db8::1"), 0), ip("::"));
+        assert_eq!(rate_key(ip("::ffff:203.0.113.9"), 64), ip("203.0.113.9"));
+        assert_eq!(rate_key(ip("203.0.113.9"), 64), ip("203.0.113.9"));
     }
 }

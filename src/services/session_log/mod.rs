@@ -58,6 +58,27 @@ pub struct SessionLog {
     dropped: Arc<AtomicU64>,
     syncs: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    /// `LOG_MIN_FREE_MB` in bytes, and the session writes refused for want of it.
+    min_free: u64,
+    refused_low_disk: Arc<AtomicU64>,
+}
+
+/// The log folder's file system has less free space than `LOG_MIN_FREE_MB`.
+#[derive(Debug, Clone, Copy)]
+pub struct LowDisk {
+    pub free: u64,
+    pub min_free: u64,
+}
+
+impl std::fmt::Display for LowDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} MB free, below the {} MB kept free (LOG_MIN_FREE_MB)",
+            self.free / (1024 * 1024),
+            self.min_free / (1024 * 1024)
+        )
+    }
 }
 
 impl SessionLog {
@@ -72,6 +93,7 @@ impl SessionLog {
         capacity: usize,
         init: Line,
         metrics: SessionLogMetrics,
+        min_free: u64,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity);
         let syncs = Arc::new(AtomicU64::new(0));
@@ -105,7 +127,47 @@ impl SessionLog {
             dropped: Arc::default(),
             syncs,
             written,
+            min_free,
+            refused_low_disk: Arc::default(),
         })
+    }
+
+    /// Free bytes for an unprivileged writer on the log folder's file system (the folder, or
+    /// its nearest existing parent before it is created); `None` when it cannot be read.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let mut dir: &Path = &self.dir;
+        loop {
+            if let Ok(stat) = rustix::fs::statvfs(dir) {
+                return Some(stat.f_bavail.saturating_mul(stat.f_frsize));
+            }
+            dir = dir.parent().filter(|p| !p.as_os_str().is_empty())?;
+        }
+    }
+
+    /// Whether the folder has `LOG_MIN_FREE_MB` free. Session start and stop ask first: past it
+    /// they are refused (507) before anything is written, so what was acknowledged stays whole
+    /// and the room left serves lines already accepted and the Papita spool.
+    pub fn check_room(&self) -> Result<(), LowDisk> {
+        match self.free_bytes() {
+            Some(free) if free < self.min_free => Err(LowDisk {
+                free,
+                min_free: self.min_free,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// `check_room` for a write: a refusal is counted (`refused_low_disk`).
+    pub fn reserve_room(&self) -> Result<(), LowDisk> {
+        self.check_room().inspect_err(|low| {
+            self.refused_low_disk.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(dir = %self.dir.display(), %low, "session write refused: the disk is nearly full");
+        })
+    }
+
+    /// Session writes refused because the disk was nearly full.
+    pub fn refused_low_disk(&self) -> u64 {
+        self.refused_low_disk.load(Ordering::Relaxed)
     }
 
     pub fn dir(&self) -> &Path {

@@ -16,7 +16,7 @@ use chrono::{DateTime, Local, NaiveDateTime, TimeZone};
 use serde_json::{Map, Value};
 
 use crate::clock::{Clock, timestamp};
-use crate::services::session_log::{SessionLog, entries};
+use crate::services::session_log::{LowDisk, SessionLog, entries};
 
 pub use recent::{RecentSession, RecentSessions};
 pub use store::{MemorySessionStore, SessionStore};
@@ -28,6 +28,9 @@ pub enum SessionError {
     /// A stop without an id when no session was started.
     #[error("{SESSION_ID_REQUIRED}")]
     IdRequired,
+    /// The log folder's disk is nearly full (`LOG_MIN_FREE_MB`): nothing was written.
+    #[error("The session log's disk is nearly full ({low}); session start and stop are refused until room is made (log folder {}).", dir.display())]
+    LowDisk { dir: PathBuf, low: LowDisk },
     /// The start or stop line could not be made durable.
     #[error("Could not write the session log: {source} (log folder {})", dir.display())]
     Log {
@@ -65,6 +68,13 @@ impl Sessions {
         }
     }
 
+    fn room(&self) -> Result<(), SessionError> {
+        self.log.reserve_room().map_err(|low| SessionError::LowDisk {
+            dir: self.log.dir().to_path_buf(),
+            low,
+        })
+    }
+
     fn log_error(&self, source: io::Error) -> SessionError {
         SessionError::Log {
             dir: self.log.dir().to_path_buf(),
@@ -75,6 +85,7 @@ impl Sessions {
     /// Starts a session: answers only once its `session_start` line is on disk. If the line
     /// cannot be written the session is forgotten again (never half-started).
     pub async fn start(&self) -> Result<Started, SessionError> {
+        self.room()?;
         let now = self.clock.now();
         let id = self.store.reserve(now).await;
         match self
@@ -104,6 +115,7 @@ impl Sessions {
         session_id: Option<String>,
         metrics: Map<String, Value>,
     ) -> Result<Stopped, SessionError> {
+        self.room()?;
         let id = match session_id {
             Some(id) => id,
             None => self.store.latest().await.ok_or(SessionError::IdRequired)?,

@@ -20,14 +20,13 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt};
 
 use super::SharedState;
-use crate::config::WhenStateUnavailable;
+use crate::config::{RateLimits, WhenStateUnavailable};
 use crate::services::guardrails::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
 /// The window: one minute from the client's first request in it.
@@ -36,8 +35,7 @@ const WINDOW_MS: u64 = 60_000;
 pub struct RedisRateLimits {
     state: Arc<SharedState>,
     local: MemoryRateLimits,
-    chat: Option<NonZeroU32>,
-    test: Option<NonZeroU32>,
+    limits: RateLimits,
     leases: Mutex<HashMap<(Limited, IpAddr), Lease>>,
     /// One block fetched at a time: requests that find no lease while one is being fetched wait
     /// for it rather than each leasing a block (which would strand tokens).
@@ -45,16 +43,11 @@ pub struct RedisRateLimits {
 }
 
 impl RedisRateLimits {
-    pub fn new(
-        state: Arc<SharedState>,
-        chat_per_min: Option<NonZeroU32>,
-        test_per_min: Option<NonZeroU32>,
-    ) -> Self {
+    pub fn new(state: Arc<SharedState>, limits: &RateLimits) -> Self {
         Self {
             state,
-            local: MemoryRateLimits::new(chat_per_min, test_per_min),
-            chat: chat_per_min,
-            test: test_per_min,
+            local: MemoryRateLimits::new(limits),
+            limits: *limits,
             leases: Mutex::default(),
             fetching: tokio::sync::Mutex::new(()),
         }
@@ -142,11 +135,10 @@ fn wait(left_ms: i64) -> RateRefusal {
 impl RateLimitStore for RedisRateLimits {
     fn check(&self, what: Limited, client: IpAddr) -> BoxFuture<'_, Result<(), RateRefusal>> {
         async move {
-            let (limit, name) = match what {
-                Limited::Chat => (self.chat, "chat"),
-                Limited::Test => (self.test, "test"),
+            let Some(limit) = what.per_min(&self.limits) else {
+                return Ok(());
             };
-            let Some(limit) = limit else { return Ok(()) };
+            let name = what.name();
             if self.take_leased(what, client) {
                 return Ok(());
             }
