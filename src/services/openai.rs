@@ -138,7 +138,7 @@ impl OpenAiService {
                 .transport
                 .send(|| self.post(&authorization, &body))
                 .await?;
-            let bytes = response.bytes().await.map_err(CallError::Http)?;
+            let bytes = read_capped(response).await?;
             serde_json::from_slice::<CreateChatCompletionResponse>(&bytes)
                 .map_err(|e| CallError::Malformed(format!("malformed answer from the OpenAI server: {e}")))
         };
@@ -187,6 +187,8 @@ impl OpenAiService {
         let (key, base_url) = (key.clone(), self.base_url.clone());
         Ok(async_stream::stream! {
             let mut first = true;
+            // The text streamed so far: the chat keeps it for the `done` event.
+            let mut streamed = 0usize;
             loop {
                 if started.elapsed() >= max {
                     yield Err(timed_out("the stream did not finish", max));
@@ -212,10 +214,20 @@ impl OpenAiService {
                     Err(e) => { yield Err(stream_failure(&data, e, &key)); break; }
                 };
                 first = false;
+                let mut too_long = false;
                 for choice in chunk.choices {
                     if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                        streamed += text.len();
+                        too_long |= streamed > MAX_ANSWER_BYTES;
                         yield Ok(StreamPiece::Delta(text));
                     }
+                }
+                if too_long {
+                    yield Err(UpstreamError::new(
+                        UpstreamKind::Unavailable,
+                        format!("the answer is longer than {} MB; it was cut", MAX_ANSWER_BYTES / (1024 * 1024)),
+                    ));
+                    break;
                 }
                 if let Some(usage) = chunk.usage {
                     yield Ok(StreamPiece::Usage(usage.into()));
@@ -223,6 +235,26 @@ impl OpenAiService {
             }
         })
     }
+}
+
+/// The longest answer taken from an upstream, whole (as JSON) or streamed (as text). OpenAI's
+/// longest outputs (128k tokens) are about half a megabyte; a lenient server that sends more is
+/// cut rather than read into memory without end.
+pub const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+
+/// A whole answer's body, at most `MAX_ANSWER_BYTES`.
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, CallError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(CallError::Http)? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(CallError::Malformed(format!(
+                "the answer from the OpenAI server is larger than {} MB",
+                MAX_ANSWER_BYTES / (1024 * 1024)
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The request body, serialized once for every attempt.

@@ -354,3 +354,16 @@ async fn the_sites_calls_are_unchanged_at_the_defaults() {
         .await;
     assert_eq!(stop.status(), 200);
 }
+
+/// A whole answer larger than the longest one taken (8 MB) is a 502, not read without end.
+#[tokio::test]
+async fn a_whole_answer_past_the_longest_one_taken_is_a_502() {
+    let app = spawn_app_with(|_, openai, _| {
+        openai.set_default(Reply::text(&"w".repeat(9 * 1024 * 1024), 3, 1));
+    })
+    .await;
+    let response = app.post_chat(&json!({"message": "hi"})).await;
+    assert_eq!(response.status(), 502);
+    let error = error_of(response).await;
+    assert!(error.contains("larger than 8 MB"), "{error}");
+}

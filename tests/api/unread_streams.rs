@@ -158,17 +158,21 @@ fn streams_open(port: u16) -> String {
         .to_string()
 }
 
-/// A client that asks for a streamed answer and then never reads a byte.
-fn non_reading_client(port: u16) -> std::net::TcpStream {
+/// A client that asks for a streamed answer (and then reads it, or never reads a byte).
+fn stream_client(port: u16) -> std::net::TcpStream {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let body = r#"{"message": "Tell me everything", "stream": true}"#;
     write!(
         stream,
-        "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/chat HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
     stream
+}
+
+fn non_reading_client(port: u16) -> std::net::TcpStream {
+    stream_client(port)
 }
 
 /// Samples the service's RSS until `done` or `within`; returns the highest.
@@ -350,4 +354,37 @@ fn nothing_a_client_or_an_upstream_sends_forges_a_text_log_line() {
         assert!(!line.starts_with("2026-01-01"), "forged line: {line:?}");
         assert!(!line.contains('\r') && !line.contains('\u{1b}'), "{line:?}");
     }
+}
+
+/// A client that does read gets the answer up to the longest one taken (8 MB of text), then an
+/// `error` event: a lenient upstream streaming without end cannot grow memory either.
+#[test]
+fn a_reading_client_gets_an_error_event_past_the_longest_answer() {
+    let (_rt, produced, upstream) = long_upstream();
+    let (_tmp, child, port) = start(&upstream, &[]);
+    let baseline = rss_bytes(&child);
+    let mut stream = stream_client(port);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut received = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut received).unwrap();
+    let peak = rss_bytes(&child);
+    let text = String::from_utf8_lossy(&received);
+    let tail = &text[text.len().saturating_sub(300)..];
+    assert!(
+        tail.contains("event: error") && tail.contains("longer than 8 MB"),
+        "{tail}"
+    );
+    assert!(!text.contains("event: done"));
+    assert!(received.len() > 8 * MB as usize, "{} bytes", received.len());
+    assert!(
+        peak.saturating_sub(baseline) < 40 * MB,
+        "RSS grew by {} MB",
+        peak.saturating_sub(baseline) / MB
+    );
+    crate::ports::wait_for("the upstream call to end", Duration::from_secs(10), || {
+        produced.abandoned.load(Ordering::SeqCst) == 1
+    });
+    stop(child);
 }
