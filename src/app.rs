@@ -332,12 +332,7 @@ fn guardrails(
         ),
     };
     let budgets = Budgets::new(budget_store, settings.budget, config.pricing.clone(), clock);
-    Guardrails::new(
-        models,
-        rate,
-        settings.rate,
-        Arc::new(budgets),
-    )
+    Guardrails::new(models, rate, settings.rate, Arc::new(budgets))
 }
 
 /// The session starts still within `SESSION_MAX_AGE_HOURS`, read once from the log files of the

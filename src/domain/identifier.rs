@@ -50,7 +50,10 @@ mod tests {
         );
         for bad in ["x\n2026", "a\rb", "\u{1b}[31mred", "tab\there", "nul\0"] {
             let e = check_identifier("username", bad).unwrap_err().to_string();
-            assert!(e.starts_with("Field 'username' holds a control character"), "{e}");
+            assert!(
+                e.starts_with("Field 'username' holds a control character"),
+                "{e}"
+            );
         }
         assert!(check_optional("sessionId", None).is_ok());
     }

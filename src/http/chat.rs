@@ -17,8 +17,8 @@ use crate::domain::{ChatBody, ChatRequest};
 use crate::error::{ApiError, Result};
 use crate::http::extract::JsonBody;
 use crate::http::guards::{ChatRoute, RateChecked};
-use crate::services::chat::StreamEvent;
 use crate::server::CutAt;
+use crate::services::chat::StreamEvent;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {

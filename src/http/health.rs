@@ -79,7 +79,9 @@ pub(super) async fn ready(State(state): State<AppState>, AdminView(full): AdminV
         // Anyone may ask whether the service is ready; where its files live and which hosts it
         // talks to are the operator's (ADMIN_TOKEN).
         if status != StatusCode::OK {
-            body["error"] = json!("Not ready: the session log cannot take writes. Details need the admin token.");
+            body["error"] = json!(
+                "Not ready: the session log cannot take writes. Details need the admin token."
+            );
         }
         if let Some(checks) = body["checks"].as_object_mut() {
             for check in checks.values_mut() {

@@ -139,8 +139,9 @@ impl OpenAiService {
                 .send(|| self.post(&authorization, &body))
                 .await?;
             let bytes = read_capped(response).await?;
-            serde_json::from_slice::<CreateChatCompletionResponse>(&bytes)
-                .map_err(|e| CallError::Malformed(format!("malformed answer from the OpenAI server: {e}")))
+            serde_json::from_slice::<CreateChatCompletionResponse>(&bytes).map_err(|e| {
+                CallError::Malformed(format!("malformed answer from the OpenAI server: {e}"))
+            })
         };
         let response = tokio::time::timeout(self.timeout, exchange)
             .await

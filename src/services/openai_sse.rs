@@ -194,10 +194,7 @@ mod tests {
             b"data: [DONE]\n\ndata: after\n\n",
         ])
         .await;
-        assert_eq!(
-            got,
-            vec![Ok("{\"a\":1}".into()), Ok("two\nlines".into())]
-        );
+        assert_eq!(got, vec![Ok("{\"a\":1}".into()), Ok("two\nlines".into())]);
     }
 
     #[tokio::test]
@@ -206,7 +203,10 @@ mod tests {
         let huge = vec![b'x'; MAX_EVENT_BYTES + 10];
         let got = events(&[b"data: ", &huge]).await;
         assert_eq!(got.len(), 1);
-        assert!(got[0].as_ref().unwrap_err().contains("larger than"), "{got:?}");
+        assert!(
+            got[0].as_ref().unwrap_err().contains("larger than"),
+            "{got:?}"
+        );
         let mut lines = Vec::new();
         for _ in 0..(MAX_EVENT_BYTES / 1000 + 1) {
             lines.extend_from_slice(b"data: ");
@@ -214,6 +214,9 @@ mod tests {
             lines.push(b'\n');
         }
         let got = events(&[&lines]).await;
-        assert!(got[0].as_ref().unwrap_err().contains("larger than"), "{got:?}");
+        assert!(
+            got[0].as_ref().unwrap_err().contains("larger than"),
+            "{got:?}"
+        );
     }
 }

@@ -63,20 +63,27 @@ async fn a_megabyte_session_id_is_refused_before_anything_is_kept_or_written() {
         assert_eq!(response.status(), 400, "{field}");
         assert!(error_of(response).await.contains(&format!("'{field}'")));
     }
-    assert_eq!(app.openai.request_count(), 0, "nothing reached the upstream");
-    assert_eq!(log_bytes(&app), before, "nothing was written to the session log");
+    assert_eq!(
+        app.openai.request_count(),
+        0,
+        "nothing reached the upstream"
+    );
+    assert_eq!(
+        log_bytes(&app),
+        before,
+        "nothing was written to the session log"
+    );
     let usage: Value = app.get("/api/openai/usage").await.json().await.unwrap();
     assert_eq!(usage["request_count"], 0);
     assert_eq!(app.papita.record_count(), 0);
 
     // At the limit, ids work as before: 128 bytes, each its own session.
     let id = "s".repeat(128);
-    let response = app.post_chat(&json!({"message": "hi", "sessionId": id})).await;
+    let response = app
+        .post_chat(&json!({"message": "hi", "sessionId": id}))
+        .await;
     assert_eq!(response.status(), 200);
-    crate::helpers::eventually("the chat_usage line", || {
-        log_bytes(&app) > before
-    })
-    .await;
+    crate::helpers::eventually("the chat_usage line", || log_bytes(&app) > before).await;
 }
 
 /// Row 2: a stop with a 15 MB `metrics` object from an id never started answered 200 and
@@ -130,9 +137,7 @@ async fn session_routes_share_one_rate_limit_per_client() {
         200
     );
     app.start_session().await;
-    let refused = app
-        .post_json("/api/session/start", &json!({}))
-        .await;
+    let refused = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(refused.status(), 429);
     let retry: u64 = refused.headers()["retry-after"]
         .to_str()
@@ -140,14 +145,15 @@ async fn session_routes_share_one_rate_limit_per_client() {
         .parse()
         .unwrap();
     assert!((1..=20).contains(&retry), "{retry}");
-    assert!(error_of(refused).await.contains("RATE_LIMIT_SESSION_PER_MIN"));
+    assert!(
+        error_of(refused)
+            .await
+            .contains("RATE_LIMIT_SESSION_PER_MIN")
+    );
     let refused = app.stop_session(&json!({"session_id": id})).await;
     assert_eq!(refused.status(), 429);
     // Chats have their own allowance (none set here).
-    assert_eq!(
-        app.post_chat(&json!({"message": "hi"})).await.status(),
-        200
-    );
+    assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
 }
 
 /// With nothing set the site's calls are unlimited, as before.
@@ -164,10 +170,7 @@ async fn session_routes_are_unlimited_by_default() {
 #[tokio::test]
 async fn a_rate_limited_chat_is_refused_before_its_body_is_read() {
     let app = spawn_app_with(|c, _, _| c.guardrails.rate.chat = NonZeroU32::new(1)).await;
-    assert_eq!(
-        app.post_chat(&json!({"message": "hi"})).await.status(),
-        200
-    );
+    assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
     let mut stream = TcpStream::connect(app.url.trim_start_matches("http://"))
         .await
         .unwrap();
@@ -199,7 +202,10 @@ async fn info_shows_urls_without_their_credentials() {
     })
     .await;
     let body = app.get("/api/openai/info").await.text().await.unwrap();
-    assert!(!body.contains("hunter2") && !body.contains("papita-user"), "{body}");
+    assert!(
+        !body.contains("hunter2") && !body.contains("papita-user"),
+        "{body}"
+    );
     let info: Value = serde_json::from_str(&body).unwrap();
     let shown = info["credentials_info"]["papita_api_url"].as_str().unwrap();
     assert!(shown.starts_with("http://127.0.0.1:"), "{shown}");
@@ -216,14 +222,19 @@ async fn model_names_cannot_forge_metric_series() {
     })
     .await;
     let model = r#"evil"} 1 alchat_forged_total{x="y\"#;
-    let response = app.post_chat(&json!({"message": "hi", "model": model})).await;
+    let response = app
+        .post_chat(&json!({"message": "hi", "model": model}))
+        .await;
     assert_eq!(response.status(), 200);
     let text = app.get("/metrics").await.text().await.unwrap();
     assert!(
         text.contains(r#"model="evil\"} 1 alchat_forged_total{x=\"y\\""#),
         "{text}"
     );
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         assert!(!line.starts_with("alchat_forged"), "{line}");
         // name, optional {labels}, one value: the labels' quotes balance once escapes are read.
         let mut quoted = false;
@@ -265,11 +276,18 @@ async fn ipv6_clients_share_their_64_and_mapped_ipv4_proxies_are_trusted() {
     };
     assert_eq!(chat("2001:db8:1:2::1").await.unwrap().status(), 200);
     assert_eq!(
-        chat("2001:db8:1:2:ffff:ffff:ffff:fffe").await.unwrap().status(),
+        chat("2001:db8:1:2:ffff:ffff:ffff:fffe")
+            .await
+            .unwrap()
+            .status(),
         429,
         "the same /64"
     );
-    assert_eq!(chat("2001:db8:1:3::1").await.unwrap().status(), 200, "another /64");
+    assert_eq!(
+        chat("2001:db8:1:3::1").await.unwrap().status(),
+        200,
+        "another /64"
+    );
     // An IPv4 client behind the (mapped) proxy has its own allowance, written either way.
     assert_eq!(chat("198.51.100.7").await.unwrap().status(), 200);
     assert_eq!(chat("::ffff:198.51.100.7").await.unwrap().status(), 429);
@@ -285,7 +303,10 @@ async fn a_nearly_full_disk_refuses_session_writes_with_507() {
     let start = app.post_json("/api/session/start", &json!({})).await;
     assert_eq!(start.status(), 507);
     let error = error_of(start).await;
-    assert!(error.contains("LOG_MIN_FREE_MB") && error.contains("nearly full"), "{error}");
+    assert!(
+        error.contains("LOG_MIN_FREE_MB") && error.contains("nearly full"),
+        "{error}"
+    );
     let stop = app
         .stop_session(&json!({"session_id": "session_20261207_010203"}))
         .await;
@@ -300,10 +321,7 @@ async fn a_nearly_full_disk_refuses_session_writes_with_507() {
         "{metrics}"
     );
     // Chats go on (their usage lines use the room kept free).
-    assert_eq!(
-        app.post_chat(&json!({"message": "hi"})).await.status(),
-        200
-    );
+    assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
     app.shutdown().await;
     assert!(log_bytes(&app) >= before);
 }
@@ -317,7 +335,10 @@ async fn ready_shows_paths_and_hosts_only_with_the_admin_token() {
     assert_eq!(anonymous.status(), 200);
     let text = anonymous.text().await.unwrap();
     let dir = app.log_dir.display().to_string();
-    assert!(!text.contains(&dir) && !text.contains("spool_dir"), "{text}");
+    assert!(
+        !text.contains(&dir) && !text.contains("spool_dir"),
+        "{text}"
+    );
     let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["status"], "ready");
     assert_eq!(body["checks"]["session_log"], json!({"status": "ok"}));

@@ -237,7 +237,8 @@ fn a_client_that_never_reads_holds_no_memory_and_is_cut_at_the_stall_timeout() {
     );
     assert_eq!(produced.finished.load(Ordering::SeqCst), 0);
     // Cut within the stall timeout of the last byte the client's side took.
-    let silent = Duration::from_millis(closed_ms - produced.last_progress_ms.load(Ordering::SeqCst));
+    let silent =
+        Duration::from_millis(closed_ms - produced.last_progress_ms.load(Ordering::SeqCst));
     assert!(
         silent <= stall + Duration::from_secs(2),
         "cut {silent:?} after the last progress"
@@ -248,7 +249,10 @@ fn a_client_that_never_reads_holds_no_memory_and_is_cut_at_the_stall_timeout() {
     });
     let usage = json_of(port, "/api/openai/usage");
     assert!(
-        usage["estimated_usage"]["completion_tokens"].as_u64().unwrap() > 0,
+        usage["estimated_usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
         "{usage}"
     );
     drop(client);
@@ -297,7 +301,10 @@ fn the_stream_time_limit_holds_for_a_client_that_does_not_read() {
     let after = started.elapsed();
     // The limit plus the 5 s grace in which a reading client gets its error event.
     assert!(after < Duration::from_secs(10), "cut after {after:?}");
-    assert!(after >= Duration::from_secs(2), "cut before the limit: {after:?}");
+    assert!(
+        after >= Duration::from_secs(2),
+        "cut before the limit: {after:?}"
+    );
     assert_eq!(streams_open(port), "alchat_sse_streams_open 0");
     drop(client);
     stop(child);

@@ -30,7 +30,9 @@ pub fn rate_key(client: IpAddr, v6_prefix: u8) -> IpAddr {
     match client.to_canonical() {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
-            let mask = u128::MAX.checked_shl(128 - u32::from(v6_prefix.min(128))).unwrap_or(0);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(v6_prefix.min(128)))
+                .unwrap_or(0);
             IpAddr::V6((bits & mask).into())
         }
         v4 => v4,
@@ -213,7 +215,10 @@ mod tests {
             rate_key(ip("2001:db8:1:2:aaaa::1"), 64),
             rate_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), 64)
         );
-        assert_eq!(rate_key(ip("2001:db8:1:2:aaaa::1"), 64), ip("2001:db8:1:2::"));
+        assert_eq!(
+            rate_key(ip("2001:db8:1:2:aaaa::1"), 64),
+            ip("2001:db8:1:2::")
+        );
         assert_ne!(
             rate_key(ip("2001:db8:1:2::1"), 64),
             rate_key(ip("2001:db8:1:3::1"), 64)

@@ -69,10 +69,12 @@ impl Sessions {
     }
 
     fn room(&self) -> Result<(), SessionError> {
-        self.log.reserve_room().map_err(|low| SessionError::LowDisk {
-            dir: self.log.dir().to_path_buf(),
-            low,
-        })
+        self.log
+            .reserve_room()
+            .map_err(|low| SessionError::LowDisk {
+                dir: self.log.dir().to_path_buf(),
+                low,
+            })
     }
 
     fn log_error(&self, source: io::Error) -> SessionError {
