@@ -255,6 +255,34 @@ pub async fn eventually_within(what: &str, within: Duration, mut check: impl FnM
     panic!("timed out waiting for: {what}");
 }
 
+/// Polls the async `probe` until `done` holds of what it returned, and returns that. Fails after
+/// `within` saying what it waited for and the last value it saw, instead of hanging or going on
+/// with a stale value. For state that moves on its own (a replica's batch reaching Redis, records
+/// reaching the mock Papita); the pause between looks is the helpers' one `POLL`.
+pub async fn eventually_seeing<T, Fut>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> Fut,
+    mut done: impl FnMut(&T) -> bool,
+) -> T
+where
+    T: std::fmt::Debug,
+    Fut: Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut poll = tokio::time::interval(POLL);
+    loop {
+        let seen = probe().await;
+        if done(&seen) {
+            return seen;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {what}; last saw: {seen:?}");
+        }
+        poll.tick().await;
+    }
+}
+
 /// Moves tokio's clock (which the credentials cache and other deadlines use) forward at once,
 /// instead of sleeping past a TTL. The app runs on the test's own runtime, so it sees the jump.
 pub async fn skip_time(by: Duration) {

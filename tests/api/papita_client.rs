@@ -165,13 +165,14 @@ async fn a_lanes_connection_survives_papita_closing_it() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (connections, records) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let closed = Arc::new(AtomicUsize::new(0));
     {
-        let (connections, records) = (connections.clone(), records.clone());
+        let (connections, records, closed) = (connections.clone(), records.clone(), closed.clone());
         tokio::spawn(async move {
             loop {
                 let (mut tcp, _) = listener.accept().await.unwrap();
                 let n = connections.fetch_add(1, Ordering::SeqCst);
-                let records = records.clone();
+                let (records, closed) = (records.clone(), closed.clone());
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -206,6 +207,7 @@ async fn a_lanes_connection_survives_papita_closing_it() {
                     };
                     let _ = tcp.write_all(answer.as_bytes()).await;
                     let _ = tcp.shutdown().await;
+                    closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -218,7 +220,10 @@ async fn a_lanes_connection_survives_papita_closing_it() {
             .await
             .unwrap_or_else(|e| panic!("record {i}: {e}"));
         // As with an idle keep-alive timeout: the close has happened before the next record.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        crate::helpers::eventually("Papita to close the connection", || {
+            closed.load(Ordering::SeqCst) == i + 1
+        })
+        .await;
     }
     assert_eq!(records.load(Ordering::SeqCst), 10, "each record once");
     assert_eq!(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, eventually, eventually_within, spawn_app_with};
+use crate::helpers::{TestApp, eventually, eventually_seeing, eventually_within, spawn_app_with};
 use crate::mock_papita::Usage;
 
 /// `n` chats per session over `sessions` sessions: sessions at once, each one's chats in turn;
@@ -54,16 +54,13 @@ async fn a_burst_of_20000_chats_against_a_slow_papita_delivers_every_record_in_o
     let started = std::time::Instant::now();
     chats(&app, 50, 400).await;
     eprintln!("20,000 chats answered in {:?}", started.elapsed());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while app.papita.record_count() < 20_000 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} records arrived; reporter: {:?}",
-            app.papita.record_count(),
-            app.state.papita.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_seeing(
+        "all 20,000 records at Papita",
+        Duration::from_secs(90),
+        || async { (app.papita.record_count(), app.state.papita.snapshot()) },
+        |(arrived, _)| *arrived >= 20_000,
+    )
+    .await;
     eprintln!("and their records delivered after {:?}", started.elapsed());
     assert_all_in_order(&app.papita.records(), 50, 400);
     let stats = app.state.papita.stats();

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -79,14 +79,13 @@ impl RedisServer {
             .spawn()
             .expect("redis-server starts");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers().await {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::helpers::eventually_seeing(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || self.answers(),
+            |answers| *answers,
+        )
+        .await;
     }
 
     async fn answers(&self) -> bool {

@@ -10,7 +10,8 @@ use al_chat::config::{Config, StateSettings, WhenStateUnavailable};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, eventually_within, manual_clock, spawn_app_with, spawn_app_with_clock,
+    TestApp, eventually_seeing, eventually_within, manual_clock, spawn_app_with,
+    spawn_app_with_clock,
 };
 use crate::mock_openai::{MockOpenAi, Reply};
 use crate::mock_papita::MockPapita;
@@ -43,17 +44,16 @@ async fn replicas(
     apps
 }
 
-/// `usage` once `ready` holds of it (replicas hand their chats to Redis within milliseconds).
+/// `usage` once `ready` holds of it (replicas hand their chats to Redis within milliseconds);
+/// fails with the last answer seen.
 async fn usage_when(app: &TestApp, query: &str, ready: impl Fn(&Value) -> bool) -> Value {
-    let mut answer = usage(app, query).await;
-    for _ in 0..200 {
-        if ready(&answer) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        answer = usage(app, query).await;
-    }
-    answer
+    eventually_seeing(
+        &format!("/api/openai/usage{query} to agree"),
+        Duration::from_secs(5),
+        || usage(app, query),
+        ready,
+    )
+    .await
 }
 
 async fn usage(app: &TestApp, query: &str) -> Value {
@@ -302,17 +302,13 @@ async fn redis_killed_mid_run_fails_no_chat_hangs_no_request_and_state_resumes()
         .await;
     }
     // What was counted meanwhile is merged: every replica agrees on all 30 chats.
-    let mut agreed = false;
-    for _ in 0..100 {
-        let a = usage(&apps[0], "").await;
-        let b = usage(&apps[1], "").await;
-        if a["request_count"] == 30 && totals(&a) == totals(&b) {
-            agreed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(agreed, "{}", usage(&apps[0], "").await);
+    eventually_seeing(
+        "both replicas to agree on all 30 chats",
+        Duration::from_secs(5),
+        || async { (usage(&apps[0], "").await, usage(&apps[1], "").await) },
+        |(a, b)| a["request_count"] == 30 && totals(a) == totals(b),
+    )
+    .await;
     assert_eq!(usage(&apps[1], "").await["total_tokens"], 300);
     assert_eq!(
         ready(&apps[1]).await["checks"]["shared_state"]["status"],
@@ -367,18 +363,13 @@ async fn a_replica_started_while_redis_is_down_runs_and_joins_when_it_comes_up()
         app.state.shared.as_ref().unwrap().is_up()
     })
     .await;
-    let mut merged = false;
-    for _ in 0..100 {
-        if usage(&app, "").await["request_count"] == 1 {
-            merged = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        merged,
-        "the chat counted while Redis was down is in Redis now"
-    );
+    eventually_seeing(
+        "the chat counted while Redis was down to be in Redis",
+        Duration::from_secs(5),
+        || usage(&app, ""),
+        |u| u["request_count"] == 1,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -431,18 +422,22 @@ async fn every_key_carries_the_prefix_and_per_session_and_daily_keys_expire() {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     // The chat reaches Redis with the replica's next batch, within milliseconds.
-    let mut keys: Vec<String> = Vec::new();
-    for _ in 0..100 {
-        keys = redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if keys.iter().any(|k| k.starts_with("site-a:usage:session:")) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let keys: Vec<String> = eventually_seeing(
+        "the session's usage key in Redis",
+        Duration::from_secs(5),
+        || {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("KEYS")
+                    .arg("*")
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        },
+        |keys| keys.iter().any(|k| k.starts_with("site-a:usage:session:")),
+    )
+    .await;
     assert!(keys.iter().any(|k| k == "site-a:usage:chat"), "{keys:?}");
     assert!(!keys.is_empty());
     assert!(keys.iter().all(|k| k.starts_with("site-a:")), "{keys:?}");
