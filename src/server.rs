@@ -16,8 +16,10 @@
 //! - at most `MAX_CONNECTIONS` connections are open; beyond that new ones wait in the kernel's
 //!   backlog (logged once per episode) until a slot frees, which the limits above guarantee.
 //!
-//! On shutdown, connections with no request in progress (idle, or half-sent heads) are closed at
-//! once; those with one finish it and then close.
+//! On shutdown the listener closes at once. A connection with a request in progress finishes it
+//! and closes (`Connection: close`); one without (idle, or a head still arriving) may still bring
+//! one request within `KEEPALIVE_DRAIN` (1 s), answered the same way, and is then closed, so a
+//! proxy never has a request reset on a keep-alive connection it was just reusing.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,6 +41,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
+
+/// On shutdown, how long a keep-alive connection with no request in progress may still bring
+/// one (served with `Connection: close`) before it is closed. A proxy in front (nginx) may be
+/// sending a request on it at the very moment it is closed, and must not resend a POST it has
+/// sent: closing idle connections at once made a rolling restart fail a few requests behind
+/// nginx (reset by peer). Under load a proxy reuses its most recent connections within this
+/// time; the listener itself closes at once, so new connections go to another replica.
+const KEEPALIVE_DRAIN: Duration = Duration::from_secs(1);
 
 /// `SO_SNDBUF` of accepted connections.
 const SEND_BUFFER: usize = 128 * 1024;
@@ -200,9 +210,14 @@ async fn serve_connection(
         .header_read_timeout(None)
         .serve_connection(io, service);
     let mut connection = std::pin::pin!(connection);
-    let mut stopping = false;
+    // After `stop`: until when a connection without a request in progress may still bring one.
+    let mut draining_until: Option<Instant> = None;
+    let mut closing = false;
     loop {
-        let deadline = activity.deadline(&limits);
+        let deadline = match draining_until {
+            Some(until) if !activity.busy() => Some(until),
+            _ => activity.deadline(&limits),
+        };
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
@@ -211,7 +226,10 @@ async fn serve_connection(
                 return;
             }
             () = sleep_until(deadline) => {
-                if activity.expired(&limits) {
+                if draining_until.is_some_and(|until| !activity.busy() && Instant::now() >= until) {
+                    return;
+                }
+                if (draining_until.is_none() || activity.busy()) && activity.expired(&limits) {
                     if activity.busy() {
                         tracing::info!(%peer, "cutting a response the client stopped reading (SSE_WRITE_STALL_SECS) or that ran past its limit");
                     } else {
@@ -221,15 +239,16 @@ async fn serve_connection(
                 }
             }
             () = activity.changed.notified() => {}
-            () = stop.cancelled(), if !stopping => {
-                stopping = true;
-                if activity.busy() {
-                    // Finish the request in progress, then close.
-                    connection.as_mut().graceful_shutdown();
-                } else {
-                    return;
-                }
+            () = stop.cancelled(), if draining_until.is_none() => {
+                draining_until = Some(Instant::now() + KEEPALIVE_DRAIN);
             }
+        }
+        // Draining: a request in progress, or one whose head has begun, is answered with
+        // `Connection: close` and the connection then closes. hyper's graceful shutdown would
+        // close an idle connection at once, so it is called only once a request is there.
+        if draining_until.is_some() && !closing && (activity.busy() || activity.head_begun()) {
+            closing = true;
+            connection.as_mut().graceful_shutdown();
         }
     }
 }
@@ -311,6 +330,11 @@ impl Activity {
 
     fn busy(&self) -> bool {
         self.in_progress.load(Ordering::Acquire) > 0
+    }
+
+    /// The first bytes of a request head have arrived (no request in progress yet).
+    fn head_begun(&self) -> bool {
+        self.head_since.load(Ordering::Acquire) != NONE
     }
 
     /// Bytes arrived: if no request is in progress, a new head has begun.

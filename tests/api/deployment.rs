@@ -5,6 +5,7 @@
 const DOCKERFILE: &str = include_str!("../../Dockerfile");
 const DEPLOYMENT: &str = include_str!("../../Docs/DEPLOYMENT.md");
 const README: &str = include_str!("../../README.md");
+const COMPOSE: &str = include_str!("../../deploy/compose.yaml");
 
 /// `SHUTDOWN_GRACE_SECS`'s default, from the one list of settings.
 fn grace_secs() -> f64 {
@@ -42,6 +43,7 @@ fn every_stop_timeout_the_docs_give_exceeds_the_grace_period() {
         ("Dockerfile", DOCKERFILE),
         ("DEPLOYMENT.md", DEPLOYMENT),
         ("README.md", README),
+        ("deploy/compose.yaml", COMPOSE),
     ] {
         for marker in ["--stop-timeout", "stop_grace_period:"] {
             for secs in numbers_after(text, marker) {
@@ -80,4 +82,70 @@ fn the_compose_snippet_tolerates_a_missing_env_file_and_explains_the_volume_owne
         "Podman keeps the HEALTHCHECK only so"
     );
     assert!(!DEPLOYMENT.contains("has not been built"));
+}
+
+/// The deployment files live in `deploy/`; the pages that show them quote them whole, so a change
+/// to a file that the docs do not follow (or the reverse) fails here. Every `yaml` and `nginx`
+/// block in `Docs/` is one of these files: there is no second, drifting copy.
+#[test]
+fn the_docs_show_the_deploy_files_exactly() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let files = [
+        "deploy/compose.yaml",
+        "deploy/nginx.conf",
+        "deploy/al-chat.env.example",
+    ];
+    let shown = [
+        ("Docs/SCALING.md", "deploy/compose.yaml"),
+        ("Docs/SCALING.md", "deploy/nginx.conf"),
+        ("Docs/DEPLOYMENT.md", "deploy/compose.yaml"),
+        ("Docs/DEPLOYMENT.md", "deploy/al-chat.env.example"),
+        ("Docs/SECURITY.md", "deploy/nginx.conf"),
+    ];
+    // Each fenced block of a page, as (language, text).
+    let blocks = |doc: &str| -> Vec<(String, String)> {
+        let text = read(doc);
+        let mut out = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("```") {
+            let after = &rest[start + 3..];
+            let Some(eol) = after.find('\n') else { break };
+            let lang = after[..eol].trim().to_string();
+            let body = &after[eol + 1..];
+            let Some(end) = body.find("```") else { break };
+            out.push((lang, body[..end].to_string()));
+            rest = &body[end + 3..];
+        }
+        out
+    };
+    for (doc, file) in shown {
+        let expected = read(file);
+        let first = expected.lines().next().unwrap();
+        let found: Vec<String> = blocks(doc)
+            .into_iter()
+            .map(|(_, b)| b)
+            .filter(|b| b.lines().next() == Some(first))
+            .collect();
+        assert_eq!(found.len(), 1, "{doc} shows {file} once");
+        assert_eq!(
+            found[0], expected,
+            "{doc}'s copy of {file} differs from the file"
+        );
+    }
+    for doc in [
+        "Docs/SCALING.md",
+        "Docs/DEPLOYMENT.md",
+        "Docs/SECURITY.md",
+        "README.md",
+    ] {
+        for (lang, block) in blocks(doc) {
+            if lang == "yaml" || lang == "nginx" {
+                assert!(
+                    files.iter().any(|f| read(f) == block),
+                    "{doc} has a {lang} block that is not a file of deploy/:\n{block}"
+                );
+            }
+        }
+    }
 }

@@ -32,6 +32,7 @@ mod shared_state;
 mod shutdown;
 mod slow_clients;
 mod sse;
+mod stack;
 mod streaming;
 mod unread_streams;
 mod usage_stats;
