@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::services::guardrails::BudgetLimits;
-use crate::services::pricing::PriceTable;
+use secrecy::SecretString;
+
+use crate::domain::pricing::PriceTable;
 
 /// The template's placeholder; counts as "no key" (contract §2).
 pub const KEY_PLACEHOLDER: &str = "your_openai_api_key_here";
@@ -335,7 +336,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct OpenAiSettings {
     /// `OPENAI_API_KEY`, trimmed; `None` when unset, blank or the placeholder.
-    pub api_key: Option<String>,
+    pub api_key: Option<SecretString>,
     pub model: String,
     pub base_url: String,
     pub timeout: Duration,
@@ -391,7 +392,23 @@ pub struct GuardrailSettings {
     pub trusted_proxies: Vec<IpNet>,
     pub budget: BudgetLimits,
     pub max_input_chars: usize,
-    pub admin_token: Option<String>,
+    /// `Debug` shows `[REDACTED]`: a `Config` printed in a log or a panic never carries it.
+    pub admin_token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BudgetLimits {
+    pub daily_usd: Option<f64>,
+    pub daily_tokens: Option<u64>,
+    pub session_tokens: Option<u64>,
+    /// Completion tokens reserved for a chat before its real usage is known.
+    pub estimate_output_tokens: u64,
+}
+
+impl BudgetLimits {
+    pub fn any(&self) -> bool {
+        self.daily_usd.is_some() || self.daily_tokens.is_some() || self.session_tokens.is_some()
+    }
 }
 
 /// Per-client rate limits (`RATE_LIMIT_*`); `None`: no limit.
@@ -433,7 +450,8 @@ pub enum WhenStateUnavailable {
 /// Shared state on Redis (`STATE_*`); `None` in `Config::state`: in-process.
 #[derive(Debug, Clone)]
 pub struct StateSettings {
-    pub url: String,
+    /// May hold Redis's password (`redis://:pw@host`): secret, shown only without credentials.
+    pub url: SecretString,
     pub prefix: String,
     pub when_unavailable: WhenStateUnavailable,
     pub timeout: Duration,
@@ -516,138 +534,13 @@ impl Config {
             env: &env,
             file: file_vars,
         };
-        let cors = src.raw("CORS_ALLOWED_ORIGINS").map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|o| !o.is_empty())
-                .map(String::from)
-                .collect::<Vec<_>>()
-        });
-        let api_key = src
-            .raw("OPENAI_API_KEY")
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty() && k != KEY_PLACEHOLDER);
-        let log_format = match src.string("LOG_FORMAT").to_ascii_lowercase().as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => return Err(invalid("LOG_FORMAT", other, "expected text or json")),
-        };
-        let base_url = src
-            .string("OPENAI_BASE_URL")
-            .trim_end_matches('/')
-            .to_string();
-        check_http_url("OPENAI_BASE_URL", &base_url)?;
-        let papita_url = src
-            .string("PAPITA_API_URL")
-            .trim_end_matches('/')
-            .to_string();
-        check_http_url("PAPITA_API_URL", &papita_url)?;
-        let trusted_proxies = match src.raw("TRUSTED_PROXIES") {
-            None => Vec::new(),
-            Some(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    p.parse::<IpNet>()
-                        .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
-                        .map_err(|_| {
-                            invalid(
-                                "TRUSTED_PROXIES",
-                                p,
-                                "expected CIDRs like 10.0.0.0/8 or addresses",
-                            )
-                        })
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        let guardrails = GuardrailSettings {
-            allowed_models: src
-                .raw("OPENAI_ALLOWED_MODELS")
-                .map(|v| v.trim().to_string()),
-            rate: RateLimits {
-                chat: src.optional("RATE_LIMIT_CHAT_PER_MIN")?,
-                test: src.optional("RATE_LIMIT_TEST_PER_MIN")?,
-                session: src.optional("RATE_LIMIT_SESSION_PER_MIN")?,
-                ipv6_prefix: match src.parse::<u8>("RATE_LIMIT_IPV6_PREFIX")? {
-                    bits @ 0..=128 => bits,
-                    bits => {
-                        return Err(invalid(
-                            "RATE_LIMIT_IPV6_PREFIX",
-                            &bits.to_string(),
-                            "expected a prefix length from 0 to 128",
-                        ));
-                    }
-                },
-            },
-            trusted_proxies,
-            budget: BudgetLimits {
-                daily_usd: src.optional_usd("BUDGET_DAILY_USD")?,
-                daily_tokens: src
-                    .optional::<NonZeroU64>("BUDGET_DAILY_TOKENS")?
-                    .map(NonZeroU64::get),
-                session_tokens: src
-                    .optional::<NonZeroU64>("BUDGET_SESSION_TOKENS")?
-                    .map(NonZeroU64::get),
-                estimate_output_tokens: src
-                    .positive::<NonZeroU64>("BUDGET_ESTIMATE_OUTPUT_TOKENS")?
-                    .get(),
-            },
-            max_input_chars: src.positive::<NonZeroUsize>("MAX_INPUT_CHARS")?.get(),
-            admin_token: src.raw("ADMIN_TOKEN").map(|t| t.trim().to_string()),
-        };
         Ok(Self {
-            guardrails,
+            guardrails: guardrail_settings(&src)?,
+            state: state_settings(&src)?,
             host: src.string("HOST"),
             port: src.parse("PORT")?,
-            openai: OpenAiSettings {
-                api_key,
-                model: src.string("OPENAI_MODEL"),
-                base_url,
-                timeout: src.secs("OPENAI_TIMEOUT_SECS")?,
-                connect_timeout: src.secs("OPENAI_CONNECT_TIMEOUT_SECS")?,
-                max_retries: src.parse("OPENAI_MAX_RETRIES")?,
-                retry_budget: src.secs("OPENAI_RETRY_BUDGET_SECS")?,
-                stream_idle_timeout: src.secs("OPENAI_STREAM_IDLE_TIMEOUT_SECS")?,
-                stream_max: src.secs("OPENAI_STREAM_MAX_SECS")?,
-                sse_keepalive: src.secs("SSE_KEEPALIVE_SECS")?,
-                write_stall: src.secs("SSE_WRITE_STALL_SECS")?,
-                http2: match src.string("OPENAI_HTTP2").to_ascii_lowercase().as_str() {
-                    "auto" => Http2::Auto,
-                    "always" => Http2::Always,
-                    "never" => Http2::Never,
-                    other => {
-                        return Err(invalid(
-                            "OPENAI_HTTP2",
-                            other,
-                            "expected auto, always or never",
-                        ));
-                    }
-                },
-            },
-            papita: PapitaSettings {
-                url: papita_url,
-                credentials_timeout: Duration::from_millis(
-                    src.positive::<NonZeroU64>("PAPITA_CREDENTIALS_TIMEOUT_MS")?
-                        .get(),
-                ),
-                usage_timeout: src.secs("PAPITA_USAGE_TIMEOUT_SECS")?,
-                usage_queue_capacity: src.positive("PAPITA_USAGE_QUEUE_CAPACITY")?,
-                usage_max_attempts: src.positive("PAPITA_USAGE_MAX_ATTEMPTS")?,
-                usage_concurrency: src.positive("PAPITA_USAGE_CONCURRENCY")?,
-                spool_dir: src.raw("PAPITA_SPOOL_DIR").map(PathBuf::from),
-                spool_max_bytes: src
-                    .positive::<NonZeroU64>("PAPITA_SPOOL_MAX_MB")?
-                    .get()
-                    .checked_mul(1024 * 1024)
-                    .ok_or_else(|| {
-                        invalid(
-                            "PAPITA_SPOOL_MAX_MB",
-                            &src.string("PAPITA_SPOOL_MAX_MB"),
-                            "too large",
-                        )
-                    })?,
-            },
+            openai: openai_settings(&src)?,
+            papita: papita_settings(&src)?,
             credentials_ttl: src.secs("CREDENTIALS_CACHE_SECS")?,
             credentials_failure_ttl: src.secs("CREDENTIALS_FAILURE_CACHE_SECS")?,
             log_dir: PathBuf::from(src.string("AL_CHAT_LOG_DIR")),
@@ -657,8 +550,7 @@ impl Config {
             log_min_free_bytes: src
                 .parse::<u64>("LOG_MIN_FREE_MB")?
                 .saturating_mul(1024 * 1024),
-            pricing: PriceTable::load(src.raw("PRICING_FILE").map(PathBuf::from).as_deref())
-                .map_err(|e| invalid("PRICING_FILE", &src.string("PRICING_FILE"), e.reason()))?,
+            pricing: pricing(&src)?,
             body_limit: src.positive("REQUEST_BODY_LIMIT_BYTES")?,
             request_timeout: src.secs("REQUEST_TIMEOUT_SECS")?,
             header_read_timeout: src.secs("HEADER_READ_TIMEOUT_SECS")?,
@@ -668,66 +560,27 @@ impl Config {
                 "auto" => None,
                 _ => Some(src.positive("MAX_CONNECTIONS")?),
             },
-            cors_origins: cors.filter(|list| !list.is_empty() && !list.iter().any(|o| o == "*")),
+            cors_origins: src
+                .list("CORS_ALLOWED_ORIGINS")
+                .filter(|list| !list.is_empty() && !list.iter().any(|o| o == "*")),
             shutdown_grace: src.secs("SHUTDOWN_GRACE_SECS")?,
-            log_format,
-            metrics_enabled: match src.string("METRICS_ENABLED").to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                other => return Err(invalid("METRICS_ENABLED", other, "expected true or false")),
-            },
-            state: match src.raw("STATE_URL").map(|u| u.trim().to_string()) {
-                None => None,
-                Some(url) if url.is_empty() => None,
-                Some(url) => {
-                    // The error names the URL without its password.
-                    let shown = without_credentials(&url);
-                    // No TLS client is built in: rediss:// is refused here, not at the first call.
-                    if url.starts_with("rediss://") || url.starts_with("valkeys://") {
-                        return Err(invalid(
-                            "STATE_URL",
-                            &shown,
-                            "TLS to Redis is not built in; use redis:// on a private network, or a TLS sidecar",
-                        ));
-                    }
-                    const SCHEMES: &[&str] = &[
-                        "redis://",
-                        "valkey://",
-                        "redis+unix://",
-                        "valkey+unix://",
-                        "unix://",
-                    ];
-                    if !SCHEMES.iter().any(|s| url.starts_with(s)) {
-                        return Err(invalid(
-                            "STATE_URL",
-                            &shown,
-                            "expected redis://host:port/db",
-                        ));
-                    }
-                    Some(StateSettings {
-                        url,
-                        prefix: src.string("STATE_PREFIX"),
-                        when_unavailable: match src
-                            .string("STATE_UNAVAILABLE")
-                            .to_ascii_lowercase()
-                            .as_str()
-                        {
-                            "local" => WhenStateUnavailable::Local,
-                            "refuse" => WhenStateUnavailable::Refuse,
-                            other => {
-                                return Err(invalid(
-                                    "STATE_UNAVAILABLE",
-                                    other,
-                                    "expected local or refuse",
-                                ));
-                            }
-                        },
-                        timeout: Duration::from_millis(
-                            src.positive::<NonZeroU64>("STATE_TIMEOUT_MS")?.get(),
-                        ),
-                    })
-                }
-            },
+            log_format: src.choice(
+                "LOG_FORMAT",
+                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            )?,
+            metrics_enabled: src.choice(
+                "METRICS_ENABLED",
+                &[
+                    ("true", true),
+                    ("1", true),
+                    ("yes", true),
+                    ("on", true),
+                    ("false", false),
+                    ("0", false),
+                    ("no", false),
+                    ("off", false),
+                ],
+            )?,
             log_filter: src.string("RUST_LOG"),
             env_file,
             env_file_exists,
@@ -777,6 +630,175 @@ fn read_env_file(path: &Path, explicit: bool) -> Result<HashMap<String, String>,
         .collect()
 }
 
+/// `OPENAI_*` and the stream settings.
+fn openai_settings(src: &Source) -> Result<OpenAiSettings, ConfigError> {
+    let base_url = src
+        .string("OPENAI_BASE_URL")
+        .trim_end_matches('/')
+        .to_string();
+    check_http_url("OPENAI_BASE_URL", &base_url)?;
+    Ok(OpenAiSettings {
+        api_key: src
+            .raw("OPENAI_API_KEY")
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty() && k != KEY_PLACEHOLDER)
+            .map(SecretString::from),
+        model: src.string("OPENAI_MODEL"),
+        base_url,
+        timeout: src.secs("OPENAI_TIMEOUT_SECS")?,
+        connect_timeout: src.secs("OPENAI_CONNECT_TIMEOUT_SECS")?,
+        max_retries: src.parse("OPENAI_MAX_RETRIES")?,
+        retry_budget: src.secs("OPENAI_RETRY_BUDGET_SECS")?,
+        stream_idle_timeout: src.secs("OPENAI_STREAM_IDLE_TIMEOUT_SECS")?,
+        stream_max: src.secs("OPENAI_STREAM_MAX_SECS")?,
+        sse_keepalive: src.secs("SSE_KEEPALIVE_SECS")?,
+        write_stall: src.secs("SSE_WRITE_STALL_SECS")?,
+        http2: src.choice(
+            "OPENAI_HTTP2",
+            &[
+                ("auto", Http2::Auto),
+                ("always", Http2::Always),
+                ("never", Http2::Never),
+            ],
+        )?,
+    })
+}
+
+/// `PAPITA_*`: credentials and usage records.
+fn papita_settings(src: &Source) -> Result<PapitaSettings, ConfigError> {
+    let url = src
+        .string("PAPITA_API_URL")
+        .trim_end_matches('/')
+        .to_string();
+    check_http_url("PAPITA_API_URL", &url)?;
+    Ok(PapitaSettings {
+        url,
+        credentials_timeout: Duration::from_millis(
+            src.positive::<NonZeroU64>("PAPITA_CREDENTIALS_TIMEOUT_MS")?
+                .get(),
+        ),
+        usage_timeout: src.secs("PAPITA_USAGE_TIMEOUT_SECS")?,
+        usage_queue_capacity: src.positive("PAPITA_USAGE_QUEUE_CAPACITY")?,
+        usage_max_attempts: src.positive("PAPITA_USAGE_MAX_ATTEMPTS")?,
+        usage_concurrency: src.positive("PAPITA_USAGE_CONCURRENCY")?,
+        spool_dir: src.raw("PAPITA_SPOOL_DIR").map(PathBuf::from),
+        spool_max_bytes: src
+            .positive::<NonZeroU64>("PAPITA_SPOOL_MAX_MB")?
+            .get()
+            .checked_mul(1024 * 1024)
+            .ok_or_else(|| {
+                invalid(
+                    "PAPITA_SPOOL_MAX_MB",
+                    &src.string("PAPITA_SPOOL_MAX_MB"),
+                    "too large",
+                )
+            })?,
+    })
+}
+
+/// The guardrails (contract §12): models, rate limits, proxies, budgets, input size, admin token.
+fn guardrail_settings(src: &Source) -> Result<GuardrailSettings, ConfigError> {
+    let trusted_proxies = src
+        .list("TRUSTED_PROXIES")
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            p.parse::<IpNet>()
+                .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "TRUSTED_PROXIES",
+                        p,
+                        "expected CIDRs like 10.0.0.0/8 or addresses",
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(GuardrailSettings {
+        allowed_models: src
+            .raw("OPENAI_ALLOWED_MODELS")
+            .map(|v| v.trim().to_string()),
+        rate: RateLimits {
+            chat: src.optional("RATE_LIMIT_CHAT_PER_MIN")?,
+            test: src.optional("RATE_LIMIT_TEST_PER_MIN")?,
+            session: src.optional("RATE_LIMIT_SESSION_PER_MIN")?,
+            ipv6_prefix: match src.parse::<u8>("RATE_LIMIT_IPV6_PREFIX")? {
+                bits @ 0..=128 => bits,
+                bits => {
+                    return Err(invalid(
+                        "RATE_LIMIT_IPV6_PREFIX",
+                        &bits.to_string(),
+                        "expected a prefix length from 0 to 128",
+                    ));
+                }
+            },
+        },
+        trusted_proxies,
+        budget: BudgetLimits {
+            daily_usd: src.optional_usd("BUDGET_DAILY_USD")?,
+            daily_tokens: src
+                .optional::<NonZeroU64>("BUDGET_DAILY_TOKENS")?
+                .map(NonZeroU64::get),
+            session_tokens: src
+                .optional::<NonZeroU64>("BUDGET_SESSION_TOKENS")?
+                .map(NonZeroU64::get),
+            estimate_output_tokens: src
+                .positive::<NonZeroU64>("BUDGET_ESTIMATE_OUTPUT_TOKENS")?
+                .get(),
+        },
+        max_input_chars: src.positive::<NonZeroUsize>("MAX_INPUT_CHARS")?.get(),
+        admin_token: src.raw("ADMIN_TOKEN").map(|t| SecretString::from(t.trim())),
+    })
+}
+
+/// `STATE_URL` and its settings; `None` when unset. Errors name the URL without its password.
+fn state_settings(src: &Source) -> Result<Option<StateSettings>, ConfigError> {
+    let Some(url) = src.raw("STATE_URL").map(|u| u.trim().to_string()) else {
+        return Ok(None);
+    };
+    let shown = without_credentials(&url);
+    // No TLS client is built in: rediss:// is refused here, not at the first call.
+    if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+        return Err(invalid(
+            "STATE_URL",
+            &shown,
+            "TLS to Redis is not built in; use redis:// on a private network, or a TLS sidecar",
+        ));
+    }
+    const SCHEMES: &[&str] = &[
+        "redis://",
+        "valkey://",
+        "redis+unix://",
+        "valkey+unix://",
+        "unix://",
+    ];
+    if !SCHEMES.iter().any(|s| url.starts_with(s)) {
+        return Err(invalid(
+            "STATE_URL",
+            &shown,
+            "expected redis://host:port/db",
+        ));
+    }
+    Ok(Some(StateSettings {
+        url: url.into(),
+        prefix: src.string("STATE_PREFIX"),
+        when_unavailable: src.choice(
+            "STATE_UNAVAILABLE",
+            &[
+                ("local", WhenStateUnavailable::Local),
+                ("refuse", WhenStateUnavailable::Refuse),
+            ],
+        )?,
+        timeout: Duration::from_millis(src.positive::<NonZeroU64>("STATE_TIMEOUT_MS")?.get()),
+    }))
+}
+
+/// `PRICING_FILE`, else the built-in price table; checked at start-up like every other setting.
+fn pricing(src: &Source) -> Result<PriceTable, ConfigError> {
+    PriceTable::load(src.raw("PRICING_FILE").map(PathBuf::from).as_deref())
+        .map_err(|e| invalid("PRICING_FILE", &src.string("PRICING_FILE"), e.reason()))
+}
+
 struct Source<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     file: &'a HashMap<String, String>,
@@ -793,6 +815,36 @@ impl Source<'_> {
                     .filter(|v| !v.trim().is_empty())
                     .cloned()
             })
+    }
+
+    /// One of `options` (compared without case), e.g. `text`/`json`; the error lists them.
+    fn choice<T: Copy>(&self, name: &'static str, options: &[(&str, T)]) -> Result<T, ConfigError> {
+        let value = self.string(name).to_ascii_lowercase();
+        options
+            .iter()
+            .find(|(text, _)| *text == value)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let names: Vec<&str> = options.iter().map(|(text, _)| *text).collect();
+                let (last, rest) = names.split_last().expect("options are listed");
+                let expected = if rest.is_empty() {
+                    format!("expected {last}")
+                } else {
+                    format!("expected {} or {last}", rest.join(", "))
+                };
+                invalid(name, &value, &expected)
+            })
+    }
+
+    /// A comma-separated list, items trimmed and blanks dropped; `None` when unset.
+    fn list(&self, name: &'static str) -> Option<Vec<String>> {
+        self.raw(name).map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(String::from)
+                .collect()
+        })
     }
 
     fn string(&self, name: &'static str) -> String {
@@ -976,6 +1028,30 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_of_the_whole_config_holds_no_secret() {
+        let c = build(
+            &[
+                ("OPENAI_API_KEY", "sk-live-SECRET-0123456789abcdef"),
+                ("ADMIN_TOKEN", "admin-SECRET-token"),
+                ("STATE_URL", "redis://:redis-SECRET-pw@cache:6379/0"),
+            ],
+            &[],
+        )
+        .unwrap();
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(
+            shown.contains("REDACTED"),
+            "the secrets are there, redacted"
+        );
+        use secrecy::ExposeSecret;
+        assert_eq!(
+            c.openai.api_key.as_ref().unwrap().expose_secret(),
+            "sk-live-SECRET-0123456789abcdef"
+        );
+    }
+
+    #[test]
     fn urls_are_shown_without_their_credentials() {
         for (url, shown) in [
             ("http://user:pw@papita:3000", "http://papita:3000"),
@@ -1030,7 +1106,11 @@ mod tests {
                 .is_none()
         );
         let c = build(&[("OPENAI_API_KEY", " sk-abc ")], &[]).unwrap();
-        assert_eq!(c.openai.api_key.as_deref(), Some("sk-abc"));
+        use secrecy::ExposeSecret;
+        assert_eq!(
+            c.openai.api_key.as_ref().map(|k| k.expose_secret()),
+            Some("sk-abc")
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod api_key;
 pub mod chat;
 pub mod error;
 pub mod identifier;
+pub mod pricing;
 pub mod session_id;
 pub mod usage;
 

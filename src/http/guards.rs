@@ -10,6 +10,7 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header;
 use axum::http::request::Parts;
 use ipnet::IpNet;
+use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -118,7 +119,7 @@ impl FromRequestParts<AppState> for AdminView {
     ) -> Result<Self, Self::Rejection> {
         Ok(Self(match &state.config.guardrails.admin_token {
             None => true,
-            Some(expected) => token_matches(parts, expected),
+            Some(expected) => token_matches(parts, expected.expose_secret()),
         }))
     }
 }
@@ -146,7 +147,7 @@ impl FromRequestParts<AppState> for AdminAccess {
         let Some(expected) = &state.config.guardrails.admin_token else {
             return Ok(Self);
         };
-        if token_matches(parts, expected) {
+        if token_matches(parts, expected.expose_secret()) {
             Ok(Self)
         } else {
             state

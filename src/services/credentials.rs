@@ -10,6 +10,7 @@
 //! requests saw the 401 at the same time. `peek` never waits at all (health). Expiry runs on
 //! tokio's clock, so tests can pause and advance it.
 
+use secrecy::ExposeSecret;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -98,7 +99,11 @@ impl CredentialProvider {
     ) -> Self {
         Self {
             papita,
-            env_key: config.openai.api_key.as_deref().and_then(ApiKey::parse),
+            env_key: config
+                .openai
+                .api_key
+                .as_ref()
+                .and_then(|k| ApiKey::parse(k.expose_secret())),
             requires_sk: config.openai.requires_sk_prefix(),
             custom_host: (!config.openai.requires_sk_prefix()).then(|| {
                 reqwest::Url::parse(&config.openai.base_url)

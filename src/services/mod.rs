@@ -10,7 +10,7 @@ pub mod openai;
 pub mod openai_sse;
 pub mod openai_transport;
 pub mod papita;
-pub mod pricing;
+
 pub mod session_log;
 pub mod sessions;
 pub mod shared;

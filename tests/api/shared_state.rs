@@ -19,7 +19,7 @@ use crate::redis_server::RedisServer;
 
 fn shared(c: &mut Config, url: &str) {
     c.state = Some(StateSettings {
-        url: url.to_string(),
+        url: url.into(),
         prefix: "al-chat:".into(),
         when_unavailable: WhenStateUnavailable::Local,
         timeout: Duration::from_millis(250),

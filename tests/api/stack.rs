@@ -318,12 +318,13 @@ async fn each_client_address_behind_nginx_gets_its_own_rate_limit() {
     assert!(front.chat(&b).await.unwrap_err().starts_with("429"));
 }
 
+/// One chat of the load: when it was sent, and its status or what went wrong.
+type Sent = (Instant, Result<u16, String>);
+/// The load's clients, each with every chat it sent.
+type Load = Vec<tokio::task::JoinHandle<Vec<Sent>>>;
+
 /// Clients sending chats one after another until `stop`; each result with when it was sent.
-fn steady_load(
-    front: &Arc<Front>,
-    clients: usize,
-    stop: &Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<Vec<(Instant, Result<u16, String>)>>> {
+fn steady_load(front: &Arc<Front>, clients: usize, stop: &Arc<AtomicBool>) -> Load {
     (0..clients)
         .map(|_| {
             let (front, stop) = (front.clone(), stop.clone());
@@ -343,9 +344,7 @@ fn steady_load(
         .collect()
 }
 
-async fn collect(
-    load: Vec<tokio::task::JoinHandle<Vec<(Instant, Result<u16, String>)>>>,
-) -> Vec<(Instant, Result<u16, String>)> {
+async fn collect(load: Load) -> Vec<Sent> {
     let mut all = Vec::new();
     for task in load {
         all.extend(task.await.unwrap());

@@ -157,7 +157,7 @@ async fn pricing_file_replaces_the_table() {
     .unwrap();
     let path = file.path().to_path_buf();
     let app = spawn_app_with(move |c, _, _| {
-        c.pricing = al_chat::services::pricing::PriceTable::load(Some(&path)).unwrap()
+        c.pricing = al_chat::domain::pricing::PriceTable::load(Some(&path)).unwrap()
     })
     .await;
     app.openai.enqueue(Reply::text("x", 1_000_000, 1_000_000));

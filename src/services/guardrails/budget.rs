@@ -14,8 +14,9 @@ use indexmap::IndexMap;
 use serde_json::{Value, json};
 
 use crate::clock::{Clock, timestamp};
+use crate::config::BudgetLimits;
 use crate::domain::TokenUsage;
-use crate::services::pricing::PriceTable;
+use crate::domain::pricing::PriceTable;
 
 /// One counter to charge, and the most it may reach.
 #[derive(Debug, Clone)]
@@ -90,21 +91,6 @@ impl BudgetStore for MemoryBudgetStore {
     fn spent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, f64> {
         let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         ready(counters.get(key).copied().unwrap_or(0.0)).boxed()
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BudgetLimits {
-    pub daily_usd: Option<f64>,
-    pub daily_tokens: Option<u64>,
-    pub session_tokens: Option<u64>,
-    /// Completion tokens reserved for a chat before its real usage is known.
-    pub estimate_output_tokens: u64,
-}
-
-impl BudgetLimits {
-    pub fn any(&self) -> bool {
-        self.daily_usd.is_some() || self.daily_tokens.is_some() || self.session_tokens.is_some()
     }
 }
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use budget::{
-    BudgetDenied, BudgetLimits, BudgetRefusal, BudgetSpent, BudgetStore, Budgets, Charge,
-    MemoryBudgetStore, Reservation,
+    BudgetDenied, BudgetRefusal, BudgetSpent, BudgetStore, Budgets, Charge, MemoryBudgetStore,
+    Reservation,
 };
 pub use models::ModelPolicy;
 pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};

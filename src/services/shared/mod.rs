@@ -16,6 +16,7 @@ mod rate;
 mod sessions;
 mod usage;
 
+use secrecy::ExposeSecret;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,7 +90,7 @@ impl SharedState {
         settings: &StateSettings,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, RedisError> {
-        let client = Client::open(settings.url.as_str())?;
+        let client = Client::open(settings.url.expose_secret())?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))
@@ -110,7 +111,7 @@ impl SharedState {
             up_tx,
             stop,
             stats: SharedStats::default(),
-            location: without_credentials(&settings.url),
+            location: without_credentials(settings.url.expose_secret()),
         });
         match state.ping().await {
             Ok(()) => {

@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use super::SharedState;
 use crate::domain::TokenUsage;
-use crate::services::pricing::Cost;
+use crate::domain::pricing::Cost;
 use crate::services::usage::{
     Figures, MAX_MODEL_NAME_BYTES, MAX_MODELS, MemoryUsageStore, OTHER, Tally, UsageKind,
     UsageStore,

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::domain::TokenUsage;
-use crate::services::pricing::PriceTable;
+use crate::domain::pricing::PriceTable;
 
 pub use activity::ChatsPerMinute;
 pub use store::{

@@ -13,7 +13,7 @@ use futures_util::future::{BoxFuture, FutureExt, ready};
 use indexmap::IndexMap;
 
 use crate::domain::TokenUsage;
-use crate::services::pricing::Cost;
+use crate::domain::pricing::Cost;
 
 /// Models with a row of their own in `by_model`; later ones go under `OTHER`.
 pub const MAX_MODELS: usize = 256;
