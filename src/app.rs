@@ -17,7 +17,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Http2};
 use crate::metrics::Metrics;
 use crate::server;
-use crate::services::chat::ChatService;
+use crate::services::bookkeeping::Bookkeeping;
+use crate::services::chat::{ChatService, Upstream};
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::{
     BudgetStore, Budgets, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
@@ -183,16 +184,28 @@ impl Application {
             stop_background.clone(),
             spool_now.clone(),
         );
-        let guardrails = Arc::new(guardrails(&config, clock.clone(), shared.as_ref()));
-        let chat = Arc::new(ChatService::new(
-            credentials.clone(),
-            OpenAiService::new(&config.openai, openai_http),
+        let guardrails = Arc::new(guardrails(
+            &config,
+            clock.clone(),
+            shared.as_ref(),
+            background.clone(),
+        ));
+        let books = Arc::new(Bookkeeping::new(
             usage.clone(),
-            sessions.clone(),
             papita.clone(),
             session_log.clone(),
             clock.clone(),
+            background.clone(),
+        ));
+        let chat = Arc::new(ChatService::new(
+            Upstream {
+                credentials: credentials.clone(),
+                openai: OpenAiService::new(&config.openai, openai_http),
+            },
             guardrails.clone(),
+            books,
+            sessions.clone(),
+            clock.clone(),
             config.metrics_enabled.then(|| metrics.clone()),
         ));
         let state = AppState::new(Services {
@@ -312,6 +325,7 @@ fn guardrails(
     config: &Config,
     clock: Arc<dyn Clock>,
     shared: Option<&Arc<SharedState>>,
+    tasks: TaskTracker,
 ) -> Guardrails {
     let settings = &config.guardrails;
     let models = ModelPolicy::new(
@@ -332,7 +346,14 @@ fn guardrails(
         ),
     };
     let budgets = Budgets::new(budget_store, settings.budget, config.pricing.clone(), clock);
-    Guardrails::new(models, rate, settings.rate, Arc::new(budgets))
+    Guardrails::new(
+        models,
+        rate,
+        settings.rate,
+        Arc::new(budgets),
+        settings.max_input_chars,
+        tasks,
+    )
 }
 
 /// The session starts still within `SESSION_MAX_AGE_HOURS`, read once from the log files of the

@@ -57,14 +57,6 @@ pub(super) async fn post_chat(
     let session_header = headers.get(SESSION_HEADER).map(|v| v.as_bytes().to_vec());
     drop(headers);
     let request = ChatRequest::parse(body, session_header.as_deref(), &state.config.openai.model)?;
-    if let Err(e) = request.check_size(state.config.guardrails.max_input_chars) {
-        state
-            .guardrails
-            .refusals
-            .input_too_large
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Err(e.into());
-    }
     if !request.stream {
         return Ok(Json(state.chat.complete(request).await?).into_response());
     }

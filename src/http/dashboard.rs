@@ -57,7 +57,7 @@ pub(super) async fn dashboard(_admin: AdminAccess, State(state): State<AppState>
     let minute = now.timestamp().div_euclid(60) as u64;
     let chats_per_minute = state
         .chat
-        .chats_per_minute
+        .chats_per_minute()
         .last_hour(minute)
         .into_iter()
         .map(|(minute, chats)| MinuteCount {
@@ -86,7 +86,7 @@ pub(super) async fn dashboard(_admin: AdminAccess, State(state): State<AppState>
         timestamp: timestamp(&now),
         chats_per_minute,
         recent_sessions: state.sessions.recent(),
-        refusals: state.guardrails.refusals.snapshot(),
+        refusals: state.guardrails.refusal_counts(),
         papita: super::health::papita_check(&state),
         session_log,
         streams_open: state.metrics.streams_open.get(),

@@ -4,7 +4,6 @@
 
 use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header;
@@ -150,11 +149,7 @@ impl FromRequestParts<AppState> for AdminAccess {
         if token_matches(parts, expected.expose_secret()) {
             Ok(Self)
         } else {
-            state
-                .guardrails
-                .refusals
-                .admin_token
-                .fetch_add(1, Ordering::Relaxed);
+            state.guardrails.count_admin_token_refusal();
             Err(ApiError::AdminTokenRequired)
         }
     }

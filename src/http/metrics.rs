@@ -47,7 +47,7 @@ pub(super) async fn scrape(_admin: AdminAccess, State(state): State<AppState>) -
 async fn snapshot(state: &AppState) -> Snapshot {
     let figures = state.usage.figures().await;
     let papita = state.papita.snapshot();
-    let refusals = state.guardrails.refusals.snapshot();
+    let refusals = state.guardrails.refusal_counts();
     Snapshot {
         models: figures
             .rows

@@ -135,7 +135,7 @@ pub(super) async fn usage(
     };
     let session = client_session_id(query.session_id.as_deref());
     let mut report = state.usage.report(session.as_deref(), account_info).await;
-    if let Some(budget) = state.guardrails.budgets.report().await {
+    if let Some(budget) = state.guardrails.budget_report().await {
         report["budget"] = budget;
     }
     Json(report)

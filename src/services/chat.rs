@@ -1,6 +1,6 @@
-//! A chat from request to reply: credentials, the upstream call (once more with a fresh key after
-//! a 401), and the bookkeeping every successful chat does (usage statistics, the Papita record,
-//! the session's `chat_usage` line), the same for whole and streamed answers.
+//! A chat from request to reply: the guardrails' door, credentials, the upstream call (once more
+//! with a fresh key after a 401), and one `Bookkeeping::record` however the call ended, the same
+//! for whole and streamed answers.
 //!
 //! `ChatService` holds what it uses; it knows nothing of HTTP or of the application state.
 
@@ -15,15 +15,13 @@ use crate::clock::{Clock, timestamp};
 use crate::domain::{ApiKey, ChatMessage, ChatRequest, Role, TokenUsage};
 use crate::error::NOT_CONFIGURED;
 use crate::metrics::Metrics;
+use crate::services::bookkeeping::{Bookkeeping, Outcome};
 use crate::services::credentials::CredentialProvider;
-use crate::services::guardrails::budget::CHARS_PER_TOKEN;
-use crate::services::guardrails::{GuardrailError, Guardrails, Reservation};
+use crate::services::guardrails::{Admission, GuardrailError, Guardrails};
 use crate::services::openai::{Completion, OpenAiService, StreamPiece};
-use crate::services::papita::{UsageRecord, UsageReporter};
-use crate::services::session_log::{SessionLog, entries};
 use crate::services::sessions::Sessions;
 use crate::services::upstream::{UpstreamError, UpstreamKind};
-use crate::services::usage::{ChatsPerMinute, UsageKind, UsageStats};
+use crate::services::usage::ChatsPerMinute;
 
 /// The success answer of `POST /api/chat`, and the `done` event's data when streaming.
 // `ToSchema`: the OpenAPI document describes these very types (`http/openapi.rs`).
@@ -82,93 +80,80 @@ impl Drop for OpenStream {
     }
 }
 
-/// One admitted call: its budget reservation until the call ends. Dropped before it ended (the
-/// client went away), it settles an estimate in the background: the prompt, plus for a stream
-/// the text streamed so far, which is also counted in `estimated_usage`.
+/// One admitted call until it ends: its `Admission` (the budget reservation, which settles
+/// itself if dropped) and, for a stream, what to count as an estimate if it is cut short.
 struct InFlight {
-    chat: Arc<ChatService>,
-    reservation: Option<Reservation>,
-    model: String,
+    admission: Option<Admission>,
+    /// A stream: if it ends before the upstream's usage, the estimate goes in the books.
+    estimate: Option<Estimate>,
+}
+
+struct Estimate {
+    books: Arc<Bookkeeping>,
     session: Option<String>,
-    prompt_tokens: u64,
-    streamed_chars: u64,
-    /// A stream: an unfinished end is an estimate worth reporting.
-    estimate_on_drop: bool,
-    /// The copy a `Drop` hands to a task: if that task never runs (the runtime is shutting
-    /// down), dropping it must not hand itself on again.
-    detached: bool,
+    model: String,
 }
 
 impl InFlight {
-    fn estimate(&self) -> TokenUsage {
-        let completion = self.streamed_chars.div_ceil(CHARS_PER_TOKEN);
-        TokenUsage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: completion,
-            total_tokens: self.prompt_tokens + completion,
-            cached_tokens: 0,
+    fn streamed(&mut self, chars: usize) {
+        if let Some(admission) = &mut self.admission {
+            admission.streamed(chars);
         }
     }
 
     async fn settle(mut self, actual: &TokenUsage) {
-        if let Some(reservation) = self.reservation.take() {
-            self.chat
-                .guardrails
-                .budgets
-                .settle(reservation, actual)
-                .await;
+        self.estimate = None;
+        if let Some(admission) = self.admission.take() {
+            admission.settle(actual).await;
         }
-        self.estimate_on_drop = false;
     }
 
     async fn release(self) {
         self.settle(&TokenUsage::default()).await;
     }
 
-    /// The upstream cut the stream (or never reported usage): settle and report the estimate.
+    /// The upstream cut the stream (or never reported usage): settle and book the estimate.
     async fn cut_short(&mut self) {
-        let estimate = self.estimate();
-        if let Some(reservation) = self.reservation.take() {
-            self.chat
-                .guardrails
-                .budgets
-                .settle(reservation, &estimate)
-                .await;
-        }
-        if std::mem::take(&mut self.estimate_on_drop) {
-            self.chat
-                .usage
-                .record_kind(
-                    UsageKind::Estimated,
-                    self.session.as_deref(),
-                    &self.model,
-                    &estimate,
-                )
+        let Some(admission) = self.admission.take() else {
+            return;
+        };
+        let estimate = admission.estimate();
+        admission.settle(&estimate).await;
+        if let Some(Estimate {
+            books,
+            session,
+            model,
+        }) = self.estimate.take()
+        {
+            books
+                .record(Outcome::Estimated {
+                    session: session.as_deref(),
+                    model: &model,
+                    usage: &estimate,
+                })
                 .await;
         }
     }
 }
 
 impl Drop for InFlight {
+    /// Dropped before it ended (the client went away): the admission settles its estimate by
+    /// itself; a stream's estimate is booked on the application's tracked tasks.
     fn drop(&mut self) {
-        if self.detached || (self.reservation.is_none() && !self.estimate_on_drop) {
-            return;
+        if let (Some(admission), Some(estimate)) = (&self.admission, self.estimate.take()) {
+            estimate.books.record_estimate_later(
+                estimate.session,
+                estimate.model,
+                admission.estimate(),
+            );
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let mut rest = InFlight {
-            chat: self.chat.clone(),
-            reservation: self.reservation.take(),
-            model: std::mem::take(&mut self.model),
-            session: self.session.take(),
-            prompt_tokens: self.prompt_tokens,
-            streamed_chars: self.streamed_chars,
-            estimate_on_drop: std::mem::take(&mut self.estimate_on_drop),
-            detached: true,
-        };
-        runtime.spawn(async move { rest.cut_short().await });
     }
+}
+
+/// The upstream side of a chat: where the key comes from, and the OpenAI client.
+pub struct Upstream {
+    pub credentials: Arc<CredentialProvider>,
+    pub openai: OpenAiService,
 }
 
 /// The user message of `GET /api/openai/test` (contract §5).
@@ -177,69 +162,55 @@ pub const TEST_PROMPT: &str = "Say 'Connection successful' if you can read this.
 pub struct ChatService {
     credentials: Arc<CredentialProvider>,
     openai: OpenAiService,
-    usage: Arc<UsageStats>,
-    sessions: Arc<Sessions>,
-    papita: UsageReporter,
-    session_log: SessionLog,
-    clock: Arc<dyn Clock>,
     guardrails: Arc<Guardrails>,
+    books: Arc<Bookkeeping>,
+    sessions: Arc<Sessions>,
+    clock: Arc<dyn Clock>,
     /// `None` with `METRICS_ENABLED=false`: nothing is timed or recorded.
     metrics: Option<Arc<Metrics>>,
-    /// Successful chats per minute over the last hour (the dashboard).
-    pub chats_per_minute: ChatsPerMinute,
 }
 
 impl ChatService {
-    // The services a chat touches, each shared with whoever else needs it.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        credentials: Arc<CredentialProvider>,
-        openai: OpenAiService,
-        usage: Arc<UsageStats>,
-        sessions: Arc<Sessions>,
-        papita: UsageReporter,
-        session_log: SessionLog,
-        clock: Arc<dyn Clock>,
+        upstream: Upstream,
         guardrails: Arc<Guardrails>,
+        books: Arc<Bookkeeping>,
+        sessions: Arc<Sessions>,
+        clock: Arc<dyn Clock>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
         Self {
-            credentials,
-            openai,
-            usage,
-            sessions,
-            papita,
-            session_log,
-            clock,
+            credentials: upstream.credentials,
+            openai: upstream.openai,
             guardrails,
+            books,
+            sessions,
+            clock,
             metrics,
-            chats_per_minute: ChatsPerMinute::default(),
         }
     }
 
-    /// The guardrails a chat passes before it reaches OpenAI: the model, then the budgets
-    /// (reserved here, settled when the call ends, however it ends).
+    /// Successful chats per minute over the last hour (the dashboard).
+    pub fn chats_per_minute(&self) -> &ChatsPerMinute {
+        self.books.chats_per_minute()
+    }
+
+    /// Through the guardrails' door: size, model, budget. `stream`: a cut-short end is booked
+    /// as an estimate.
     async fn admit(
-        self: &Arc<Self>,
+        &self,
         request: &ChatRequest,
         session: Option<&str>,
-        estimate_on_drop: bool,
+        stream: bool,
     ) -> Result<InFlight, ChatError> {
-        self.guardrails.check_model(&request.model)?;
-        let reservation = self
-            .guardrails
-            .reserve(session, &request.model, request.input_chars)
-            .await?;
+        let admission = self.guardrails.admit_chat(request, session).await?;
         Ok(InFlight {
-            chat: self.clone(),
-            // An empty reservation needs no settling, so a dropped call spawns nothing for it.
-            reservation: Some(reservation).filter(|r| !r.is_empty()),
-            model: request.model.clone(),
-            session: session.map(str::to_string),
-            prompt_tokens: (request.input_chars as u64).div_ceil(CHARS_PER_TOKEN),
-            streamed_chars: 0,
-            estimate_on_drop,
-            detached: false,
+            admission: Some(admission),
+            estimate: stream.then(|| Estimate {
+                books: self.books.clone(),
+                session: session.map(str::to_string),
+                model: request.model.clone(),
+            }),
         })
     }
 
@@ -274,7 +245,13 @@ impl ChatService {
             .settle(&completion.usage.unwrap_or_default())
             .await;
         if let Some(usage) = &completion.usage {
-            self.account(&request, session.as_deref(), usage).await;
+            self.books
+                .record(Outcome::Answered {
+                    request: &request,
+                    session: session.as_deref(),
+                    usage,
+                })
+                .await;
         }
         // What the gateway adds: everything but the OpenAI call (gateways publish this figure).
         if let (Some(metrics), Some(started), Some(upstream)) = (&self.metrics, started, upstream) {
@@ -301,7 +278,7 @@ impl ChatService {
         let session = self.sessions.resolve(request.session_id.clone()).await;
         // Cut short (client gone, upstream cut): the tokens streamed so far are estimated and
         // settled, so closing streams early is no way around a budget.
-        let mut in_flight = self.admit(&request, session.as_deref(), true).await?;
+        let in_flight = self.admit(&request, session.as_deref(), true).await?;
         let upstream = {
             let request = &request;
             self.with_key(|key| async move {
@@ -314,7 +291,6 @@ impl ChatService {
         let upstream = match upstream {
             Ok(upstream) => upstream,
             Err(e) => {
-                in_flight.estimate_on_drop = false;
                 in_flight.release().await;
                 return Err(e);
             }
@@ -337,7 +313,7 @@ impl ChatService {
                             }
                         }
                         text.push_str(&delta);
-                        in_flight.streamed_chars = text.len() as u64;
+                        in_flight.streamed(text.len());
                         yield StreamEvent::Delta(delta);
                     }
                     Ok(StreamPiece::Usage(u)) => usage = Some(u),
@@ -352,7 +328,13 @@ impl ChatService {
             match usage {
                 Some(usage) => {
                     in_flight.settle(&usage).await;
-                    this.account(&request, session.as_deref(), &usage).await;
+                    this.books
+                        .record(Outcome::Answered {
+                            request: &request,
+                            session: session.as_deref(),
+                            usage: &usage,
+                        })
+                        .await;
                     yield StreamEvent::Done(this.reply(text, usage, &request.model));
                 }
                 None => {
@@ -371,10 +353,7 @@ impl ChatService {
             role: Role::User,
             content: TEST_PROMPT.into(),
         }];
-        let reservation = self
-            .guardrails
-            .reserve(None, model, TEST_PROMPT.len())
-            .await?;
+        let admission = self.guardrails.admit_test(model, TEST_PROMPT.len()).await?;
         let messages = &messages;
         let result = self
             .with_key(|key| async move { self.openai.complete(&key, model, messages).await })
@@ -384,10 +363,13 @@ impl ChatService {
             .ok()
             .and_then(|c| c.usage)
             .unwrap_or_default();
-        self.guardrails.budgets.settle(reservation, &used).await;
+        admission.settle(&used).await;
         if result.is_ok() {
-            self.usage
-                .record_kind(UsageKind::Test, None, model, &used)
+            self.books
+                .record(Outcome::Tested {
+                    model,
+                    usage: &used,
+                })
                 .await;
         }
         result
@@ -419,33 +401,6 @@ impl ChatService {
                 }
             }
             other => Ok(other?),
-        }
-    }
-
-    /// The bookkeeping of one successful chat; nothing here waits on the network or the disk.
-    async fn account(&self, request: &ChatRequest, session: Option<&str>, usage: &TokenUsage) {
-        self.usage.record(session, &request.model, usage).await;
-        let now = self.clock.now();
-        self.chats_per_minute
-            .record(now.timestamp().div_euclid(60) as u64);
-        self.papita.submit(UsageRecord {
-            user_id: None,
-            username: request.user.username.clone(),
-            is_guest: request.user.is_guest,
-            session_id: session.map(str::to_string),
-            project_id: "al-chat",
-            model: request.model.clone(),
-            input_tokens: usage.prompt_tokens,
-            output_tokens: usage.completion_tokens,
-            total_tokens: usage.total_tokens,
-        });
-        if let Some(id) = session {
-            self.session_log.append_background(entries::chat_usage(
-                id,
-                &request.model,
-                usage,
-                &now,
-            ));
         }
     }
 

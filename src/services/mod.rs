@@ -3,6 +3,7 @@
 //! application state. Outbound calls go through one client per remote: `openai` (with its
 //! transport) for OpenAI, `papita::PapitaClient` for Papita.
 
+pub mod bookkeeping;
 pub mod chat;
 pub mod credentials;
 pub mod guardrails;

@@ -3,9 +3,12 @@
 //! unchanged. Counters live behind store traits (`RateLimitStore`, `BudgetStore`), so a shared
 //! store can enforce them across replicas.
 
+mod admission;
 pub mod budget;
 pub mod models;
 pub mod rate;
+
+pub use admission::Admission;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,8 +24,10 @@ pub use models::ModelPolicy;
 pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
 use crate::config::RateLimits;
+use crate::domain::{ChatRequest, InputError};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use tokio_util::task::TaskTracker;
 
 /// The key a client's rate limits count against: an IPv4 address as it is (an IPv4-mapped IPv6
 /// address is the IPv4 one), an IPv6 address as its network of `v6_prefix` bits.
@@ -55,6 +60,9 @@ pub enum GuardrailError {
     },
     #[error(transparent)]
     Budget(#[from] BudgetSpent),
+    /// Past `MAX_INPUT_CHARS`: the sentence names the part to shorten (413).
+    #[error(transparent)]
+    InputTooLarge(InputError),
     /// Budgets or rate limits are set, the shared state (Redis) is unreachable and
     /// `STATE_UNAVAILABLE=refuse`.
     #[error(
@@ -67,7 +75,7 @@ impl GuardrailError {
     /// For `Retry-After`.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::ModelNotAllowed { .. } => None,
+            Self::ModelNotAllowed { .. } | Self::InputTooLarge(_) => None,
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::Budget(b) => Some(b.retry_after),
             Self::StateUnavailable => Some(Duration::from_secs(2)),
@@ -80,14 +88,14 @@ pub fn retry_secs(wait: &Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
-/// Refusals since start-up, by guardrail.
+/// Refusals since start-up, by guardrail; counted here only, read through `refusal_counts`.
 #[derive(Debug, Default)]
-pub struct Refusals {
-    pub model: AtomicU64,
-    pub rate_limit: AtomicU64,
-    pub budget: AtomicU64,
-    pub input_too_large: AtomicU64,
-    pub admin_token: AtomicU64,
+struct Refusals {
+    model: AtomicU64,
+    rate_limit: AtomicU64,
+    budget: AtomicU64,
+    input_too_large: AtomicU64,
+    admin_token: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +108,7 @@ pub struct RefusalCounts {
 }
 
 impl Refusals {
-    pub fn snapshot(&self) -> RefusalCounts {
+    fn snapshot(&self) -> RefusalCounts {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RefusalCounts {
             model: get(&self.model),
@@ -112,12 +120,17 @@ impl Refusals {
     }
 }
 
+/// The one door to OpenAI: `check_rate` on a request's head (`http::guards::RateChecked`), then
+/// `admit_chat` / `admit_test` (size, model, budget reservation) for the call itself.
 pub struct Guardrails {
     models: ModelPolicy,
     rate: Arc<dyn RateLimitStore>,
     rate_limits: RateLimits,
-    pub budgets: Arc<Budgets>,
-    pub refusals: Refusals,
+    budgets: Arc<Budgets>,
+    max_input_chars: usize,
+    refusals: Refusals,
+    /// Where an admission dropped unsettled settles (the application's background tasks).
+    tasks: TaskTracker,
 }
 
 impl Guardrails {
@@ -126,14 +139,75 @@ impl Guardrails {
         rate: Arc<dyn RateLimitStore>,
         rate_limits: RateLimits,
         budgets: Arc<Budgets>,
+        max_input_chars: usize,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
             models,
             rate,
             rate_limits,
             budgets,
+            max_input_chars,
             refusals: Refusals::default(),
+            tasks,
         }
+    }
+
+    /// Refusals since start-up, by guardrail (`/metrics`, `/api/dashboard`).
+    pub fn refusal_counts(&self) -> RefusalCounts {
+        self.refusals.snapshot()
+    }
+
+    /// A request without the admin token was refused (`http::guards::AdminAccess`).
+    pub fn count_admin_token_refusal(&self) {
+        self.refusals.admin_token.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `budget` for `/api/openai/usage`, when any budget is set.
+    pub async fn budget_report(&self) -> Option<serde_json::Value> {
+        self.budgets.report().await
+    }
+
+    /// A chat, after its client passed `check_rate`: its size (`MAX_INPUT_CHARS`), its model and
+    /// its budget reservation, in that order. The `Admission` settles itself however it ends.
+    pub async fn admit_chat(
+        &self,
+        request: &ChatRequest,
+        session: Option<&str>,
+    ) -> Result<Admission, GuardrailError> {
+        if let Err(e) = request.check_size(self.max_input_chars) {
+            self.refusals
+                .input_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(GuardrailError::InputTooLarge(e));
+        }
+        self.check_model(&request.model)?;
+        self.admit(session, &request.model, request.input_chars)
+            .await
+    }
+
+    /// `GET /api/openai/test` (it spends money too): a budget reservation for its prompt.
+    pub async fn admit_test(
+        &self,
+        model: &str,
+        prompt_chars: usize,
+    ) -> Result<Admission, GuardrailError> {
+        self.admit(None, model, prompt_chars).await
+    }
+
+    async fn admit(
+        &self,
+        session: Option<&str>,
+        model: &str,
+        input_chars: usize,
+    ) -> Result<Admission, GuardrailError> {
+        let reservation = self.reserve(session, model, input_chars).await?;
+        Ok(Admission::new(
+            self.budgets.clone(),
+            reservation,
+            self.tasks.clone(),
+            input_chars,
+        ))
     }
 
     /// The model allow-list (the playground's model picker).
@@ -142,7 +216,7 @@ impl Guardrails {
     }
 
     /// Before anything reaches OpenAI: is this model allowed?
-    pub fn check_model(&self, model: &str) -> Result<(), GuardrailError> {
+    fn check_model(&self, model: &str) -> Result<(), GuardrailError> {
         if self.models.allows(model) {
             return Ok(());
         }
@@ -181,7 +255,7 @@ impl Guardrails {
     }
 
     /// Reserves a call's estimated spend (see `budget.rs`).
-    pub async fn reserve(
+    async fn reserve(
         &self,
         session: Option<&str>,
         model: &str,
