@@ -26,12 +26,12 @@ use crate::services::guardrails::{
 };
 use crate::services::openai::OpenAiService;
 use crate::services::papita::{PapitaClient, UsageReporter};
+use crate::services::redis::{
+    Redis, RedisBudgetStore, RedisRateLimits, RedisSessionStore, RedisUsageStore,
+};
 use crate::services::session_log::entries;
 use crate::services::session_log::{self, SessionLog};
 use crate::services::sessions::{MemorySessionStore, SessionStore, Sessions};
-use crate::services::shared::{
-    RedisBudgetStore, RedisRateLimits, RedisSessionStore, RedisUsageStore, SharedState,
-};
 use crate::services::usage::{MemoryUsageStore, UsageStats, UsageStore};
 use crate::state::{AppState, Services};
 
@@ -132,16 +132,16 @@ impl Application {
             logged_starts,
         );
         // STATE_URL: the shared stores on Redis, each falling back to its in-process twin.
-        let shared = match &config.state {
+        let redis = match &config.redis {
             Some(settings) => Some(
-                SharedState::connect(settings, stop_background.clone())
+                Redis::connect(settings, stop_background.clone())
                     .await
                     .map_err(StartupError::StateUrl)?,
             ),
             None => None,
         };
         let (session_store, usage_store): (Arc<dyn SessionStore>, Arc<dyn UsageStore>) =
-            match &shared {
+            match &redis {
                 Some(shared) => (
                     Arc::new(RedisSessionStore::new(
                         shared.clone(),
@@ -187,7 +187,7 @@ impl Application {
         let guardrails = Arc::new(guardrails(
             &config,
             clock.clone(),
-            shared.as_ref(),
+            redis.as_ref(),
             background.clone(),
         ));
         let books = Arc::new(Bookkeeping::new(
@@ -209,7 +209,7 @@ impl Application {
             config.metrics_enabled.then(|| metrics.clone()),
         ));
         let state = AppState::new(Services {
-            shared,
+            redis,
             metrics,
             chat,
             guardrails,
@@ -324,7 +324,7 @@ impl Application {
 fn guardrails(
     config: &Config,
     clock: Arc<dyn Clock>,
-    shared: Option<&Arc<SharedState>>,
+    shared: Option<&Arc<Redis>>,
     tasks: TaskTracker,
 ) -> Guardrails {
     let settings = &config.guardrails;

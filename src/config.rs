@@ -449,7 +449,7 @@ pub enum WhenStateUnavailable {
 
 /// Shared state on Redis (`STATE_*`); `None` in `Config::state`: in-process.
 #[derive(Debug, Clone)]
-pub struct StateSettings {
+pub struct RedisSettings {
     /// May hold Redis's password (`redis://:pw@host`): secret, shown only without credentials.
     pub url: SecretString,
     pub prefix: String,
@@ -461,7 +461,7 @@ pub struct StateSettings {
 pub struct Config {
     pub guardrails: GuardrailSettings,
     /// `STATE_URL` and its settings; `None`: state in this process.
-    pub state: Option<StateSettings>,
+    pub redis: Option<RedisSettings>,
     pub host: String,
     pub port: u16,
     pub openai: OpenAiSettings,
@@ -536,7 +536,7 @@ impl Config {
         };
         Ok(Self {
             guardrails: guardrail_settings(&src)?,
-            state: state_settings(&src)?,
+            redis: redis_settings(&src)?,
             host: src.string("HOST"),
             port: src.parse("PORT")?,
             openai: openai_settings(&src)?,
@@ -752,7 +752,7 @@ fn guardrail_settings(src: &Source) -> Result<GuardrailSettings, ConfigError> {
 }
 
 /// `STATE_URL` and its settings; `None` when unset. Errors name the URL without its password.
-fn state_settings(src: &Source) -> Result<Option<StateSettings>, ConfigError> {
+fn redis_settings(src: &Source) -> Result<Option<RedisSettings>, ConfigError> {
     let Some(url) = src.raw("STATE_URL").map(|u| u.trim().to_string()) else {
         return Ok(None);
     };
@@ -779,7 +779,7 @@ fn state_settings(src: &Source) -> Result<Option<StateSettings>, ConfigError> {
             "expected redis://host:port/db",
         ));
     }
-    Ok(Some(StateSettings {
+    Ok(Some(RedisSettings {
         url: url.into(),
         prefix: src.string("STATE_PREFIX"),
         when_unavailable: src.choice(
@@ -975,12 +975,12 @@ mod tests {
     #[test]
     fn state_url_is_checked_and_its_password_never_echoed() {
         assert!(
-            build(&[], &[]).unwrap().state.is_none(),
+            build(&[], &[]).unwrap().redis.is_none(),
             "unset: in process"
         );
         let state = build(&[("STATE_URL", "redis://cache:6379/2")], &[])
             .unwrap()
-            .state
+            .redis
             .unwrap();
         assert_eq!(state.prefix, "al-chat:");
         assert_eq!(state.when_unavailable, WhenStateUnavailable::Local);

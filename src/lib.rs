@@ -8,7 +8,6 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;
-pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod server;

@@ -11,9 +11,9 @@ use crate::services::chat::ChatService;
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::Guardrails;
 use crate::services::papita::UsageReporter;
+use crate::services::redis::Redis;
 use crate::services::session_log::SessionLog;
 use crate::services::sessions::Sessions;
-use crate::services::shared::SharedState;
 use crate::services::usage::UsageStats;
 
 #[derive(Clone)]
@@ -33,7 +33,7 @@ pub struct Services {
     pub session_log: SessionLog,
     pub metrics: Arc<Metrics>,
     /// The Redis connection when `STATE_URL` is set (readiness, metrics).
-    pub shared: Option<Arc<SharedState>>,
+    pub redis: Option<Arc<Redis>>,
 }
 
 impl AppState {

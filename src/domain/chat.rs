@@ -3,9 +3,9 @@
 
 use serde::Deserialize;
 
-use crate::domain::error::InputError;
 use crate::domain::identifier::check_optional;
-use crate::domain::session_id::{client_session_id, header_session_id};
+use crate::domain::input_error::InputError;
+use crate::domain::session_id::{SessionHeader, client_session_id, header_session_id};
 
 /// The request body. Unknown fields are ignored; `null` counts as absent.
 #[derive(Debug, Default, Deserialize)]
@@ -127,7 +127,7 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub model: String,
     pub user: UserIdentity,
-    /// From `X-Session-ID`, else `sessionId`; the service falls back to the current session.
+    /// From the session header, else `sessionId`; the service falls back to the current session.
     pub session_id: Option<String>,
     pub stream: bool,
     /// Characters of input, by part (for `MAX_INPUT_CHARS` and budget estimates).
@@ -174,7 +174,7 @@ impl ChatRequest {
 impl ChatRequest {
     pub fn parse(
         body: ChatBody,
-        session_header: Option<&[u8]>,
+        session_header: Option<SessionHeader>,
         default_model: &str,
     ) -> Result<Self, InputError> {
         // A bad header is refused before anything else is looked at, then the identifiers: they
@@ -347,7 +347,10 @@ mod tests {
     fn nothing_to_send_is_rejected() {
         let err = parse(serde_json::json!({"message": "  "})).unwrap_err();
         assert_eq!(err, InputError::MessageRequired);
-        assert_eq!(err.to_string(), crate::domain::error::MESSAGE_REQUIRED);
+        assert_eq!(
+            err.to_string(),
+            crate::domain::input_error::MESSAGE_REQUIRED
+        );
     }
 
     #[test]
@@ -411,11 +414,18 @@ mod tests {
         assert!(req.user.is_guest);
     }
 
+    fn header(value: &'static [u8]) -> Option<SessionHeader<'static>> {
+        Some(SessionHeader {
+            name: "X-Session-ID",
+            value,
+        })
+    }
+
     #[test]
     fn header_session_id_wins() {
         let body =
             serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "b"})).unwrap();
-        let req = ChatRequest::parse(body, Some(b"a"), "m").unwrap();
+        let req = ChatRequest::parse(body, header(b"a"), "m").unwrap();
         assert_eq!(req.session_id.as_deref(), Some("a"));
     }
 
@@ -423,7 +433,7 @@ mod tests {
     fn a_null_header_does_not_override_the_body() {
         let body =
             serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "b"})).unwrap();
-        let req = ChatRequest::parse(body, Some(b"null"), "m").unwrap();
+        let req = ChatRequest::parse(body, header(b"null"), "m").unwrap();
         assert_eq!(req.session_id.as_deref(), Some("b"));
         let body =
             serde_json::from_value(serde_json::json!({"message": "m", "sessionId": "undefined"}))

@@ -4,7 +4,7 @@
 //! size: at most 128 bytes of text without control characters. The site sends ids the service
 //! made (`session_YYYYMMDD_HHMMSS`), user names and model names, all far shorter.
 
-use crate::domain::error::InputError;
+use crate::domain::input_error::InputError;
 
 /// The longest identifier accepted, in bytes of UTF-8.
 pub const MAX_IDENTIFIER_BYTES: usize = 128;

@@ -3,13 +3,13 @@
 
 pub mod api_key;
 pub mod chat;
-pub mod error;
 pub mod identifier;
+pub mod input_error;
 pub mod pricing;
 pub mod session_id;
 pub mod usage;
 
 pub use api_key::ApiKey;
 pub use chat::{ChatBody, ChatMessage, ChatRequest, Role, UserIdentity};
-pub use error::InputError;
+pub use input_error::InputError;
 pub use usage::TokenUsage;

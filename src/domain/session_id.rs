@@ -3,10 +3,15 @@
 //! The website's JavaScript sends `"null"` or `"undefined"` when its variable is unset, and
 //! curl users send blanks; all of these mean "no session", never a session by that name.
 
-use crate::domain::error::InputError;
+use crate::domain::input_error::InputError;
 
-/// The header that names a chat's session; it wins over the body's `sessionId`.
-pub const SESSION_HEADER: &str = "X-Session-ID";
+/// A session id that came in a header: the header's name (the HTTP layer knows it) and its raw
+/// bytes. It wins over the body's `sessionId`.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionHeader<'a> {
+    pub name: &'static str,
+    pub value: &'a [u8],
+}
 
 /// A client-supplied id, trimmed; `None` when it is blank, `null` or `undefined`.
 pub fn client_session_id(raw: Option<&str>) -> Option<String> {
@@ -15,16 +20,19 @@ pub fn client_session_id(raw: Option<&str>) -> Option<String> {
     (!absent).then(|| id.to_string())
 }
 
-/// The `X-Session-ID` header's raw bytes. Bytes that are not UTF-8, or text with control
-/// characters, are refused: silently ignoring them would count the chat under whichever
-/// session started last, someone else's.
-pub fn header_session_id(raw: Option<&[u8]>) -> Result<Option<String>, InputError> {
-    let Some(bytes) = raw else { return Ok(None) };
-    let text = std::str::from_utf8(bytes).map_err(|_| InputError::UnreadableSessionHeader)?;
+/// The session header's raw bytes. Bytes that are not UTF-8, or text with control characters,
+/// are refused: silently ignoring them would count the chat under whichever session started
+/// last, someone else's.
+pub fn header_session_id(raw: Option<SessionHeader>) -> Result<Option<String>, InputError> {
+    let Some(SessionHeader { name, value }) = raw else {
+        return Ok(None);
+    };
+    let unreadable = InputError::UnreadableSessionHeader { header: name };
+    let text = std::str::from_utf8(value).map_err(|_| unreadable.clone())?;
     if text.chars().any(char::is_control) {
-        return Err(InputError::UnreadableSessionHeader);
+        return Err(unreadable);
     }
-    crate::domain::identifier::check_identifier(SESSION_HEADER, text)?;
+    crate::domain::identifier::check_identifier(name, text)?;
     Ok(client_session_id(Some(text)))
 }
 
@@ -47,13 +55,19 @@ mod tests {
 
     #[test]
     fn headers_must_be_visible_utf8_text() {
-        assert!(header_session_id(Some(b"\xff\xfe")).is_err());
-        assert!(header_session_id(Some(b"a\tb")).is_err());
+        let header = |value: &'static [u8]| {
+            Some(SessionHeader {
+                name: "X-Session-ID",
+                value,
+            })
+        };
+        assert!(header_session_id(header(b"\xff\xfe")).is_err());
+        assert!(header_session_id(header(b"a\tb")).is_err());
         assert_eq!(
-            header_session_id(Some("sesión_1".as_bytes())).unwrap(),
+            header_session_id(header("sesión_1".as_bytes())).unwrap(),
             Some("sesión_1".to_string())
         );
-        assert_eq!(header_session_id(Some(b"undefined")).unwrap(), None);
+        assert_eq!(header_session_id(header(b"undefined")).unwrap(), None);
         assert_eq!(header_session_id(None).unwrap(), None);
     }
 }

@@ -12,14 +12,17 @@ use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use serde_json::json;
 
-use crate::domain::session_id::SESSION_HEADER;
+use crate::domain::session_id::SessionHeader;
 use crate::domain::{ChatBody, ChatRequest};
-use crate::error::{ApiError, Result};
+use crate::http::error::{ApiError, Result};
 use crate::http::extract::JsonBody;
 use crate::http::guards::{ChatRoute, RateChecked};
 use crate::server::CutAt;
 use crate::services::chat::StreamEvent;
 use crate::state::AppState;
+
+/// The header that names a chat's session; it wins over the body's `sessionId`.
+pub const SESSION_HEADER: &str = "X-Session-ID";
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/chat", post(post_chat))
@@ -56,7 +59,11 @@ pub(super) async fn post_chat(
     // into a second one (80 MB with 10,000 chats in flight).
     let session_header = headers.get(SESSION_HEADER).map(|v| v.as_bytes().to_vec());
     drop(headers);
-    let request = ChatRequest::parse(body, session_header.as_deref(), &state.config.openai.model)?;
+    let session_header = session_header.as_deref().map(|value| SessionHeader {
+        name: SESSION_HEADER,
+        value,
+    });
+    let request = ChatRequest::parse(body, session_header, &state.config.openai.model)?;
     if !request.stream {
         return Ok(Json(state.chat.complete(request).await?).into_response());
     }

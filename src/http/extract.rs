@@ -6,7 +6,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::server::BodyReadDeadline;
 
 /// A JSON object body parsed into `T`. An empty body counts as `{}`, so `curl -X POST` with no

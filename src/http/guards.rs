@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::services::guardrails::Limited;
 use crate::state::AppState;
 

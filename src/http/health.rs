@@ -30,7 +30,7 @@ pub(super) async fn ready(State(state): State<AppState>, AdminView(full): AdminV
     // Papita's state is reported, not judged: chats work whatever it is.
     let papita = papita_check(&state);
     // Reported, not judged: with Redis down chats go on with local state (Docs/SCALING.md).
-    let shared = state.shared.as_ref().map(|s| s.check());
+    let shared = state.redis.as_ref().map(|s| s.check());
     let problem = match state.session_log.check_writable().await {
         Err(e) => Some((
             format!(

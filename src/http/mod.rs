@@ -5,12 +5,13 @@
 
 mod chat;
 mod dashboard;
-mod errors;
+mod error;
 mod extract;
+mod fallback;
 mod guards;
 mod health;
-mod metrics;
 mod models;
+mod observe;
 mod openai;
 mod openapi;
 mod pages;
@@ -52,8 +53,8 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(cors(config))
-        .layer(CatchPanicLayer::custom(errors::panic_response))
-        .layer(MapResponseLayer::new(errors::ensure_json_error))
+        .layer(CatchPanicLayer::custom(fallback::panic_response))
+        .layer(MapResponseLayer::new(fallback::ensure_json_error))
         .layer(RequestBodyLimitLayer::new(config.body_limit.get()))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -65,18 +66,18 @@ pub fn router(state: AppState) -> Router {
         .merge(chat::router())
         .merge(session::router())
         .merge(openai::router())
-        .merge(metrics::router())
+        .merge(observe::router())
         .merge(models::router())
         .merge(dashboard::router())
         .merge(pages::router())
         .merge(openapi::router())
-        .fallback(errors::not_found)
-        .method_not_allowed_fallback(errors::method_not_allowed)
+        .fallback(fallback::not_found)
+        .method_not_allowed_fallback(fallback::method_not_allowed)
         // The tower-http limit above answers 413 for every route; axum's own 2 MB default is off.
         .layer(DefaultBodyLimit::disable());
     // With METRICS_ENABLED=false nothing is measured at all (so the benchmark can compare).
     let routes = if config.metrics_enabled {
-        routes.layer(metrics::MeasureLayer(state.metrics.clone()))
+        routes.layer(observe::MeasureLayer(state.metrics.clone()))
     } else {
         routes
     };
@@ -165,7 +166,7 @@ mod tests {
             include_str!("chat.rs"),
             include_str!("session.rs"),
             include_str!("openai.rs"),
-            include_str!("metrics.rs"),
+            include_str!("observe.rs"),
             include_str!("models.rs"),
             include_str!("dashboard.rs"),
             include_str!("pages.rs"),

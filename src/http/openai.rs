@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::config::without_credentials;
 use crate::domain::session_id::client_session_id;
-use crate::error::{ApiError, log_upstream_failure};
+use crate::http::error::{ApiError, log_upstream_failure};
 use crate::http::guards::{AdminAccess, ClientAddr};
 use crate::services::chat::{ChatError, ReplyUsage};
 use crate::services::credentials::Credentials;

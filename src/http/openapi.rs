@@ -155,7 +155,7 @@ pub struct UsageAnswer {
         super::openai::info,
         super::openai::test,
         super::openai::usage,
-        super::metrics::scrape,
+        super::observe::scrape,
         super::models::models,
         super::dashboard::dashboard,
         super::pages::dashboard,

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use crate::domain::identifier::check_optional;
 use crate::domain::session_id::client_session_id;
-use crate::error::{ApiError, Result};
+use crate::http::error::{ApiError, Result};
 use crate::http::extract::JsonBody;
 use crate::http::guards::{RateChecked, SessionRoute};
 use crate::state::AppState;

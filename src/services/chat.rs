@@ -13,7 +13,6 @@ use serde::Serialize;
 
 use crate::clock::{Clock, timestamp};
 use crate::domain::{ApiKey, ChatMessage, ChatRequest, Role, TokenUsage};
-use crate::error::NOT_CONFIGURED;
 use crate::metrics::Metrics;
 use crate::services::bookkeeping::{Bookkeeping, Outcome};
 use crate::services::credentials::CredentialProvider;
@@ -155,6 +154,9 @@ pub struct Upstream {
     pub credentials: Arc<CredentialProvider>,
     pub openai: OpenAiService,
 }
+
+/// Contract §6: the not-configured answer.
+pub const NOT_CONFIGURED: &str = "OpenAI service not configured. Please set OPENAI_API_KEY in .env file or ensure Papita API is running.";
 
 /// The user message of `GET /api/openai/test` (contract §5).
 pub const TEST_PROMPT: &str = "Say 'Connection successful' if you can read this.";

@@ -8,12 +8,10 @@ pub mod chat;
 pub mod credentials;
 pub mod guardrails;
 pub mod openai;
-pub mod openai_sse;
-pub mod openai_transport;
 pub mod papita;
 
+pub mod redis;
 pub mod session_log;
 pub mod sessions;
-pub mod shared;
 pub mod upstream;
 pub mod usage;

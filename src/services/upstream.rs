@@ -1,5 +1,5 @@
 //! How a call to the OpenAI server failed, classified once where it happens (`services::openai`)
-//! so that the API layer only maps kinds to statuses (`crate::error`).
+//! so that the API layer only maps kinds to statuses (`crate::http::error`).
 
 use std::time::Duration;
 

@@ -506,7 +506,7 @@ fn everything_the_release_binary_embeds_is_copied_by_the_docker_build_stage() {
         .map(|e| e.file)
         .collect();
     for expected in [
-        "src/services/pricing.json",
+        "src/domain/pricing.json",
         "src/http/pages/dashboard.html",
         "src/http/pages/stream-chat.mjs",
     ] {

@@ -13,7 +13,7 @@ fn served_routes() -> BTreeSet<(String, String)> {
         include_str!("../../src/http/chat.rs"),
         include_str!("../../src/http/session.rs"),
         include_str!("../../src/http/openai.rs"),
-        include_str!("../../src/http/metrics.rs"),
+        include_str!("../../src/http/observe.rs"),
         include_str!("../../src/http/models.rs"),
         include_str!("../../src/http/dashboard.rs"),
         include_str!("../../src/http/pages.rs"),

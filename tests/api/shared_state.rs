@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use al_chat::clock::Clock;
-use al_chat::config::{Config, StateSettings, WhenStateUnavailable};
+use al_chat::config::{Config, RedisSettings, WhenStateUnavailable};
 use serde_json::{Value, json};
 
 use crate::helpers::{
@@ -18,7 +18,7 @@ use crate::mock_papita::MockPapita;
 use crate::redis_server::RedisServer;
 
 fn shared(c: &mut Config, url: &str) {
-    c.state = Some(StateSettings {
+    c.redis = Some(RedisSettings {
         url: url.into(),
         prefix: "al-chat:".into(),
         when_unavailable: WhenStateUnavailable::Local,
@@ -297,7 +297,7 @@ async fn redis_killed_mid_run_fails_no_chat_hangs_no_request_and_state_resumes()
     redis.restart().await;
     for app in &apps {
         eventually_within("the probe sees Redis back", Duration::from_secs(10), || {
-            app.state.shared.as_ref().unwrap().is_up()
+            app.state.redis.as_ref().unwrap().is_up()
         })
         .await;
     }
@@ -322,7 +322,7 @@ async fn with_refuse_chats_under_limits_get_503_while_redis_is_down() {
     let url = redis.url();
     let app = spawn_app_with(move |c, _, _| {
         shared(c, &url);
-        c.state.as_mut().unwrap().when_unavailable = WhenStateUnavailable::Refuse;
+        c.redis.as_mut().unwrap().when_unavailable = WhenStateUnavailable::Refuse;
         c.guardrails.rate.chat = std::num::NonZeroU32::new(100);
     })
     .await;
@@ -336,7 +336,7 @@ async fn with_refuse_chats_under_limits_get_503_while_redis_is_down() {
     assert_eq!(app.openai.request_count(), 1, "refused before OpenAI");
     redis.restart().await;
     eventually_within("Redis back", Duration::from_secs(10), || {
-        app.state.shared.as_ref().unwrap().is_up()
+        app.state.redis.as_ref().unwrap().is_up()
     })
     .await;
     assert_eq!(app.post_chat(&json!({"message": "hi"})).await.status(), 200);
@@ -360,7 +360,7 @@ async fn a_replica_started_while_redis_is_down_runs_and_joins_when_it_comes_up()
     );
     redis.restart().await;
     eventually_within("Redis back", Duration::from_secs(10), || {
-        app.state.shared.as_ref().unwrap().is_up()
+        app.state.redis.as_ref().unwrap().is_up()
     })
     .await;
     eventually_seeing(
@@ -405,7 +405,7 @@ async fn every_key_carries_the_prefix_and_per_session_and_daily_keys_expire() {
     let url = redis.url();
     let app = spawn_app_with(move |c, _, _| {
         shared(c, &url);
-        c.state.as_mut().unwrap().prefix = "site-a:".into();
+        c.redis.as_mut().unwrap().prefix = "site-a:".into();
         c.sessions_max_age = Duration::from_secs(3600);
         c.guardrails.rate.chat = std::num::NonZeroU32::new(100);
         c.guardrails.budget.daily_tokens = Some(1_000_000);
@@ -478,7 +478,7 @@ async fn a_high_limit_leased_in_blocks_is_never_exceeded_across_replicas() {
         c.guardrails.rate.chat = std::num::NonZeroU32::new(1000);
         // Leasing is under test, not timeouts: a loaded test machine must not make Redis look
         // down (the replicas would then limit on their own, as documented).
-        c.state.as_mut().unwrap().timeout = Duration::from_secs(5);
+        c.redis.as_mut().unwrap().timeout = Duration::from_secs(5);
     })
     .await;
     let chats = (0..1100).map(|i| apps[i % 2].post_chat(&json!({"message": "hi"})));

@@ -1,7 +1,5 @@
 //! Why a client's input is not a valid request: the domain's own error, free of HTTP. The one
-//! `From` into the API error (`crate::error`) makes each of these a 400.
-
-use crate::domain::session_id::SESSION_HEADER;
+//! `From` into the API error (`crate::http::error`) makes each of these a 400.
 
 pub const MESSAGE_REQUIRED: &str = "Message or attachment is required";
 
@@ -10,11 +8,11 @@ pub enum InputError {
     /// No message and no file (contract §6).
     #[error("{MESSAGE_REQUIRED}")]
     MessageRequired,
-    /// An `X-Session-ID` that is not visible UTF-8 text.
+    /// A session header that is not visible UTF-8 text.
     #[error(
-        "Header {SESSION_HEADER} must be visible text (UTF-8, no control characters); send the session_id that /api/session/start returned, or leave the header out."
+        "Header {header} must be visible text (UTF-8, no control characters); send the session_id that /api/session/start returned, or leave the header out."
     )]
-    UnreadableSessionHeader,
+    UnreadableSessionHeader { header: &'static str },
     /// A session id, user name or model name that is too long or holds control characters.
     #[error("Field '{field}' {problem}.")]
     BadIdentifier {

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::http::{Method, Response, StatusCode, Uri, header};
 use axum::response::IntoResponse;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::NotFound(uri.path().to_string())

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::Script;
 
-use super::SharedState;
+use super::Redis;
 use crate::config::WhenStateUnavailable;
 use crate::services::guardrails::{BudgetRefusal, BudgetStore, Charge, MemoryBudgetStore};
 
@@ -45,14 +45,14 @@ return 1
 const TTL_SECS: u64 = 2 * 24 * 3600;
 
 pub struct RedisBudgetStore {
-    state: Arc<SharedState>,
+    state: Arc<Redis>,
     local: MemoryBudgetStore,
     reserve: Script,
     adjust: Script,
 }
 
 impl RedisBudgetStore {
-    pub fn new(state: Arc<SharedState>, local: MemoryBudgetStore) -> Self {
+    pub fn new(state: Arc<Redis>, local: MemoryBudgetStore) -> Self {
         Self {
             state,
             local,

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tower::{Layer, Service};
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::http::guards::AdminAccess;
 use crate::metrics::{HttpLabels, Metrics, ROUTES, RouteLabels, Snapshot};
 use crate::state::AppState;
@@ -84,7 +84,7 @@ async fn snapshot(state: &AppState) -> Snapshot {
         ],
         session_log_syncs: state.session_log.syncs(),
         spool_bytes: papita.spool_bytes,
-        shared_state: state.shared.as_ref().map(|s| {
+        shared_state: state.redis.as_ref().map(|s| {
             let get =
                 |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
             (

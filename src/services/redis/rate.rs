@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt};
 
-use super::SharedState;
+use super::Redis;
 use crate::config::{RateLimits, WhenStateUnavailable};
 use crate::services::guardrails::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
@@ -33,7 +33,7 @@ use crate::services::guardrails::{Limited, MemoryRateLimits, RateLimitStore, Rat
 const WINDOW_MS: u64 = 60_000;
 
 pub struct RedisRateLimits {
-    state: Arc<SharedState>,
+    state: Arc<Redis>,
     local: MemoryRateLimits,
     limits: RateLimits,
     leases: Mutex<HashMap<(Limited, IpAddr), Lease>>,
@@ -43,7 +43,7 @@ pub struct RedisRateLimits {
 }
 
 impl RedisRateLimits {
-    pub fn new(state: Arc<SharedState>, limits: &RateLimits) -> Self {
+    pub fn new(state: Arc<Redis>, limits: &RateLimits) -> Self {
         Self {
             state,
             local: MemoryRateLimits::new(limits),

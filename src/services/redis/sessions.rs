@@ -18,7 +18,7 @@ use chrono::{DateTime, Local, TimeZone};
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::Script;
 
-use super::SharedState;
+use super::Redis;
 use crate::services::sessions::{MemorySessionStore, SessionStore};
 
 /// Issues the first free id of the second: `INCR` on the second's counter, then `SET NX` on the
@@ -57,7 +57,7 @@ return false
 ";
 
 pub struct RedisSessionStore {
-    state: Arc<SharedState>,
+    state: Arc<Redis>,
     /// Answers while Redis is down.
     local: MemorySessionStore,
     max_age_secs: u64,
@@ -68,11 +68,7 @@ pub struct RedisSessionStore {
 }
 
 impl RedisSessionStore {
-    pub fn new(
-        state: Arc<SharedState>,
-        local: MemorySessionStore,
-        max_age: chrono::Duration,
-    ) -> Self {
+    pub fn new(state: Arc<Redis>, local: MemorySessionStore, max_age: chrono::Duration) -> Self {
         Self {
             state,
             local: local.with_id_offset(replica_offset()),

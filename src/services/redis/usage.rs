@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::SharedState;
+use super::Redis;
 use crate::domain::TokenUsage;
 use crate::domain::pricing::Cost;
 use crate::services::usage::{
@@ -80,7 +80,7 @@ const BATCH_WINDOW: Duration = Duration::from_millis(10);
 const MAX_REMEMBERED: usize = 1024;
 
 pub struct RedisUsageStore {
-    state: Arc<SharedState>,
+    state: Arc<Redis>,
     /// Chats counted while Redis was down, merged into it when it is back.
     pending: Arc<MemoryUsageStore>,
     /// The last figures read per ledger key (answers while Redis is down).
@@ -129,7 +129,7 @@ impl RedisUsageStore {
     /// `max_sessions` bounds the sessions the buffer keeps apart. The flusher runs on
     /// `background` and hands over what is left when `stop` fires.
     pub fn new(
-        state: Arc<SharedState>,
+        state: Arc<Redis>,
         max_sessions: usize,
         session_max_age: chrono::Duration,
         background: &TaskTracker,

@@ -8,13 +8,11 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::domain::InputError;
-use crate::services::chat::ChatError;
+use crate::services::chat::{ChatError, NOT_CONFIGURED};
 use crate::services::guardrails::GuardrailError;
 use crate::services::sessions::SessionError;
 pub use crate::services::upstream::{UpstreamError, UpstreamKind};
 
-/// Contract §6: the not-configured answer.
-pub const NOT_CONFIGURED: &str = "OpenAI service not configured. Please set OPENAI_API_KEY in .env file or ensure Papita API is running.";
 const INVALID_KEY: &str =
     "Invalid OpenAI API key. Please check your credentials in Papita API or .env file.";
 const INVALID_KEY_DETAILS: &str = "The OpenAI API key is invalid or expired. If using Papita API, ensure it's running and has valid credentials.";

@@ -16,9 +16,12 @@ use reqwest::header::{self, HeaderValue};
 
 use crate::config::OpenAiSettings;
 use crate::domain::{ApiKey, ChatMessage, Role, TokenUsage};
-use crate::services::openai_sse::{SseData, SseError};
-use crate::services::openai_transport::{CallError, OpenAiTransport, RetryPolicy, UpstreamStatus};
+mod sse;
+mod transport;
+
 use crate::services::upstream::{UpstreamError, UpstreamKind};
+use sse::{SseData, SseError};
+use transport::{CallError, OpenAiTransport, RetryPolicy, UpstreamStatus};
 
 impl From<CompletionUsage> for TokenUsage {
     fn from(u: CompletionUsage) -> Self {
@@ -161,7 +164,7 @@ impl OpenAiService {
     /// no response head in time) are returned here; later ones are the stream's last item.
     /// Dropping the stream closes the upstream connection.
     ///
-    /// Read straight off reqwest's body (`openai_sse`), with async-openai's chunk type: the
+    /// Read straight off reqwest's body (`openai::sse`), with async-openai's chunk type: the
     /// upstream is read only as fast as the stream is polled, which is as fast as the client
     /// takes the answer. `OPENAI_STREAM_MAX_SECS` is checked before every chunk, so a fast
     /// upstream cannot outrun it; a client that stops reading is cut by the server

@@ -32,7 +32,7 @@ pub use rate::RedisRateLimits;
 pub use sessions::RedisSessionStore;
 pub use usage::RedisUsageStore;
 
-use crate::config::{StateSettings, WhenStateUnavailable, without_credentials};
+use crate::config::{RedisSettings, WhenStateUnavailable, without_credentials};
 
 /// How often a probe tries Redis while it is down.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -58,7 +58,7 @@ pub struct SharedStats {
     pub recoveries: AtomicU64,
 }
 
-pub struct SharedState {
+pub struct Redis {
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
@@ -74,20 +74,20 @@ pub struct SharedState {
     pub location: String,
 }
 
-impl std::fmt::Debug for SharedState {
+impl std::fmt::Debug for Redis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedState")
+        f.debug_struct("Redis")
             .field("location", &self.location)
             .field("up", &self.is_up())
             .finish()
     }
 }
 
-impl SharedState {
+impl Redis {
     /// Connects to `settings.url`, waiting at most one timeout. If Redis is not there yet the
     /// service still starts, degraded, and a probe keeps trying.
     pub async fn connect(
-        settings: &StateSettings,
+        settings: &RedisSettings,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, RedisError> {
         let client = Client::open(settings.url.expose_secret())?;
