@@ -3,17 +3,19 @@
 //! The whole application lives in this library so that `main.rs` stays a few lines and the
 //! integration tests start the very same thing (`Application::build`).
 
+// Public: what `main` and the integration tests use. The rest is the crate's own, so rustc
+// reports what nothing uses.
 pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;
-pub mod http;
+pub(crate) mod http;
 pub mod metrics;
-pub mod server;
+pub(crate) mod server;
 pub mod services;
 pub mod state;
-pub mod telemetry;
+pub(crate) mod telemetry;
 
 pub use app::Application;
 pub use config::Config;

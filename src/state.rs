@@ -20,14 +20,14 @@ use crate::services::usage::UsageStats;
 pub struct AppState(Arc<Services>);
 
 pub struct Services {
-    pub config: Config,
-    pub clock: Arc<dyn Clock>,
-    pub chat: Arc<ChatService>,
+    pub(crate) config: Config,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) chat: Arc<ChatService>,
     /// Rate limits (checked in the HTTP layer, per client address), refusal counts, budgets.
-    pub guardrails: Arc<Guardrails>,
+    pub(crate) guardrails: Arc<Guardrails>,
     /// For `/api/openai/info` and `/api/health` (which report the key without calling OpenAI).
     pub credentials: Arc<CredentialProvider>,
-    pub usage: Arc<UsageStats>,
+    pub(crate) usage: Arc<UsageStats>,
     pub sessions: Arc<Sessions>,
     pub papita: UsageReporter,
     pub session_log: SessionLog,

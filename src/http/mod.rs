@@ -34,8 +34,6 @@ use tower_http::trace::TraceLayer;
 use crate::config::{Config, LogFormat};
 use crate::state::AppState;
 
-pub use extract::parse_json;
-
 /// The application: every route under `/api` with its middleware.
 pub fn router(state: AppState) -> Router {
     let config = &state.config;

@@ -3,15 +3,15 @@
 //! application state. Outbound calls go through one client per remote: `openai` (with its
 //! transport) for OpenAI, `papita::PapitaClient` for Papita.
 
-pub mod bookkeeping;
-pub mod chat;
+pub(crate) mod bookkeeping;
+pub(crate) mod chat;
 pub mod credentials;
-pub mod guardrails;
-pub mod openai;
+pub(crate) mod guardrails;
+pub(crate) mod openai;
 pub mod papita;
 
 pub mod redis;
 pub mod session_log;
 pub mod sessions;
-pub mod upstream;
-pub mod usage;
+pub(crate) mod upstream;
+pub(crate) mod usage;

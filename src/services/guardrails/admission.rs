@@ -59,11 +59,6 @@ impl Admission {
             self.budgets.settle(reservation, actual).await;
         }
     }
-
-    /// The call used nothing (the upstream refused it, or it never left).
-    pub async fn release(self) {
-        self.settle(&TokenUsage::default()).await;
-    }
 }
 
 impl Drop for Admission {

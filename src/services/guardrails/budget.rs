@@ -216,11 +216,6 @@ impl Budgets {
         self.store.adjust(&changes).await;
     }
 
-    /// Gives the reservation back (the call used nothing).
-    pub async fn release(&self, reservation: Reservation) {
-        self.settle(reservation, &TokenUsage::default()).await;
-    }
-
     /// `budget` for `/api/openai/usage`, when any budget is set.
     pub async fn report(&self) -> Option<Value> {
         if !self.limits.any() {

@@ -16,7 +16,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct PapitaClient {
     http: reqwest::Client,
-    base: String,
     credentials_url: reqwest::Url,
     usage_url: reqwest::Url,
     /// Set for plain-HTTP URLs without a proxy: each reporter lane then keeps its own connection.
@@ -60,18 +59,12 @@ impl PapitaClient {
         let usage_url = url("/api/usage/log");
         Self {
             http,
-            base: settings.url.clone(),
             credentials_url: url("/api/credentials/global/openai"),
             usage_target: UsageTarget::for_url(&usage_url),
             usage_url,
             credentials_timeout: settings.credentials_timeout,
             usage_timeout: settings.usage_timeout,
         }
-    }
-
-    /// `PAPITA_API_URL`, as `/api/openai/info` reports it.
-    pub fn base_url(&self) -> &str {
-        &self.base
     }
 
     /// The OpenAI key Papita holds, if it answers one in time. Any failure (refused, timeout,

@@ -83,13 +83,6 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// One call's figures.
-    pub fn of(usage: &TokenUsage, cost: &Cost) -> Self {
-        let mut tally = Self::default();
-        tally.add(usage, cost);
-        tally
-    }
-
     fn add(&mut self, usage: &TokenUsage, cost: &Cost) {
         self.prompt += usage.prompt_tokens;
         self.completion += usage.completion_tokens;
@@ -269,30 +262,6 @@ impl MemoryUsageStore {
             out.push((UsageKind::Chat, Some(id.clone()), ledger.figures().rows));
         }
         out
-    }
-
-    /// Adds back a row `take` returned (it could not be handed on): into the ledger of `kind`, or
-    /// only into `session`'s when one is named.
-    pub fn put_back(&self, kind: UsageKind, session: Option<&str>, model: &str, tally: &Tally) {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let state = &mut *guard;
-        let ledger = match (kind, session) {
-            (UsageKind::Chat, Some(id)) => {
-                if !state.sessions.contains_key(id) && state.sessions.len() >= self.max_sessions {
-                    state.sessions.shift_remove_index(0);
-                }
-                state.sessions.entry(id.to_string()).or_default()
-            }
-            (UsageKind::Chat, None) => &mut state.all,
-            (UsageKind::Test, _) => &mut state.tests,
-            (UsageKind::Estimated, _) => &mut state.estimated,
-        };
-        let (slot, name) = ledger.slot_for(model);
-        match slot {
-            Some(slot) => ledger.by_model.entry(slot).or_default().merge(tally),
-            None => ledger.other.merge(tally),
-        }
-        ledger.latest_model = Some(name);
     }
 
     fn figures_now(&self, session_id: Option<&str>) -> Figures {
