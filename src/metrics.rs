@@ -7,6 +7,7 @@
 //! (tokens and cost by model, Papita records, guardrail refusals, session-log lines) are read at
 //! scrape time into a snapshot and written by a collector, so the hot path pays nothing twice.
 
+use std::sync::LazyLock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,23 +68,15 @@ pub struct Snapshot {
     pub shared_state: Option<(bool, u64, u64, u64)>,
 }
 
-/// Every route the router serves, as its `route` label.
-pub const ROUTES: &[&str] = &[
-    "/api/health",
-    "/api/ready",
-    "/api/chat",
-    "/api/session/start",
-    "/api/session/stop",
-    "/api/openai/info",
-    "/api/openai/test",
-    "/api/openai/usage",
-    "/metrics",
-    "/api/models",
-    "/api/dashboard",
-    "/dashboard",
-    "/playground",
-    "/assets/{file}",
-];
+/// Every documented route, as its `route` label: the paths of the OpenAPI document that the
+/// router is built from (`http::route_paths`), so a route gets its label where it is registered.
+/// The same for every application in the process; computed once.
+pub static ROUTES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    crate::http::route_paths()
+        .into_iter()
+        .map(|path| &*Box::leak(path.into_boxed_str()))
+        .collect()
+});
 
 /// The series of one route and method, looked up once at start-up: the common case (a 200 on a
 /// known route) then costs two atomic updates and no hashing.

@@ -3,12 +3,11 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use futures_util::{Stream, StreamExt};
 use serde_json::json;
 
@@ -20,12 +19,13 @@ use crate::http::guards::{ChatRoute, RateChecked};
 use crate::server::CutAt;
 use crate::services::chat::StreamEvent;
 use crate::state::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 /// The header that names a chat's session; it wins over the body's `sessionId`.
 pub const SESSION_HEADER: &str = "X-Session-ID";
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/chat", post(post_chat))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(post_chat))
 }
 
 #[utoipa::path(post, path = "/api/chat", tag = "chat",

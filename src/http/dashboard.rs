@@ -2,9 +2,8 @@
 //! minute, the latest sessions, guardrail refusals, Papita and session-log health), in one
 //! answer so a refresh is two requests. Behind `ADMIN_TOKEN` when it is set.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use chrono::{Local, TimeZone};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -14,9 +13,10 @@ use crate::http::guards::AdminAccess;
 use crate::services::guardrails::RefusalCounts;
 use crate::services::sessions::RecentSession;
 use crate::state::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/dashboard", get(dashboard))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(dashboard))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -2,21 +2,21 @@
 //! credentials. `GET /api/ready` (contract §11, 2026-11 amendment): readiness; 503 while the
 //! session log folder cannot be written, since session start and stop would then fail.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::clock::timestamp;
 use crate::http::guards::AdminView;
 use crate::state::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/health", get(health))
-        .route("/api/ready", get(ready))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
 }
 
 #[utoipa::path(get, path = "/api/ready", tag = "health",

@@ -1,15 +1,15 @@
 //! `GET /api/models`: the models a chat may ask for and their prices (the playground's model
 //! picker and its cost per reply).
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::state::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/models", get(models))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(models))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

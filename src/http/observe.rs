@@ -6,20 +6,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::Router;
 use axum::extract::{MatchedPath, State};
 use axum::http::{Method, Request, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use tower::{Layer, Service};
 
 use crate::http::error::ApiError;
 use crate::http::guards::AdminAccess;
 use crate::metrics::{HttpLabels, Metrics, ROUTES, RouteLabels, Snapshot};
 use crate::state::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(scrape))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(scrape))
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
@@ -115,12 +114,20 @@ fn label_value(value: &str) -> String {
 
 /// The route's index in `ROUTES` and its label (`unmatched` when no route matched).
 fn route_label(path: Option<&MatchedPath>) -> (Option<usize>, &'static str) {
-    match path {
-        Some(path) => match ROUTES.iter().position(|r| *r == path.as_str()) {
-            Some(i) => (Some(i), ROUTES[i]),
-            None => (None, "other"),
-        },
-        None => (None, "unmatched"),
+    let Some(path) = path.map(MatchedPath::as_str) else {
+        return (None, "unmatched");
+    };
+    // The documented route itself, or one below it that serves its parts (`/docs` serves
+    // `/docs/` and `/docs/{*rest}` for Swagger UI's files).
+    let index = ROUTES.iter().position(|r| *r == path).or_else(|| {
+        ROUTES.iter().position(|r| {
+            path.strip_prefix(r)
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+    });
+    match index {
+        Some(i) => (Some(i), ROUTES[i]),
+        None => (None, "other"),
     }
 }
 

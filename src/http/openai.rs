@@ -1,10 +1,9 @@
 //! `GET /api/openai/info`, `/api/openai/test` (contract §5) and `/api/openai/usage` (§8).
 
+use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -16,12 +15,13 @@ use crate::services::chat::{ChatError, ReplyUsage};
 use crate::services::credentials::Credentials;
 use crate::services::guardrails::Limited;
 use crate::state::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/openai/info", get(info))
-        .route("/api/openai/test", get(test))
-        .route("/api/openai/usage", get(usage))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(info))
+        .routes(routes!(test))
+        .routes(routes!(usage))
 }
 
 #[utoipa::path(get, path = "/api/openai/info", tag = "openai",

@@ -146,24 +146,9 @@ pub struct UsageAnswer {
         title = "AL-Chat backend",
         description = "The chat feature's HTTP API (drop-in for the Flask service). Every error is JSON: {\"error\": ...}. See Docs/API.md.",
     ),
-    paths(
-        super::health::health,
-        super::health::ready,
-        super::chat::post_chat,
-        super::session::start,
-        super::session::stop,
-        super::openai::info,
-        super::openai::test,
-        super::openai::usage,
-        super::observe::scrape,
-        super::models::models,
-        super::dashboard::dashboard,
-        super::pages::dashboard,
-        super::pages::playground,
-        super::pages::asset,
-        openapi_json,
-        docs_page,
-    ),
+    // The routes are added where they are registered (`http::api`); these two are served by
+    // `SwaggerUi` below, so they are documented here, next to it.
+    paths(openapi_json, docs_page),
     components(schemas(ErrorBody))
 )]
 pub struct ApiDoc;
@@ -174,9 +159,7 @@ pub struct ApiDoc;
     path = "/api/openapi.json",
     responses((status = 200, description = "This OpenAPI 3.1 document", content_type = "application/json"))
 )]
-async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
-    axum::Json(ApiDoc::openapi())
-}
+async fn openapi_json() {}
 
 /// The Swagger UI page (served by `SwaggerUi`, documented here).
 #[utoipa::path(
@@ -186,9 +169,10 @@ async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
 )]
 async fn docs_page() {}
 
-pub fn router() -> Router<AppState> {
+/// `/docs` and `/api/openapi.json`, serving `document` (the whole API's, from `http::api`).
+pub fn router(document: utoipa::openapi::OpenApi) -> Router<AppState> {
     let ui: Router<AppState> = SwaggerUi::new("/docs")
-        .url("/api/openapi.json", ApiDoc::openapi())
+        .url("/api/openapi.json", document)
         .into();
     ui
 }

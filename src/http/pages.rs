@@ -5,20 +5,19 @@
 //! Content-Security-Policy (`script-src 'self'`): an admin token kept in the tab is not one
 //! injected script away from leaking.
 
-use axum::Router;
 use axum::extract::Path;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 
 use crate::http::error::ApiError;
 use crate::state::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/dashboard", get(dashboard))
-        .route("/playground", get(playground))
-        .route("/assets/{file}", get(asset))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(dashboard))
+        .routes(routes!(playground))
+        .routes(routes!(asset))
 }
 
 /// (file name, content type, contents).

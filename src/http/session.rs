@@ -1,8 +1,7 @@
 //! `POST /api/session/start` and `/api/session/stop` (contract §7).
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::post;
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -12,11 +11,12 @@ use crate::http::error::{ApiError, Result};
 use crate::http::extract::JsonBody;
 use crate::http::guards::{RateChecked, SessionRoute};
 use crate::state::AppState;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/session/start", post(start))
-        .route("/api/session/stop", post(stop))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(start))
+        .routes(routes!(stop))
 }
 
 /// The body is ignored, as before.
