@@ -9,11 +9,10 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
-use serde_json::json;
 
 use crate::domain::session_id::SessionHeader;
 use crate::domain::{ChatBody, ChatRequest};
-use crate::http::error::{ApiError, Result};
+use crate::http::error::{ApiError, ErrorBody, Result};
 use crate::http::extract::JsonBody;
 use crate::http::guards::{ChatRoute, RateChecked};
 use crate::server::CutAt;
@@ -37,15 +36,15 @@ pub fn router() -> OpenApiRouter<AppState> {
                 (crate::services::chat::ChatReply = "application/json"),
                 (String = "text/event-stream"),
             )),
-        (status = 400, description = "Bad input, a model off the allow-list, or OpenAI refused the request", body = super::openapi::ErrorBody),
-        (status = 401, description = "OpenAI rejected the key", body = super::openapi::ErrorBody),
-        (status = 408, description = "The body or the answer took too long", body = super::openapi::ErrorBody),
-        (status = 413, description = "Body or input too large", body = super::openapi::ErrorBody),
-        (status = 415, description = "Not JSON", body = super::openapi::ErrorBody),
-        (status = 429, description = "Rate limit, budget, or OpenAI's rate limit (Retry-After)", body = super::openapi::ErrorBody),
-        (status = 502, description = "OpenAI failed", body = super::openapi::ErrorBody),
-        (status = 503, description = "No OpenAI key configured", body = super::openapi::ErrorBody),
-        (status = 504, description = "OpenAI too slow", body = super::openapi::ErrorBody),
+        (status = 400, description = "Bad input, a model off the allow-list, or OpenAI refused the request", body = super::error::ErrorBody),
+        (status = 401, description = "OpenAI rejected the key", body = super::error::ErrorBody),
+        (status = 408, description = "The body or the answer took too long", body = super::error::ErrorBody),
+        (status = 413, description = "Body or input too large", body = super::error::ErrorBody),
+        (status = 415, description = "Not JSON", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limit, budget, or OpenAI's rate limit (Retry-After)", body = super::error::ErrorBody),
+        (status = 502, description = "OpenAI failed", body = super::error::ErrorBody),
+        (status = 503, description = "No OpenAI key configured", body = super::error::ErrorBody),
+        (status = 504, description = "OpenAI too slow", body = super::error::ErrorBody),
     ))]
 pub(super) async fn post_chat(
     State(state): State<AppState>,
@@ -124,11 +123,26 @@ fn event_stream(events: impl Stream<Item = Event> + Send + 'static, state: &AppS
     response
 }
 
+/// A `delta` event's data.
+#[derive(serde::Serialize)]
+struct Delta<'a> {
+    content: &'a str,
+}
+
 fn sse_event(event: StreamEvent) -> Event {
     let (name, data) = match event {
-        StreamEvent::Delta(content) => ("delta", json!({ "content": content })),
-        StreamEvent::Done(reply) => ("done", json!(reply)),
-        StreamEvent::Error(error) => ("error", json!({ "error": error })),
+        StreamEvent::Delta(content) => {
+            ("delta", serde_json::to_string(&Delta { content: &content }))
+        }
+        StreamEvent::Done(reply) => ("done", serde_json::to_string(&reply)),
+        StreamEvent::Error(error) => (
+            "error",
+            serde_json::to_string(&ErrorBody {
+                error,
+                details: None,
+            }),
+        ),
     };
-    Event::default().event(name).data(data.to_string())
+    // Serializing strings and numbers cannot fail.
+    Event::default().event(name).data(data.unwrap_or_default())
 }

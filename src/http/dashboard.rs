@@ -50,7 +50,7 @@ pub struct DashboardAnswer {
 #[utoipa::path(get, path = "/api/dashboard", tag = "operations",
     responses(
         (status = 200, description = "The dashboard's figures", body = DashboardAnswer),
-        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = super::openapi::ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = super::error::ErrorBody),
     ))]
 pub(super) async fn dashboard(_admin: AdminAccess, State(state): State<AppState>) -> Json<Value> {
     let now = state.clock.now();

@@ -5,7 +5,6 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::domain::InputError;
 use crate::services::chat::{ChatError, NOT_CONFIGURED};
@@ -18,6 +17,21 @@ const INVALID_KEY: &str =
 const INVALID_KEY_DETAILS: &str = "The OpenAI API key is invalid or expired. If using Papita API, ensure it's running and has valid credentials.";
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+/// `{"error": "a sentence saying what to do", "details"?: "..."}`: every error, every status.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<String>,
+}
+
+impl std::fmt::Display for ErrorBody {
+    /// As JSON (an SSE `error` event's data, a body written by hand).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_json::to_string(self).map_err(|_| std::fmt::Error)?)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -129,15 +143,19 @@ impl ApiError {
     }
 
     /// The JSON body: `error` always, `details` where the contract has one.
-    pub fn body(&self) -> serde_json::Value {
+    pub fn body(&self) -> ErrorBody {
         match self {
             Self::Upstream(UpstreamError {
                 kind: UpstreamKind::Unauthorized,
                 ..
-            }) => {
-                json!({ "error": INVALID_KEY, "details": INVALID_KEY_DETAILS })
-            }
-            other => json!({ "error": other.to_string() }),
+            }) => ErrorBody {
+                error: INVALID_KEY.into(),
+                details: Some(INVALID_KEY_DETAILS.into()),
+            },
+            other => ErrorBody {
+                error: other.to_string(),
+                details: None,
+            },
         }
     }
 }
@@ -228,7 +246,7 @@ mod tests {
             UpstreamKind::Rejected,
             "model not found",
         ));
-        assert_eq!(e.body()["error"], "OpenAI API error: model not found");
+        assert_eq!(e.body().error, "OpenAI API error: model not found");
     }
 
     #[test]

@@ -8,6 +8,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use serde::Serialize;
+use utoipa::ToSchema;
+
 use crate::clock::timestamp;
 use crate::http::guards::AdminView;
 use crate::state::AppState;
@@ -22,7 +25,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/api/ready", tag = "health",
     responses(
         (status = 200, description = "Ready: the session log folder takes writes and has LOG_MIN_FREE_MB free. With ADMIN_TOKEN set, callers without it see only the statuses (no paths, hosts or reasons)", body = super::openapi::ReadyAnswer),
-        (status = 503, description = "Not ready, saying what is wrong", body = super::openapi::ErrorBody),
+        (status = 503, description = "Not ready, saying what is wrong", body = super::error::ErrorBody),
     ))]
 pub(super) async fn ready(State(state): State<AppState>, AdminView(full): AdminView) -> Response {
     let dir = state.session_log.dir().display().to_string();
@@ -108,15 +111,26 @@ pub(super) fn papita_check(state: &AppState) -> Value {
 }
 
 #[utoipa::path(get, path = "/api/health", tag = "health",
-    responses((status = 200, description = "Alive", body = super::openapi::HealthAnswer)))]
-pub(super) async fn health(State(state): State<AppState>) -> Json<Value> {
+    responses((status = 200, description = "Alive", body = HealthAnswer)))]
+pub(super) async fn health(State(state): State<AppState>) -> Json<HealthAnswer> {
     let configured = state
         .credentials
         .peek()
         .is_some_and(|c| c.usable_key().is_some());
-    Json(json!({
-        "status": "healthy",
-        "timestamp": timestamp(&state.clock.now()),
-        "openai_configured": configured,
-    }))
+    Json(HealthAnswer {
+        status: "healthy",
+        timestamp: timestamp(&state.clock.now()),
+        openai_configured: configured,
+    })
+}
+
+/// `GET /api/health`'s answer (contract §4).
+#[derive(Serialize, ToSchema)]
+pub struct HealthAnswer {
+    /// Always `healthy`.
+    pub status: &'static str,
+    /// Local time, ISO 8601 with microseconds, no offset.
+    pub timestamp: String,
+    /// A usable key is known (from Papita or `OPENAI_API_KEY`).
+    pub openai_configured: bool,
 }

@@ -24,8 +24,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses(
         (status = 200, description = "Prometheus text format (Docs/OBSERVABILITY.md)", content_type = "text/plain", body = String),
-        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = super::openapi::ErrorBody),
-        (status = 404, description = "METRICS_ENABLED=false", body = super::openapi::ErrorBody),
+        (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = super::error::ErrorBody),
+        (status = 404, description = "METRICS_ENABLED=false", body = super::error::ErrorBody),
     ))]
 pub(super) async fn scrape(_admin: AdminAccess, State(state): State<AppState>) -> Response {
     if !state.config.metrics_enabled {

@@ -3,8 +3,11 @@
 //! served from assets built into the binary (utoipa-swagger-ui's vendored copy: no CDN, no
 //! download at build time).
 //!
-//! Most answers are built with `serde_json::json!`, so their shapes are written here as schema
-//! types, next to the one test that keeps the document and the router in step.
+//! Documented answers are typed structs next to their handlers (`Serialize` + `ToSchema`), and
+//! every route is registered once (`http::api`). What remains here, for the document only, is
+//! still built elsewhere as JSON: the readiness checks, the usage report (built by the usage
+//! service) and the chat body (parsed by the domain's own types). Moving those is listed in
+//! CodeReview/issue-25-one-place.md.
 
 #![allow(dead_code)] // the types below exist for the document only
 
@@ -15,25 +18,8 @@ use serde_json::Value;
 use utoipa::{OpenApi, ToSchema};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::services::chat::ReplyUsage;
 use crate::services::usage::ModelUsage;
 use crate::state::AppState;
-
-/// `{"error": "a sentence saying what to do", "details"?: "..."}`: every error, every status.
-#[derive(ToSchema)]
-pub struct ErrorBody {
-    pub error: String,
-    pub details: Option<String>,
-}
-
-#[derive(ToSchema)]
-pub struct HealthAnswer {
-    /// Always `healthy`.
-    pub status: String,
-    /// Local time, ISO 8601 with microseconds, no offset.
-    pub timestamp: String,
-    pub openai_configured: bool,
-}
 
 #[derive(ToSchema)]
 pub struct ReadyAnswer {
@@ -76,48 +62,6 @@ pub struct ChatRequestBody {
 }
 
 #[derive(ToSchema)]
-pub struct SessionStarted {
-    pub session_id: String,
-    pub timestamp: String,
-}
-
-#[derive(ToSchema)]
-pub struct StopBody {
-    pub session_id: Option<String>,
-    /// Any JSON object.
-    pub metrics: Option<BTreeMap<String, Value>>,
-}
-
-#[derive(ToSchema)]
-pub struct SessionStopped {
-    /// `stopped`.
-    pub status: String,
-    pub timestamp: String,
-    pub duration_seconds: Option<f64>,
-}
-
-#[derive(ToSchema)]
-pub struct InfoAnswer {
-    pub model: Option<String>,
-    pub credentials_valid: Option<bool>,
-    /// Set when not configured: why.
-    pub error: Option<String>,
-    pub credentials_info: Value,
-    pub base_url: String,
-}
-
-#[derive(ToSchema)]
-pub struct TestAnswer {
-    /// `success` or `error`.
-    pub status: String,
-    pub message: String,
-    pub test_response: Option<String>,
-    pub model: Option<String>,
-    pub usage: Option<ReplyUsage>,
-    pub info: Option<Value>,
-}
-
-#[derive(ToSchema)]
 pub struct UsageAnswer {
     pub total_prompt_tokens: u64,
     pub total_completion_tokens: u64,
@@ -149,7 +93,7 @@ pub struct UsageAnswer {
     // The routes are added where they are registered (`http::api`); these two are served by
     // `SwaggerUi` below, so they are documented here, next to it.
     paths(openapi_json, docs_page),
-    components(schemas(ErrorBody))
+    components(schemas(super::error::ErrorBody))
 )]
 pub struct ApiDoc;
 

@@ -99,7 +99,7 @@ pub(super) async fn playground() -> Response {
             (String = "text/javascript"),
             (String = "text/css"),
         )),
-        (status = 404, description = "No such asset", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such asset", body = super::error::ErrorBody),
     ))]
 pub(super) async fn asset(Path(file): Path<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {

@@ -2,8 +2,9 @@
 
 use axum::Json;
 use axum::extract::State;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use crate::domain::identifier::check_optional;
 use crate::domain::session_id::client_session_id;
@@ -22,46 +23,66 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// The body is ignored, as before.
 #[utoipa::path(post, path = "/api/session/start", tag = "sessions",
     responses(
-        (status = 200, description = "Started; its line is on disk", body = super::openapi::SessionStarted),
-        (status = 429, description = "RATE_LIMIT_SESSION_PER_MIN (Retry-After)", body = super::openapi::ErrorBody),
-        (status = 500, description = "The session log cannot be written", body = super::openapi::ErrorBody),
-        (status = 507, description = "The log folder's disk is nearly full (LOG_MIN_FREE_MB); nothing was written", body = super::openapi::ErrorBody),
+        (status = 200, description = "Started; its line is on disk", body = SessionStarted),
+        (status = 429, description = "RATE_LIMIT_SESSION_PER_MIN (Retry-After)", body = super::error::ErrorBody),
+        (status = 500, description = "The session log cannot be written", body = super::error::ErrorBody),
+        (status = 507, description = "The log folder's disk is nearly full (LOG_MIN_FREE_MB); nothing was written", body = super::error::ErrorBody),
     ))]
 pub(super) async fn start(
     State(state): State<AppState>,
     _rate: RateChecked<SessionRoute>,
-) -> Result<Json<Value>> {
+) -> Result<Json<SessionStarted>> {
     let started = state.sessions.start().await?;
-    Ok(Json(
-        json!({ "session_id": started.session_id, "timestamp": started.timestamp }),
-    ))
+    Ok(Json(SessionStarted {
+        session_id: started.session_id,
+        timestamp: started.timestamp,
+    }))
 }
 
-#[derive(Deserialize)]
+/// `POST /api/session/start`'s answer.
+#[derive(Serialize, ToSchema)]
+pub struct SessionStarted {
+    pub session_id: String,
+    pub timestamp: String,
+}
+
+/// `POST /api/session/stop`'s body: what is parsed is what the document describes.
+#[derive(Deserialize, ToSchema)]
 pub(super) struct StopBody {
     #[serde(default)]
     session_id: Option<String>,
     /// Any JSON object; `null` or missing is `{}`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     metrics: Option<Map<String, Value>>,
 }
 
+/// `POST /api/session/stop`'s answer.
+#[derive(Serialize, ToSchema)]
+pub struct SessionStopped {
+    /// `stopped`.
+    pub status: &'static str,
+    pub timestamp: String,
+    /// Seconds since the session's start; `null` when its start is unknown.
+    pub duration_seconds: Option<f64>,
+}
+
 #[utoipa::path(post, path = "/api/session/stop", tag = "sessions",
-    request_body(content = Option<super::openapi::StopBody>, description = "Without session_id: the latest session"),
+    request_body(content = Option<StopBody>, description = "Without session_id: the latest session"),
     responses(
-        (status = 200, description = "Stopped (or saved); its line is on disk", body = super::openapi::SessionStopped),
-        (status = 400, description = "No session to stop, metrics not an object, or a session_id over 128 bytes or with control characters", body = super::openapi::ErrorBody),
-        (status = 413, description = "metrics larger than SESSION_METRICS_MAX_BYTES as JSON; nothing was written", body = super::openapi::ErrorBody),
-        (status = 415, description = "Not JSON", body = super::openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMIT_SESSION_PER_MIN (Retry-After)", body = super::openapi::ErrorBody),
-        (status = 500, description = "The session log cannot be written", body = super::openapi::ErrorBody),
-        (status = 507, description = "The log folder's disk is nearly full (LOG_MIN_FREE_MB); nothing was written", body = super::openapi::ErrorBody),
+        (status = 200, description = "Stopped (or saved); its line is on disk", body = SessionStopped),
+        (status = 400, description = "No session to stop, metrics not an object, or a session_id over 128 bytes or with control characters", body = super::error::ErrorBody),
+        (status = 413, description = "metrics larger than SESSION_METRICS_MAX_BYTES as JSON; nothing was written", body = super::error::ErrorBody),
+        (status = 415, description = "Not JSON", body = super::error::ErrorBody),
+        (status = 429, description = "RATE_LIMIT_SESSION_PER_MIN (Retry-After)", body = super::error::ErrorBody),
+        (status = 500, description = "The session log cannot be written", body = super::error::ErrorBody),
+        (status = 507, description = "The log folder's disk is nearly full (LOG_MIN_FREE_MB); nothing was written", body = super::error::ErrorBody),
     ))]
 pub(super) async fn stop(
     State(state): State<AppState>,
     _rate: RateChecked<SessionRoute>,
     JsonBody(body): JsonBody<StopBody>,
-) -> Result<Json<Value>> {
+) -> Result<Json<SessionStopped>> {
     check_optional("session_id", body.session_id.as_deref())?;
     let session_id = client_session_id(body.session_id.as_deref());
     let metrics = body.metrics.unwrap_or_default();
@@ -74,11 +95,11 @@ pub(super) async fn stop(
         )));
     }
     let stopped = state.sessions.stop(session_id, metrics).await?;
-    Ok(Json(json!({
-        "status": "stopped",
-        "timestamp": stopped.timestamp,
-        "duration_seconds": stopped.duration_seconds,
-    })))
+    Ok(Json(SessionStopped {
+        status: "stopped",
+        timestamp: stopped.timestamp,
+        duration_seconds: stopped.duration_seconds,
+    }))
 }
 
 /// The length of `value` as compact JSON, without building the text.
