@@ -110,6 +110,8 @@ impl Application {
             entries::project_init(&clock.now()),
             metrics.session_log.clone(),
             config.log_min_free_bytes,
+            &background,
+            stop_background.clone(),
         )
         .map_err(StartupError::SessionLog)?;
 
@@ -119,6 +121,7 @@ impl Application {
             &config,
             papita.clone(),
             metrics.credential_resolutions.clone(),
+            background.clone(),
         ));
         // Resolve the key now, in the background, so health soon tells the truth.
         credentials.peek();
@@ -134,7 +137,7 @@ impl Application {
         // STATE_URL: the shared stores on Redis, each falling back to its in-process twin.
         let redis = match &config.redis {
             Some(settings) => Some(
-                Redis::connect(settings, stop_background.clone())
+                Redis::connect(settings, stop_background.clone(), background.clone())
                     .await
                     .map_err(StartupError::StateUrl)?,
             ),
@@ -306,6 +309,15 @@ impl Application {
             {
                 tracing::error!("Papita usage records could not all be spooled in time");
             }
+        }
+        // Every background task has ended (or the budget is spent): the writer thread writes
+        // what the last ones queued, syncs, and is joined.
+        let close_by = deadline.max(tokio::time::Instant::now() + SESSION_LOG_FLUSH_MIN);
+        if tokio::time::timeout_at(close_by, self.state.session_log.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("the session log writer did not finish in time");
         }
         let papita = self.state.papita.snapshot();
         tracing::info!(

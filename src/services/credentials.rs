@@ -14,6 +14,7 @@ use secrecy::ExposeSecret;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -89,6 +90,8 @@ pub struct CredentialProvider {
     resolving: tokio::sync::Mutex<()>,
     background_refresh: AtomicBool,
     resolutions: Family<CredentialLabels, Counter>,
+    /// Where background refreshes run: the application's tracked tasks.
+    tasks: TaskTracker,
 }
 
 impl CredentialProvider {
@@ -96,8 +99,10 @@ impl CredentialProvider {
         config: &Config,
         papita: PapitaClient,
         resolutions: Family<CredentialLabels, Counter>,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
+            tasks,
             papita,
             env_key: config
                 .openai
@@ -161,7 +166,7 @@ impl CredentialProvider {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             this.resolve_single_flight(None).await;
             this.background_refresh.store(false, Ordering::Release);
         });

@@ -86,3 +86,39 @@ async fn run_until_stopped_returns_after_the_grace_period_despite_a_hanging_requ
     // then end with the process (binary::sigterm_with_a_hanging_request_exits_within_the_grace).
     hanging.abort();
 }
+
+/// Shutdown ends with the session log: what was queued is written and synced, then the writer
+/// thread is joined (one path with the background tasks). A line handed over afterwards is
+/// refused, not silently kept in a queue nobody drains.
+#[tokio::test]
+async fn shutdown_writes_the_session_log_and_joins_its_writer() {
+    let mut app = spawn_app().await;
+    let id = app.start_session_id().await;
+    let reply = app
+        .client
+        .post(format!("{}/api/chat", app.url))
+        .header("X-Session-ID", &id)
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    app.shutdown().await;
+    let today = chrono::Local::now().format("%Y-%m-%d").to_string();
+    let lines = app.log_lines(&today);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["session_id"] == id.as_str() && l["metric_name"] == "chat_usage"),
+        "{lines:?}"
+    );
+    let late = app
+        .state
+        .session_log
+        .append_durable(al_chat::services::session_log::entries::session_start(
+            "session_late",
+            &chrono::Local::now(),
+        ))
+        .await;
+    assert!(late.is_err(), "the writer has ended");
+}

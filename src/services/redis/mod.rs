@@ -26,6 +26,7 @@ use redis::aio::ConnectionManager;
 use redis::{Client, FromRedisValue, RedisError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use budget::RedisBudgetStore;
 pub use rate::RedisRateLimits;
@@ -69,6 +70,8 @@ pub struct Redis {
     /// `true` while up; stores that buffered work while Redis was down watch it to flush.
     up_tx: watch::Sender<bool>,
     stop: CancellationToken,
+    /// Where the probe runs: the application's tracked tasks.
+    tasks: TaskTracker,
     pub stats: SharedStats,
     /// The URL without its password, for logs and readiness.
     pub location: String,
@@ -89,6 +92,7 @@ impl Redis {
     pub async fn connect(
         settings: &RedisSettings,
         stop: CancellationToken,
+        tasks: TaskTracker,
     ) -> Result<Arc<Self>, RedisError> {
         let client = Client::open(settings.url.expose_secret())?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -110,6 +114,7 @@ impl Redis {
             slow_in_a_row: std::sync::atomic::AtomicU32::new(0),
             up_tx,
             stop,
+            tasks,
             stats: SharedStats::default(),
             location: without_credentials(settings.url.expose_secret()),
         });
@@ -231,7 +236,7 @@ impl Redis {
         }
         let this = Arc::downgrade(self);
         let stop = self.stop.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,

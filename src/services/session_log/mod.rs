@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::NaiveDateTime;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics::SessionLogMetrics;
 pub use line::Line;
@@ -41,6 +43,8 @@ enum Command {
     },
     /// Answered once everything queued before it has been handled.
     Flush(oneshot::Sender<()>),
+    /// As `Flush`, then the writer thread ends (shutdown).
+    Close(oneshot::Sender<()>),
     /// Write what the background buffer holds.
     Tick,
 }
@@ -61,6 +65,8 @@ pub struct SessionLog {
     /// `LOG_MIN_FREE_MB` in bytes, and the session writes refused for want of it.
     min_free: u64,
     refused_low_disk: Arc<AtomicU64>,
+    /// The writer thread, joined by `close`.
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// The log folder's file system has less free space than `LOG_MIN_FREE_MB`.
@@ -88,12 +94,15 @@ impl SessionLog {
     /// `init` (the `project_init` line) is written first; if the folder is not writable yet, it
     /// is written with the first batch that succeeds.
     /// The writer records its fsync latency and batch sizes in `metrics`.
+    /// The ticker runs on `tasks` until `stop`; `close` joins the writer thread.
     pub fn start(
         dir: PathBuf,
         capacity: usize,
         init: Line,
         metrics: SessionLogMetrics,
         min_free: u64,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(capacity);
         let syncs = Arc::new(AtomicU64::new(0));
@@ -103,15 +112,19 @@ impl SessionLog {
             .with_init(init)
             .with_written(written.clone())
             .with_metrics(metrics);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("session-log".into())
             .spawn(move || writer.run(rx))?;
-        // The ticker holds only a weak sender, so it ends when the log is dropped.
+        // The ticker ends at shutdown (the last flush takes what is left), or when the log is
+        // dropped (it holds only a weak sender).
         let (weak, pending) = (tx.downgrade(), backlog.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut every = tokio::time::interval(BACKGROUND_EVERY);
             loop {
-                every.tick().await;
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = every.tick() => {}
+                }
                 let Some(tx) = weak.upgrade() else { break };
                 let waiting = !pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
                 if waiting {
@@ -129,7 +142,21 @@ impl SessionLog {
             written,
             min_free,
             refused_low_disk: Arc::default(),
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
+    }
+
+    /// Writes everything queued, makes it durable, ends the writer thread and waits for it
+    /// (shutdown). Appends after this fail.
+    pub async fn close(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Command::Close(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 
     /// Free bytes for an unprivileged writer on the log folder's file system (the folder, or

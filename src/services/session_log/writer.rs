@@ -82,6 +82,7 @@ impl Writer {
             let mut flushes = Vec::new();
             let mut next = Some(first);
             let mut taken = 0;
+            let mut closing = false;
             while let Some(command) = next.take() {
                 taken += 1;
                 match command {
@@ -91,9 +92,13 @@ impl Writer {
                         add(&mut groups, line, ack);
                     }
                     Command::Flush(ack) => flushes.push(ack),
+                    Command::Close(ack) => {
+                        flushes.push(ack);
+                        closing = true;
+                    }
                     Command::Tick => {}
                 }
-                if taken < MAX_BATCH {
+                if taken < MAX_BATCH && !closing {
                     next = rx.try_recv().ok();
                 }
             }
@@ -134,6 +139,9 @@ impl Writer {
             }
             for ack in flushes {
                 let _ = ack.send(());
+            }
+            if closing {
+                return;
             }
         }
     }
