@@ -7,8 +7,10 @@ use crate::domain::identifier::check_optional;
 use crate::domain::input_error::InputError;
 use crate::domain::session_id::{SessionHeader, client_session_id, header_session_id};
 
-/// The request body. Unknown fields are ignored; `null` counts as absent.
-#[derive(Debug, Default, Deserialize)]
+/// The request body. Unknown fields are ignored; `null` counts as absent. Every field is
+/// optional, but a message or a file is required. (Also its OpenAPI schema: what is parsed is
+/// what is documented.)
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct ChatBody {
     #[serde(default)]
     pub message: Option<String>,
@@ -28,18 +30,19 @@ pub struct ChatBody {
     pub is_guest: Option<bool>,
     #[serde(default, rename = "sessionId")]
     pub session_id: Option<String>,
+    /// `true`: server-sent events (`delta` events, then one `done` or `error`).
     #[serde(default)]
     pub stream: Option<bool>,
 }
 
 /// One earlier turn; extra fields (timestamps, ids) are dropped.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, utoipa::ToSchema)]
 pub struct HistoryItem {
     pub role: Role,
     pub content: String,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, utoipa::ToSchema)]
 pub struct AttachedFile {
     pub name: Option<String>,
     pub content: Option<String>,
@@ -99,7 +102,7 @@ impl<'de> Deserialize<'de> for AttachedFile {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,

@@ -28,7 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 #[utoipa::path(post, path = "/api/chat", tag = "chat",
-    request_body(content = Option<super::openapi::ChatRequestBody>, description = "The chat; an empty body counts as {}"),
+    request_body(content = Option<ChatBody>, description = "The chat; an empty body counts as {}"),
     params(("X-Session-ID" = Option<String>, Header, description = "The session this chat belongs to (wins over sessionId)")),
     responses(
         (status = 200, description = "The reply (JSON), or with \"stream\": true server-sent events: `delta` {content}, then one `done` (this object) or `error` {error}",

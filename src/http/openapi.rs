@@ -5,9 +5,9 @@
 //!
 //! Documented answers are typed structs next to their handlers (`Serialize` + `ToSchema`), and
 //! every route is registered once (`http::api`). What remains here, for the document only, is
-//! still built elsewhere as JSON: the readiness checks, the usage report (built by the usage
-//! service) and the chat body (parsed by the domain's own types). Moving those is listed in
-//! CodeReview/issue-25-one-place.md.
+//! still built elsewhere as JSON: the readiness checks and the usage report (built by the usage
+//! service). Moving those is listed in CodeReview/issue-25-one-place.md. (The chat body's schema
+//! is the domain's `ChatBody` itself.)
 
 #![allow(dead_code)] // the types below exist for the document only
 
@@ -28,37 +28,6 @@ pub struct ReadyAnswer {
     pub timestamp: String,
     /// `session_log` and `papita` (see Docs/API.md).
     pub checks: Value,
-}
-
-#[derive(ToSchema)]
-pub struct HistoryItem {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    pub content: String,
-}
-
-#[derive(ToSchema)]
-pub struct AttachedFile {
-    pub name: Option<String>,
-    pub content: Option<String>,
-}
-
-/// Every field is optional, but a message or a file is required.
-#[derive(ToSchema)]
-pub struct ChatRequestBody {
-    pub message: Option<String>,
-    pub history: Option<Vec<HistoryItem>>,
-    pub attached_files: Option<Vec<AttachedFile>>,
-    pub attached_content: Option<String>,
-    pub attached_filename: Option<String>,
-    pub model: Option<String>,
-    pub username: Option<String>,
-    #[schema(rename = "isGuest")]
-    pub is_guest: Option<bool>,
-    #[schema(rename = "sessionId")]
-    pub session_id: Option<String>,
-    /// `true`: server-sent events (`delta` events, then one `done` or `error`).
-    pub stream: Option<bool>,
 }
 
 #[derive(ToSchema)]
