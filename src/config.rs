@@ -632,11 +632,6 @@ fn read_env_file(path: &Path, explicit: bool) -> Result<HashMap<String, String>,
 
 /// `OPENAI_*` and the stream settings.
 fn openai_settings(src: &Source) -> Result<OpenAiSettings, ConfigError> {
-    let base_url = src
-        .string("OPENAI_BASE_URL")
-        .trim_end_matches('/')
-        .to_string();
-    check_http_url("OPENAI_BASE_URL", &base_url)?;
     Ok(OpenAiSettings {
         api_key: src
             .raw("OPENAI_API_KEY")
@@ -644,7 +639,7 @@ fn openai_settings(src: &Source) -> Result<OpenAiSettings, ConfigError> {
             .filter(|k| !k.is_empty() && k != KEY_PLACEHOLDER)
             .map(SecretString::from),
         model: src.string("OPENAI_MODEL"),
-        base_url,
+        base_url: src.http_url("OPENAI_BASE_URL")?,
         timeout: src.secs("OPENAI_TIMEOUT_SECS")?,
         connect_timeout: src.secs("OPENAI_CONNECT_TIMEOUT_SECS")?,
         max_retries: src.parse("OPENAI_MAX_RETRIES")?,
@@ -666,13 +661,8 @@ fn openai_settings(src: &Source) -> Result<OpenAiSettings, ConfigError> {
 
 /// `PAPITA_*`: credentials and usage records.
 fn papita_settings(src: &Source) -> Result<PapitaSettings, ConfigError> {
-    let url = src
-        .string("PAPITA_API_URL")
-        .trim_end_matches('/')
-        .to_string();
-    check_http_url("PAPITA_API_URL", &url)?;
     Ok(PapitaSettings {
-        url,
+        url: src.http_url("PAPITA_API_URL")?,
         credentials_timeout: Duration::from_millis(
             src.positive::<NonZeroU64>("PAPITA_CREDENTIALS_TIMEOUT_MS")?
                 .get(),
@@ -845,6 +835,13 @@ impl Source<'_> {
                 .map(String::from)
                 .collect()
         })
+    }
+
+    /// An `http://` or `https://` URL with a host, without its trailing `/`.
+    fn http_url(&self, name: &'static str) -> Result<String, ConfigError> {
+        let url = self.string(name).trim_end_matches('/').to_string();
+        check_http_url(name, &url)?;
+        Ok(url)
     }
 
     fn string(&self, name: &'static str) -> String {

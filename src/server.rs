@@ -213,11 +213,13 @@ async fn serve_connection(
     // After `stop`: until when a connection without a request in progress may still bring one.
     let mut draining_until: Option<Instant> = None;
     let mut closing = false;
+    // When the watchdog must act: while draining, a connection without a request in progress
+    // closes at the drain's end; otherwise the activity's own deadline (head, idle, stall, cut).
+    let due = |draining_until: Option<Instant>| match draining_until {
+        Some(until) if !activity.busy() => Some(until),
+        _ => activity.deadline(&limits),
+    };
     loop {
-        let deadline = match draining_until {
-            Some(until) if !activity.busy() => Some(until),
-            _ => activity.deadline(&limits),
-        };
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
@@ -225,14 +227,12 @@ async fn serve_connection(
                 }
                 return;
             }
-            () = sleep_until(deadline) => {
-                if draining_until.is_some_and(|until| !activity.busy() && Instant::now() >= until) {
-                    return;
-                }
-                if (draining_until.is_none() || activity.busy()) && activity.expired(&limits) {
+            () = sleep_until(due(draining_until)) => {
+                // Looked at again: a request may have begun or ended while it slept.
+                if due(draining_until).is_some_and(|at| Instant::now() >= at) {
                     if activity.busy() {
                         tracing::info!(%peer, "cutting a response the client stopped reading (SSE_WRITE_STALL_SECS) or that ran past its limit");
-                    } else {
+                    } else if draining_until.is_none() {
                         tracing::debug!(%peer, "closing a connection that was idle or too slow to send its request");
                     }
                     return;
@@ -370,11 +370,6 @@ impl Activity {
         } else {
             self.at(self.idle_since.load(Ordering::Acquire)) + limits.idle
         })
-    }
-
-    fn expired(&self, limits: &Limits) -> bool {
-        self.deadline(limits)
-            .is_some_and(|deadline| Instant::now() >= deadline)
     }
 }
 

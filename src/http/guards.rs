@@ -84,6 +84,12 @@ impl RateLimitedRoute for ChatRoute {
     const WHAT: Limited = Limited::Chat;
 }
 
+/// `/api/openai/test`.
+pub struct TestRoute;
+impl RateLimitedRoute for TestRoute {
+    const WHAT: Limited = Limited::Test;
+}
+
 /// `/api/session/start` and `/api/session/stop`, one allowance for both.
 pub struct SessionRoute;
 impl RateLimitedRoute for SessionRoute {
@@ -163,35 +169,27 @@ mod tests {
     fn forwarded_for_counts_only_from_trusted_proxies() {
         let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        // An untrusted peer's header is ignored.
-        assert_eq!(
-            client_ip(ip("203.0.113.9"), "1.2.3.4", &trusted),
-            ip("203.0.113.9")
-        );
-        // Through our proxy: the address it appended.
-        assert_eq!(
-            client_ip(ip("10.0.0.2"), "1.2.3.4, 198.51.100.7", &trusted),
-            ip("198.51.100.7")
-        );
-        // Two of our proxies: the first untrusted from the right.
-        assert_eq!(
-            client_ip(ip("10.0.0.2"), "198.51.100.7, 10.0.0.3", &trusted),
-            ip("198.51.100.7")
-        );
-        // No header: the proxy itself.
-        assert_eq!(client_ip(ip("10.0.0.2"), "", &trusted), ip("10.0.0.2"));
-        // Listening on `::`, an IPv4 proxy arrives IPv4-mapped, and is still trusted.
-        assert_eq!(
-            client_ip(ip("::ffff:10.0.0.2"), "198.51.100.7", &trusted),
-            ip("198.51.100.7")
-        );
-        assert_eq!(
-            client_ip(ip("::ffff:203.0.113.9"), "1.2.3.4", &trusted),
-            ip("203.0.113.9")
-        );
-        assert_eq!(
-            client_ip(ip("10.0.0.2"), "::ffff:198.51.100.7", &trusted),
-            ip("198.51.100.7")
-        );
+        // (peer, X-Forwarded-For, the client it names)
+        let cases = [
+            // An untrusted peer's header is ignored.
+            ("203.0.113.9", "1.2.3.4", "203.0.113.9"),
+            // Through our proxy: the address it appended.
+            ("10.0.0.2", "1.2.3.4, 198.51.100.7", "198.51.100.7"),
+            // Two of our proxies: the first untrusted from the right.
+            ("10.0.0.2", "198.51.100.7, 10.0.0.3", "198.51.100.7"),
+            // No header: the proxy itself.
+            ("10.0.0.2", "", "10.0.0.2"),
+            // Listening on `::`, an IPv4 proxy arrives IPv4-mapped, and is still trusted.
+            ("::ffff:10.0.0.2", "198.51.100.7", "198.51.100.7"),
+            ("::ffff:203.0.113.9", "1.2.3.4", "203.0.113.9"),
+            ("10.0.0.2", "::ffff:198.51.100.7", "198.51.100.7"),
+        ];
+        for (peer, forwarded, client) in cases {
+            assert_eq!(
+                client_ip(ip(peer), forwarded, &trusted),
+                ip(client),
+                "{peer} with {forwarded:?}"
+            );
+        }
     }
 }

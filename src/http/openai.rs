@@ -11,10 +11,9 @@ use utoipa::ToSchema;
 use crate::config::without_credentials;
 use crate::domain::session_id::client_session_id;
 use crate::http::error::{ApiError, log_upstream_failure};
-use crate::http::guards::{AdminAccess, ClientAddr};
+use crate::http::guards::{AdminAccess, RateChecked, TestRoute};
 use crate::services::chat::{ChatError, ReplyUsage};
 use crate::services::credentials::Credentials;
-use crate::services::guardrails::Limited;
 use crate::state::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -115,12 +114,9 @@ pub struct TestAnswer {
     ))]
 pub(super) async fn test(
     _admin: AdminAccess,
-    ClientAddr(client): ClientAddr,
+    _rate: RateChecked<TestRoute>,
     State(state): State<AppState>,
 ) -> Response {
-    if let Err(refused) = state.guardrails.check_rate(Limited::Test, client).await {
-        return ApiError::from(refused).into_response();
-    }
     let model = state.config.openai.model.clone();
     match state.chat.test_connection(&model).await {
         Ok(completion) => Json(TestAnswer {
