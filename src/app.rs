@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Local, TimeZone};
 use tokio::net::TcpListener;
+use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -57,10 +58,11 @@ pub enum StartupError {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    /// Every background task: Papita lanes, credential refresh, the Redis probe and usage
+    /// flusher, the session-log ticker, settlements of guardrail admissions.
     background: TaskTracker,
-    stop_background: CancellationToken,
-    /// Fired near the end of the grace budget: what Papita has not taken goes to the spool.
-    spool_now: CancellationToken,
+    /// Cancelled once the requests are done: every background task ends on it.
+    shutdown: CancellationToken,
 }
 
 impl Application {
@@ -101,8 +103,7 @@ impl Application {
             .build()?;
 
         let background = TaskTracker::new();
-        let stop_background = CancellationToken::new();
-        let spool_now = CancellationToken::new();
+        let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let session_log = SessionLog::start(
             config.log_dir.clone(),
@@ -111,7 +112,7 @@ impl Application {
             metrics.session_log.clone(),
             config.log_min_free_bytes,
             &background,
-            stop_background.clone(),
+            shutdown.clone(),
         )
         .map_err(StartupError::SessionLog)?;
 
@@ -137,7 +138,7 @@ impl Application {
         // STATE_URL: the shared stores on Redis, each falling back to its in-process twin.
         let redis = match &config.redis {
             Some(settings) => Some(
-                Redis::connect(settings, stop_background.clone(), background.clone())
+                Redis::connect(settings, shutdown.clone(), background.clone())
                     .await
                     .map_err(StartupError::StateUrl)?,
             ),
@@ -156,7 +157,7 @@ impl Application {
                         config.sessions_max.get(),
                         max_age,
                         &background,
-                        stop_background.clone(),
+                        shutdown.clone(),
                     )),
                 ),
                 None => (
@@ -184,8 +185,7 @@ impl Application {
             spool_dir,
             papita,
             &background,
-            stop_background.clone(),
-            spool_now.clone(),
+            shutdown.clone(),
         );
         let guardrails = Arc::new(guardrails(
             &config,
@@ -228,8 +228,7 @@ impl Application {
             listener,
             state,
             background,
-            stop_background,
-            spool_now,
+            shutdown,
         })
     }
 
@@ -243,92 +242,54 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` completes; then stops accepting, closes idle connections, lets
-    /// in-flight requests finish and sends or writes out everything queued, all within one
-    /// `SHUTDOWN_GRACE_SECS` budget (so Docker's stop timeout, above it, never cuts the drain).
+    /// Serves until `signal` completes; then stops accepting, lets in-flight requests finish,
+    /// and sends or writes out everything queued, all within one `SHUTDOWN_GRACE_SECS` budget
+    /// (so Docker's stop timeout, above it, never cuts the drain).
     pub async fn run_until_stopped(
         self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
+        signal: impl Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
-        let config = &self.state.config;
-        let router = crate::http::router(self.state.clone());
-        let limits = server::Limits {
-            header_read: config.header_read_timeout,
-            idle: config.idle_timeout,
-            body_read: config.body_read_timeout,
-            write_stall: config.openai.write_stall,
-            max_connections: config
-                .max_connections
-                .map_or_else(server::auto_max_connections, NonZeroUsize::get),
-        };
-        let grace = config.shutdown_grace;
-        let stop = CancellationToken::new();
-        let serving = server::serve(self.listener, router, limits, stop.clone());
-        let mut serving = std::pin::pin!(serving);
-        tokio::select! {
-            () = &mut serving => {}
-            () = shutdown => {}
-        }
-        let deadline = tokio::time::Instant::now() + grace;
-        tracing::info!("shutting down: no new connections; finishing in-flight requests");
-        stop.cancel();
-        if tokio::time::timeout_at(deadline, serving).await.is_err() {
-            tracing::warn!(
-                grace_secs = grace.as_secs_f64(),
-                "grace period over; dropping unfinished requests"
-            );
-        }
-        self.stop_background.cancel();
-        // Local disk: written out even when the budget is spent, but never waited on forever.
-        let flush_by = deadline.max(tokio::time::Instant::now() + SESSION_LOG_FLUSH_MIN);
-        if tokio::time::timeout_at(flush_by, self.state.session_log.flush())
-            .await
-            .is_err()
-        {
-            tracing::error!("session log lines still unwritten at shutdown");
-        }
-        self.background.close();
-        // Send what is queued while the budget lasts, keeping a little of it to spool the rest.
+        let (grace, state) = (self.state.config.shutdown_grace, &self.state);
+        let router = crate::http::router(state.clone());
+        let deadline = server::serve(self.listener, router, limits(&state.config), signal).await;
+        // The requests are done: what they queued drains now. Papita sends until shortly before
+        // the deadline and spools what is left then; the other tasks end at once.
         let spool_margin = (grace / 4).min(SPOOL_MARGIN);
-        let send_until = deadline
-            .checked_sub(spool_margin)
-            .unwrap_or(deadline)
-            .max(tokio::time::Instant::now());
-        if tokio::time::timeout_at(send_until, self.background.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "Papita usage records still unsent near the end of the grace period; spooling them"
-            );
-            self.spool_now.cancel();
-            let spool_by = deadline.max(tokio::time::Instant::now() + SESSION_LOG_FLUSH_MIN);
-            if tokio::time::timeout_at(spool_by, self.background.wait())
-                .await
-                .is_err()
-            {
-                tracing::error!("Papita usage records could not all be spooled in time");
-            }
+        state.papita.spool_at(deadline - spool_margin);
+        self.shutdown.cancel();
+        self.background.close();
+        // Local disk is written even when the budget is spent, but never waited on forever.
+        let by = || deadline.max(tokio::time::Instant::now() + SESSION_LOG_FLUSH_MIN);
+        if timeout_at(by(), self.background.wait()).await.is_err() {
+            tracing::error!("background tasks still running at the end of the grace period");
         }
-        // Every background task has ended (or the budget is spent): the writer thread writes
-        // what the last ones queued, syncs, and is joined.
-        let close_by = deadline.max(tokio::time::Instant::now() + SESSION_LOG_FLUSH_MIN);
-        if tokio::time::timeout_at(close_by, self.state.session_log.close())
-            .await
-            .is_err()
-        {
+        // The writer thread writes what the last tasks queued, syncs, and is joined.
+        if timeout_at(by(), state.session_log.close()).await.is_err() {
             tracing::error!("the session log writer did not finish in time");
         }
-        let papita = self.state.papita.snapshot();
+        let papita = state.papita.snapshot();
+        let (sent, spooled, dropped) = (papita.sent, papita.spooled, papita.dropped);
         tracing::info!(
-            sent = papita.sent,
-            spooled = papita.spooled,
-            replayed = papita.replayed,
-            dropped = papita.dropped,
-            "Papita usage records at exit"
+            sent,
+            spooled,
+            dropped,
+            "stopped; Papita usage records at exit"
         );
-        tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How long clients may take, and how many may be connected at once (`server`).
+fn limits(config: &Config) -> server::Limits {
+    server::Limits {
+        header_read: config.header_read_timeout,
+        idle: config.idle_timeout,
+        body_read: config.body_read_timeout,
+        write_stall: config.openai.write_stall,
+        max_connections: config
+            .max_connections
+            .map_or_else(server::auto_max_connections, NonZeroUsize::get),
+        grace: config.shutdown_grace,
     }
 }
 

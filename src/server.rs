@@ -22,6 +22,7 @@
 //! proxy never has a request reset on a keep-alive connection it was just reusing.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,9 +37,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
@@ -65,6 +65,8 @@ pub struct Limits {
     /// A response whose bytes the client does not take for this long is cut.
     pub write_stall: Duration,
     pub max_connections: usize,
+    /// From the shutdown signal, how long requests in progress may take to finish.
+    pub grace: Duration,
 }
 
 /// Put in a response's extensions: the connection is closed at this moment if the response is
@@ -100,11 +102,21 @@ pub fn raise_open_file_limit() -> u64 {
 #[derive(Debug, Clone, Copy)]
 pub struct BodyReadDeadline(pub Instant);
 
-/// Serves `router` on `listener` until `stop` is cancelled, then closes idle connections at once,
-/// lets requests in progress finish, and returns when every connection is closed.
-pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: CancellationToken) {
+/// Serves `router` on `listener` until `signal` completes; then closes the listener, closes idle
+/// connections, lets requests in progress finish, and returns when every connection is closed or
+/// `limits.grace` has passed since the signal (what is still running is then dropped). Returns
+/// that deadline: the rest of the shutdown shares the same budget.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    signal: impl Future<Output = ()>,
+) -> Instant {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
+    // Connections learn of the stop when this sender is dropped.
+    let (stopping, stop) = watch::channel(());
+    let mut signal = std::pin::pin!(signal);
     let mut last_warned: Option<Instant> = None;
     loop {
         let permit = match slots.clone().try_acquire_owned() {
@@ -120,7 +132,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: 
                 }
                 tokio::select! {
                     permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-                    () = stop.cancelled() => break,
+                    () = &mut signal => break,
                 }
             }
         };
@@ -132,7 +144,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: 
                     continue;
                 }
             },
-            () = stop.cancelled() => break,
+            () = &mut signal => break,
         };
         // Without TCP_NODELAY, small writes (SSE events, short answers) wait on the client's
         // delayed ACK: ~40 ms per streamed event.
@@ -148,9 +160,21 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, stop: 
             drop(permit);
         });
     }
+    let deadline = Instant::now() + limits.grace;
+    tracing::info!("shutting down: no new connections; finishing in-flight requests");
     drop(listener);
+    drop(stopping);
     connections.close();
-    connections.wait().await;
+    if tokio::time::timeout_at(deadline, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = limits.grace.as_secs_f64(),
+            "grace period over; dropping unfinished requests"
+        );
+    }
+    deadline
 }
 
 /// Accept errors are the machine's (out of descriptors, memory): log and breathe, never exit.
@@ -171,7 +195,7 @@ async fn serve_connection(
     peer: SocketAddr,
     router: Router,
     limits: Limits,
-    stop: CancellationToken,
+    mut stop: watch::Receiver<()>,
 ) {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(WatchedIo {
@@ -239,7 +263,7 @@ async fn serve_connection(
                 }
             }
             () = activity.changed.notified() => {}
-            () = stop.cancelled(), if draining_until.is_none() => {
+            _ = stop.changed(), if draining_until.is_none() => {
                 draining_until = Some(Instant::now() + KEEPALIVE_DRAIN);
             }
         }

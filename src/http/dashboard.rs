@@ -6,10 +6,10 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{Local, TimeZone};
 use serde::Serialize;
-use serde_json::{Value, json};
 
 use crate::clock::timestamp;
 use crate::http::guards::AdminAccess;
+use crate::http::health::PapitaCheck;
 use crate::services::guardrails::RefusalCounts;
 use crate::services::sessions::RecentSession;
 use crate::state::AppState;
@@ -37,14 +37,25 @@ pub struct DashboardAnswer {
     /// Requests refused by each guardrail since start-up.
     #[schema(value_type = Object)]
     pub refusals: RefusalCounts,
-    /// `{status: ok|spooling|dropping, usage_records: {...}}`, as `/api/ready` reports it.
-    #[schema(value_type = Object)]
-    pub papita: Value,
-    /// `{status: ok|failing, dir, written, dropped, reason?}`.
-    #[schema(value_type = Object)]
-    pub session_log: Value,
+    /// As `/api/ready` reports it.
+    pub papita: PapitaCheck,
+    pub session_log: SessionLogState,
     /// Streamed replies open now.
     pub streams_open: i64,
+}
+
+/// The session log's counters and health.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SessionLogState {
+    pub dir: String,
+    /// Lines written since start-up.
+    pub written: u64,
+    /// Lines that could not be written.
+    pub dropped: u64,
+    /// `ok` or `failing`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/dashboard", tag = "operations",
@@ -52,7 +63,10 @@ pub struct DashboardAnswer {
         (status = 200, description = "The dashboard's figures", body = DashboardAnswer),
         (status = 401, description = "ADMIN_TOKEN is set and was not sent", body = super::error::ErrorBody),
     ))]
-pub(super) async fn dashboard(_admin: AdminAccess, State(state): State<AppState>) -> Json<Value> {
+pub(super) async fn dashboard(
+    _admin: AdminAccess,
+    State(state): State<AppState>,
+) -> Json<DashboardAnswer> {
     let now = state.clock.now();
     let minute = now.timestamp().div_euclid(60) as u64;
     let chats_per_minute = state
@@ -70,18 +84,14 @@ pub(super) async fn dashboard(_admin: AdminAccess, State(state): State<AppState>
         })
         .collect();
     let log = &state.session_log;
-    let mut session_log = json!({
-        "dir": log.dir().display().to_string(),
-        "written": log.written(),
-        "dropped": log.dropped(),
-    });
-    match log.check_writable().await {
-        Ok(()) => session_log["status"] = "ok".into(),
-        Err(e) => {
-            session_log["status"] = "failing".into();
-            session_log["reason"] = e.to_string().into();
-        }
-    }
+    let reason = log.check_writable().await.err().map(|e| e.to_string());
+    let session_log = SessionLogState {
+        dir: log.dir().display().to_string(),
+        written: log.written(),
+        dropped: log.dropped(),
+        status: if reason.is_none() { "ok" } else { "failing" },
+        reason,
+    };
     let answer = DashboardAnswer {
         timestamp: timestamp(&now),
         chats_per_minute,
@@ -91,5 +101,5 @@ pub(super) async fn dashboard(_admin: AdminAccess, State(state): State<AppState>
         session_log,
         streams_open: state.metrics.streams_open.get(),
     };
-    Json(serde_json::to_value(answer).unwrap_or_default())
+    Json(answer)
 }

@@ -5,14 +5,14 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
 
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::clock::timestamp;
 use crate::http::guards::AdminView;
+use crate::services::papita::ReporterSnapshot;
+use crate::services::redis::RedisCheck;
 use crate::state::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -24,16 +24,14 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 #[utoipa::path(get, path = "/api/ready", tag = "health",
     responses(
-        (status = 200, description = "Ready: the session log folder takes writes and has LOG_MIN_FREE_MB free. With ADMIN_TOKEN set, callers without it see only the statuses (no paths, hosts or reasons)", body = super::openapi::ReadyAnswer),
-        (status = 503, description = "Not ready, saying what is wrong", body = super::error::ErrorBody),
+        (status = 200, description = "Ready: the session log folder takes writes and has LOG_MIN_FREE_MB free. With ADMIN_TOKEN set, callers without it see only the statuses (no paths, hosts or reasons)", body = ReadyAnswer),
+        (status = 503, description = "Not ready: `error` says what is wrong", body = ReadyAnswer),
     ))]
-pub(super) async fn ready(State(state): State<AppState>, AdminView(full): AdminView) -> Response {
+pub(super) async fn ready(
+    State(state): State<AppState>,
+    AdminView(full): AdminView,
+) -> (StatusCode, Json<ReadyAnswer>) {
     let dir = state.session_log.dir().display().to_string();
-    let now = timestamp(&state.clock.now());
-    // Papita's state is reported, not judged: chats work whatever it is.
-    let papita = papita_check(&state);
-    // Reported, not judged: with Redis down chats go on with local state (Docs/SCALING.md).
-    let shared = state.redis.as_ref().map(|s| s.check());
     let problem = match state.session_log.check_writable().await {
         Err(e) => Some((
             format!(
@@ -52,53 +50,101 @@ pub(super) async fn ready(State(state): State<AppState>, AdminView(full): AdminV
             )
         }),
     };
-    let (status, mut body) = match problem {
-        None => (
-            StatusCode::OK,
-            json!({
-                "status": "ready",
-                "timestamp": now,
-                "checks": {"session_log": {"status": "ok", "dir": dir}, "papita": papita, "shared_state": shared},
-            }),
-        ),
-        Some((error, reason)) => {
-            tracing::warn!(%dir, %reason, "not ready: the session log cannot take writes");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({
-                    "error": error,
-                    "status": "not_ready",
-                    "timestamp": now,
-                    "checks": {
-                        "session_log": {"status": "failing", "dir": dir, "reason": reason},
-                        "papita": papita,
-                        "shared_state": shared,
-                    },
-                }),
-            )
-        }
+    if let Some((_, reason)) = &problem {
+        tracing::warn!(%dir, %reason, "not ready: the session log cannot take writes");
+    }
+    let (error, reason) = problem.unzip();
+    let mut answer = ReadyAnswer {
+        error,
+        status: if reason.is_none() {
+            "ready"
+        } else {
+            "not_ready"
+        },
+        timestamp: timestamp(&state.clock.now()),
+        checks: ReadyChecks {
+            session_log: SessionLogCheck {
+                status: if reason.is_none() { "ok" } else { "failing" },
+                dir: Some(dir),
+                reason,
+            },
+            // Papita's state is reported, not judged: chats work whatever it is.
+            papita: papita_check(&state),
+            // Reported, not judged: with Redis down chats go on with local state (SCALING.md).
+            shared_state: state.redis.as_ref().map(|s| s.check()),
+        },
     };
     if !full {
         // Anyone may ask whether the service is ready; where its files live and which hosts it
         // talks to are the operator's (ADMIN_TOKEN).
-        if status != StatusCode::OK {
-            body["error"] = json!(
+        if answer.error.is_some() {
+            answer.error = Some(
                 "Not ready: the session log cannot take writes. Details need the admin token."
+                    .into(),
             );
         }
-        if let Some(checks) = body["checks"].as_object_mut() {
-            for check in checks.values_mut() {
-                if let Some(status) = check.get("status").cloned() {
-                    *check = json!({ "status": status });
-                }
-            }
-        }
+        answer.checks.hide_details();
     }
-    (status, Json(body)).into_response()
+    let status = match answer.error {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, Json(answer))
 }
 
-/// Papita's delivery state: `ok`, `spooling` (records wait on disk) or `dropping`.
-pub(super) fn papita_check(state: &AppState) -> Value {
+/// `GET /api/ready`'s answer, 200 or 503 (contract §11).
+#[derive(Serialize, ToSchema)]
+pub struct ReadyAnswer {
+    /// Only when not ready: what is wrong and what to do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `ready` or `not_ready`.
+    pub status: &'static str,
+    pub timestamp: String,
+    pub checks: ReadyChecks,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReadyChecks {
+    pub session_log: SessionLogCheck,
+    pub papita: PapitaCheck,
+    /// With `STATE_URL`: Redis, else `null`.
+    pub shared_state: Option<RedisCheck>,
+}
+
+impl ReadyChecks {
+    /// Only the statuses stay.
+    fn hide_details(&mut self) {
+        let log = &mut self.session_log;
+        (log.dir, log.reason) = (None, None);
+        self.papita.usage_records = None;
+        if let Some(shared) = &mut self.shared_state {
+            shared.details = None;
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionLogCheck {
+    /// `ok` or `failing`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Papita's delivery state.
+#[derive(Serialize, ToSchema)]
+pub struct PapitaCheck {
+    /// `ok`, `spooling` (records wait on disk) or `dropping`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub usage_records: Option<ReporterSnapshot>,
+}
+
+pub(super) fn papita_check(state: &AppState) -> PapitaCheck {
     let papita = state.papita.snapshot();
     let status = if papita.dropped > 0 {
         "dropping"
@@ -107,7 +153,10 @@ pub(super) fn papita_check(state: &AppState) -> Value {
     } else {
         "ok"
     };
-    json!({"status": status, "usage_records": papita})
+    PapitaCheck {
+        status,
+        usage_records: Some(papita),
+    }
 }
 
 #[utoipa::path(get, path = "/api/health", tag = "health",

@@ -5,7 +5,6 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::config::without_credentials;
@@ -14,6 +13,7 @@ use crate::http::error::{ApiError, log_upstream_failure};
 use crate::http::guards::{AdminAccess, RateChecked, TestRoute};
 use crate::services::chat::{ChatError, ReplyUsage};
 use crate::services::credentials::Credentials;
+use crate::services::usage::{AccountInfo, ActiveAccount, NoAccount, UsageReport};
 use crate::state::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -167,24 +167,22 @@ pub(super) struct UsageQuery {
 
 #[utoipa::path(get, path = "/api/openai/usage", tag = "openai",
     params(("session_id" = Option<String>, Query, description = "Only this session's chats")),
-    responses((status = 200, description = "Usage and cost since start-up", body = super::openapi::UsageAnswer)))]
+    responses((status = 200, description = "Usage and cost since start-up", body = UsageReport)))]
 pub(super) async fn usage(
     State(state): State<AppState>,
     Query(query): Query<UsageQuery>,
-) -> Json<Value> {
+) -> Json<UsageReport> {
     let credentials = state.credentials.get().await;
     let account_info = match credentials.usable_key() {
-        Some(key) => json!({
-            "api_key_prefix": key.prefix(),
-            "model": state.config.openai.model,
-            "status": "active",
+        Some(key) => AccountInfo::Active(ActiveAccount {
+            api_key_prefix: key.prefix(),
+            model: state.config.openai.model.clone(),
+            status: "active",
         }),
-        None => json!({}),
+        None => AccountInfo::NoKey(NoAccount {}),
     };
     let session = client_session_id(query.session_id.as_deref());
     let mut report = state.usage.report(session.as_deref(), account_info).await;
-    if let Some(budget) = state.guardrails.budget_report().await {
-        report["budget"] = budget;
-    }
+    report.budget = state.guardrails.budget_report().await;
     Json(report)
 }

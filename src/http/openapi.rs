@@ -3,55 +3,15 @@
 //! served from assets built into the binary (utoipa-swagger-ui's vendored copy: no CDN, no
 //! download at build time).
 //!
-//! Documented answers are typed structs next to their handlers (`Serialize` + `ToSchema`), and
-//! every route is registered once (`http::api`). What remains here, for the document only, is
-//! still built elsewhere as JSON: the readiness checks and the usage report (built by the usage
-//! service). Moving those is listed in CodeReview/issue-25-one-place.md. (The chat body's schema
-//! is the domain's `ChatBody` itself.)
-
-#![allow(dead_code)] // the types below exist for the document only
-
-use std::collections::BTreeMap;
+//! Documented answers are typed structs next to their handlers, or next to the service that
+//! builds them (`Serialize` + `ToSchema`), and every route is registered once (`http::api`). The
+//! chat body's schema is the domain's `ChatBody` itself.
 
 use axum::Router;
-use serde_json::Value;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::services::usage::ModelUsage;
 use crate::state::AppState;
-
-#[derive(ToSchema)]
-pub struct ReadyAnswer {
-    /// `ready`.
-    pub status: String,
-    pub timestamp: String,
-    /// `session_log` and `papita` (see Docs/API.md).
-    pub checks: Value,
-}
-
-#[derive(ToSchema)]
-pub struct UsageAnswer {
-    pub total_prompt_tokens: u64,
-    pub total_completion_tokens: u64,
-    pub total_tokens: u64,
-    pub request_count: u64,
-    pub model: String,
-    pub estimated_cost_usd: f64,
-    pub prompt_cost_usd: f64,
-    pub completion_cost_usd: f64,
-    pub account_info: Value,
-    pub billing_credit_balance: Option<f64>,
-    pub usage_dashboard_url: String,
-    pub billing_dashboard_url: String,
-    pub note: String,
-    pub by_model: BTreeMap<String, ModelUsage>,
-    pub unpriced_models: Vec<String>,
-    pub session_id: Option<String>,
-    pub test_usage: Option<Value>,
-    pub estimated_usage: Option<Value>,
-    pub budget: Option<Value>,
-}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -59,28 +19,47 @@ pub struct UsageAnswer {
         title = "AL-Chat backend",
         description = "The chat feature's HTTP API (drop-in for the Flask service). Every error is JSON: {\"error\": ...}. See Docs/API.md.",
     ),
-    // The routes are added where they are registered (`http::api`); these two are served by
-    // `SwaggerUi` below, so they are documented here, next to it.
-    paths(openapi_json, docs_page),
+    // The routes are added where they are registered (`http::api`).
+    modifiers(&ServedBySwaggerUi),
     components(schemas(super::error::ErrorBody))
 )]
 pub struct ApiDoc;
 
-/// The document itself.
-#[utoipa::path(
-    get,
-    path = "/api/openapi.json",
-    responses((status = 200, description = "This OpenAPI 3.1 document", content_type = "application/json"))
-)]
-async fn openapi_json() {}
+/// The two routes `SwaggerUi` serves (below) have no handler of ours: their operations are
+/// written here, next to it.
+struct ServedBySwaggerUi;
 
-/// The Swagger UI page (served by `SwaggerUi`, documented here).
-#[utoipa::path(
-    get,
-    path = "/docs",
-    responses((status = 200, description = "Swagger UI for this document, from assets inside the binary", content_type = "text/html"))
-)]
-async fn docs_page() {}
+impl Modify for ServedBySwaggerUi {
+    fn modify(&self, document: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::path::{HttpMethod, OperationBuilder};
+        use utoipa::openapi::response::ResponseBuilder;
+        for (path, id, description, content_type) in [
+            (
+                "/api/openapi.json",
+                "openapi_json",
+                "This OpenAPI 3.1 document",
+                "application/json",
+            ),
+            (
+                "/docs",
+                "docs_page",
+                "Swagger UI for this document, from assets inside the binary",
+                "text/html",
+            ),
+        ] {
+            let answer = ResponseBuilder::new()
+                .description(description)
+                .content(content_type, ContentBuilder::new().build());
+            let operation = OperationBuilder::new()
+                .operation_id(Some(id))
+                .response("200", answer.build());
+            document
+                .paths
+                .add_path_operation(path, vec![HttpMethod::Get], operation.build());
+        }
+    }
+}
 
 /// `/docs` and `/api/openapi.json`, serving `document` (the whole API's, from `http::api`).
 pub fn router(document: utoipa::openapi::OpenApi) -> Router<AppState> {

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use al_chat::services::papita::{PapitaClient, UsageRecord};
 use serde_json::json;
+use tokio_util::task::TaskTracker;
 
 use crate::helpers::closed_address;
 use crate::mock_papita::{Credentials, MockPapita, Usage};
@@ -114,7 +115,7 @@ async fn usage_failures_say_whether_sending_again_is_safe() {
 async fn a_lanes_own_connection_posts_and_classifies_like_the_client() {
     let papita = MockPapita::start().await;
     let mut connection = client(papita.url())
-        .usage_connection()
+        .usage_connection(&TaskTracker::new())
         .expect("plain http gets its own connection");
     let body = bytes::Bytes::from(serde_json::to_vec(&record()).unwrap());
     for _ in 0..3 {
@@ -149,7 +150,7 @@ async fn a_lanes_own_connection_posts_and_classifies_like_the_client() {
     assert_eq!(papita.record_count(), 4);
 
     let mut refused = client(format!("http://{}", closed_address()))
-        .usage_connection()
+        .usage_connection(&TaskTracker::new())
         .unwrap();
     assert!(refused.post(body).await.unwrap_err().retryable, "refused");
 }
@@ -212,7 +213,9 @@ async fn a_lanes_connection_survives_papita_closing_it() {
             }
         });
     }
-    let mut connection = client(format!("http://{addr}")).usage_connection().unwrap();
+    let mut connection = client(format!("http://{addr}"))
+        .usage_connection(&TaskTracker::new())
+        .unwrap();
     let body = bytes::Bytes::from(serde_json::to_vec(&record()).unwrap());
     for i in 0..10 {
         connection

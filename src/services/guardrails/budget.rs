@@ -11,7 +11,6 @@ use std::time::Duration;
 use chrono::{DateTime, Local, NaiveTime, TimeZone};
 use futures_util::future::{BoxFuture, FutureExt, ready};
 use indexmap::IndexMap;
-use serde_json::{Value, json};
 
 use crate::clock::{Clock, timestamp};
 use crate::config::BudgetLimits;
@@ -217,7 +216,7 @@ impl Budgets {
     }
 
     /// `budget` for `/api/openai/usage`, when any budget is set.
-    pub async fn report(&self) -> Option<Value> {
+    pub async fn report(&self) -> Option<BudgetReport> {
         if !self.limits.any() {
             return None;
         }
@@ -225,20 +224,24 @@ impl Budgets {
         let usd = self.store.spent(&format!("{day}|usd")).await;
         let tokens = self.store.spent(&format!("{day}|tokens")).await;
         let remaining = |cap: Option<f64>, spent: f64| cap.map(|c| (c - spent).max(0.0));
-        Some(json!({
-            "limits": {
-                "daily_usd": self.limits.daily_usd,
-                "daily_tokens": self.limits.daily_tokens,
-                "session_tokens": self.limits.session_tokens,
+        Some(BudgetReport {
+            limits: BudgetFigures {
+                daily_usd: self.limits.daily_usd,
+                daily_tokens: self.limits.daily_tokens,
+                session_tokens: self.limits.session_tokens,
             },
-            "spent": {"daily_usd": round4(usd), "daily_tokens": tokens.round() as u64},
-            "remaining": {
-                "daily_usd": remaining(self.limits.daily_usd, usd).map(round4),
-                "daily_tokens": remaining(self.limits.daily_tokens.map(|t| t as f64), tokens).map(|t| t.round() as u64),
+            spent: SpentToday {
+                daily_usd: round4(usd),
+                daily_tokens: tokens.round() as u64,
             },
-            "resets_at": timestamp(&self.next_midnight()),
-            "note": "Spend includes reservations of chats in progress; each settles to its real usage.",
-        }))
+            remaining: BudgetRemaining {
+                daily_usd: remaining(self.limits.daily_usd, usd).map(round4),
+                daily_tokens: remaining(self.limits.daily_tokens.map(|t| t as f64), tokens)
+                    .map(|t| t.round() as u64),
+            },
+            resets_at: timestamp(&self.next_midnight()),
+            note: "Spend includes reservations of chats in progress; each settles to its real usage.",
+        })
     }
 
     fn charges_for(&self, session: Option<&str>, model: &str, usage: &TokenUsage) -> Reservation {
@@ -328,4 +331,36 @@ impl Budgets {
 
 fn round4(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
+}
+
+/// `budget` in `/api/openai/usage`: the caps, today's spend and what is left.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct BudgetReport {
+    pub limits: BudgetFigures,
+    pub spent: SpentToday,
+    pub remaining: BudgetRemaining,
+    /// The next local midnight.
+    pub resets_at: String,
+    pub note: &'static str,
+}
+
+/// The caps; `null`: not set.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct BudgetFigures {
+    pub daily_usd: Option<f64>,
+    pub daily_tokens: Option<u64>,
+    pub session_tokens: Option<u64>,
+}
+
+/// What is left under the daily caps; `null`: no such cap.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct BudgetRemaining {
+    pub daily_usd: Option<f64>,
+    pub daily_tokens: Option<u64>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SpentToday {
+    pub daily_usd: f64,
+    pub daily_tokens: u64,
 }

@@ -17,8 +17,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use budget::{
-    BudgetDenied, BudgetRefusal, BudgetSpent, BudgetStore, Budgets, Charge, MemoryBudgetStore,
-    Reservation,
+    BudgetDenied, BudgetRefusal, BudgetReport, BudgetSpent, BudgetStore, Budgets, Charge,
+    MemoryBudgetStore, Reservation,
 };
 pub use models::ModelPolicy;
 pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
@@ -164,7 +164,7 @@ impl Guardrails {
     }
 
     /// `budget` for `/api/openai/usage`, when any budget is set.
-    pub async fn budget_report(&self) -> Option<serde_json::Value> {
+    pub async fn budget_report(&self) -> Option<BudgetReport> {
         self.budgets.report().await
     }
 

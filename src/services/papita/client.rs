@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio_util::task::TaskTracker;
 
 use crate::config::PapitaSettings;
 use crate::domain::ApiKey;
@@ -95,13 +96,14 @@ impl PapitaClient {
     }
 
     /// A connection of its own for a reporter lane (plain HTTP, no proxy), else `None`: then
-    /// `post_usage_body` sends through the pooled client.
-    pub fn usage_connection(&self) -> Option<UsageConnection> {
+    /// `post_usage_body` sends through the pooled client. Its driving task runs on `tasks`.
+    pub fn usage_connection(&self, tasks: &TaskTracker) -> Option<UsageConnection> {
         let target = self.usage_target.clone()?;
         Some(UsageConnection::new(
             target,
             CONNECT_TIMEOUT,
             self.usage_timeout,
+            tasks.clone(),
         ))
     }
 

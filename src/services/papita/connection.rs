@@ -20,6 +20,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
 
 use crate::services::papita::UsageRejected;
 
@@ -80,13 +81,21 @@ pub struct UsageConnection {
     sender: Option<SendRequest<Full<Bytes>>>,
     connect_timeout: Duration,
     timeout: Duration,
+    /// Where the task driving the connection runs, so shutdown waits for it.
+    tasks: TaskTracker,
 }
 
 impl UsageConnection {
-    pub fn new(target: UsageTarget, connect_timeout: Duration, timeout: Duration) -> Self {
+    pub fn new(
+        target: UsageTarget,
+        connect_timeout: Duration,
+        timeout: Duration,
+        tasks: TaskTracker,
+    ) -> Self {
         Self {
             target,
             sender: None,
+            tasks,
             connect_timeout,
             timeout,
         }
@@ -179,7 +188,7 @@ impl UsageConnection {
             .await
             .map_err(|e| refused(format!("HTTP handshake with {authority} failed: {e}")))?;
         // Drives the connection; it ends when the sender is dropped or Papita closes it.
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "Papita connection ended");
             }

@@ -17,12 +17,13 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -108,6 +109,7 @@ pub struct UsageReporter {
     budget: Arc<SpoolBudget>,
     spool_dir: Arc<PathBuf>,
     next_guest_lane: Arc<AtomicUsize>,
+    spool_at: Arc<OnceLock<Instant>>,
 }
 
 /// The lanes' overflows hold at least this many records per lane between them while they are
@@ -143,15 +145,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 impl UsageReporter {
     /// Starts the lanes on `tracker`. When `shutdown` fires they send what is queued in memory
-    /// and end; when `spool_now` fires they write whatever is left to the spool and end.
+    /// and end; at the moment given to `spool_at` they write whatever is left to the spool and
+    /// end.
     pub fn spawn(
         settings: &PapitaSettings,
         spool_dir: PathBuf,
         client: PapitaClient,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
-        spool_now: CancellationToken,
     ) -> Self {
+        let spool_at = Arc::new(OnceLock::new());
         let lanes = settings.usage_concurrency.get();
         let per_lane = settings.usage_queue_capacity.get().div_ceil(lanes).max(1);
         let stats = Arc::new(ReporterStats::default());
@@ -185,12 +188,12 @@ impl UsageReporter {
                 input: input.clone(),
                 rx,
                 spool: spool.map(|s| Arc::new(Mutex::new(s))),
-                connection: client.usage_connection(),
+                connection: client.usage_connection(tracker),
                 client: client.clone(),
                 max_attempts: settings.usage_max_attempts.get(),
                 stats: stats.clone(),
                 shutdown: shutdown.clone(),
-                spool_now: spool_now.clone(),
+                spool_at: spool_at.clone(),
             };
             tracker.spawn(lane.run());
             inputs.push(input);
@@ -201,7 +204,14 @@ impl UsageReporter {
             budget,
             spool_dir: Arc::new(spool_dir),
             next_guest_lane: Arc::default(),
+            spool_at,
         }
+    }
+
+    /// At shutdown, before the lanes are told to stop: from `at` on, what they have not sent
+    /// goes to the spool (the end of the grace budget, less the time spooling takes).
+    pub fn spool_at(&self, at: Instant) {
+        let _ = self.spool_at.set(at);
     }
 
     /// Hands a record over; never waits.
@@ -301,7 +311,17 @@ struct Lane {
     max_attempts: u32,
     stats: Arc<ReporterStats>,
     shutdown: CancellationToken,
-    spool_now: CancellationToken,
+    /// Set at shutdown: when what is unsent goes to the spool.
+    spool_at: Arc<OnceLock<Instant>>,
+}
+
+/// Completes at the spool moment: once `shutdown` fired and `at` has come (at once if shutdown
+/// came without one).
+async fn spool_moment(shutdown: &CancellationToken, at: &OnceLock<Instant>) {
+    shutdown.cancelled().await;
+    if let Some(at) = at.get() {
+        tokio::time::sleep_until(*at).await;
+    }
 }
 
 /// How an attempt to deliver ended.
@@ -311,14 +331,14 @@ enum Delivery {
     Rejected(String),
     /// Still failing after the attempts allowed.
     Failed(String),
-    /// `spool_now` fired mid-attempt.
+    /// The spool moment came mid-attempt.
     Interrupted,
 }
 
 impl Lane {
     async fn run(mut self) {
         loop {
-            if self.spool_now.is_cancelled() {
+            if self.spool_time() {
                 break;
             }
             if self.has_backlog().await {
@@ -335,7 +355,7 @@ impl Lane {
             }
             let record = tokio::select! {
                 biased;
-                () = self.spool_now.cancelled() => break,
+                () = spool_moment(&self.shutdown, &self.spool_at) => break,
                 record = self.rx.recv() => record,
                 () = self.shutdown.cancelled(), if self.rx.is_empty() => break,
                 () = self.input.wake.notified() => continue,
@@ -459,11 +479,21 @@ impl Lane {
         }
     }
 
+    /// Shutting down and the spool moment reached.
+    fn spool_time(&self) -> bool {
+        self.shutdown.is_cancelled() && self.spool_at.get().is_none_or(|at| Instant::now() >= *at)
+    }
+
+    /// Completes at the spool moment.
+    async fn spool_moment(&self) {
+        spool_moment(&self.shutdown, &self.spool_at).await;
+    }
+
     /// Waits `backoff`, unless told to stop; false when told to stop.
     async fn pause(&self, backoff: Duration) -> bool {
         tokio::select! {
             () = tokio::time::sleep(backoff) => true,
-            () = self.spool_now.cancelled() => false,
+            () = self.spool_moment() => false,
             () = self.shutdown.cancelled() => false,
         }
     }
@@ -553,7 +583,7 @@ impl Lane {
                 loop {
                     tokio::select! {
                         sent = &mut post => break sent,
-                        () = self.spool_now.cancelled() => return Delivery::Interrupted,
+                        () = self.spool_moment() => return Delivery::Interrupted,
                         () = self.input.wake.notified() => self.move_memory_to_spool(None).await,
                     }
                 }
@@ -575,7 +605,7 @@ impl Lane {
             loop {
                 tokio::select! {
                     () = &mut wait => break,
-                    () = self.spool_now.cancelled() => return Delivery::Interrupted,
+                    () = self.spool_moment() => return Delivery::Interrupted,
                     () = self.input.wake.notified() => self.move_memory_to_spool(None).await,
                 }
             }

@@ -257,20 +257,45 @@ impl Redis {
     }
 
     /// For `/api/ready`: `{status: ok|degraded, backend, location, when_unavailable, ...}`.
-    pub fn check(&self) -> serde_json::Value {
-        serde_json::json!({
-            "status": if self.is_up() { "ok" } else { "degraded" },
-            "backend": "redis",
-            "location": self.location,
-            "when_unavailable": match self.when_unavailable {
-                WhenStateUnavailable::Local => "local",
-                WhenStateUnavailable::Refuse => "refuse",
-            },
-            "failures": self.stats.failures.load(Ordering::Relaxed),
-            "fallbacks": self.stats.fallbacks.load(Ordering::Relaxed),
-            "recoveries": self.stats.recoveries.load(Ordering::Relaxed),
-        })
+    pub fn check(&self) -> RedisCheck {
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        RedisCheck {
+            status: if self.is_up() { "ok" } else { "degraded" },
+            details: Some(RedisDetails {
+                backend: "redis",
+                location: self.location.clone(),
+                when_unavailable: match self.when_unavailable {
+                    WhenStateUnavailable::Local => "local",
+                    WhenStateUnavailable::Refuse => "refuse",
+                },
+                failures: count(&self.stats.failures),
+                fallbacks: count(&self.stats.fallbacks),
+                recoveries: count(&self.stats.recoveries),
+            }),
+        }
     }
+}
+
+/// Redis's line in `/api/ready`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RedisCheck {
+    /// `ok`, or `degraded` (chats go on with local state, or are refused: `when_unavailable`).
+    pub status: &'static str,
+    /// Without the admin token: absent.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub details: Option<RedisDetails>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RedisDetails {
+    pub backend: &'static str,
+    /// `STATE_URL` without credentials.
+    pub location: String,
+    /// `local` or `refuse` (`STATE_UNAVAILABLE`).
+    pub when_unavailable: &'static str,
+    pub failures: u64,
+    pub fallbacks: u64,
+    pub recoveries: u64,
 }
 
 #[cfg(test)]

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use indexmap::IndexMap;
 use serde::Serialize;
-use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use crate::domain::TokenUsage;
 use crate::domain::pricing::PriceTable;
+use crate::services::guardrails::BudgetReport;
 
 pub use activity::ChatsPerMinute;
 pub use store::{
@@ -84,27 +85,24 @@ impl UsageStats {
     }
 
     /// A summary of the tests' or the estimates' ledger.
-    async fn side_summary(&self, kind: UsageKind) -> Value {
+    async fn side_summary(&self, kind: UsageKind) -> SideUsage {
         let figures = self.store.side_figures(kind).await;
         let mut total = Tally::default();
         for (_, tally) in &figures.rows {
             total.merge(tally);
         }
-        let mut summary = json!({
-            "prompt_tokens": total.prompt,
-            "completion_tokens": total.completion,
-            "total_tokens": total.prompt + total.completion,
-            "request_count": total.requests,
-            "cost_usd": round4(total.prompt_cost + total.completion_cost),
-        });
-        if kind == UsageKind::Estimated {
-            summary["estimated"] = json!(true);
+        SideUsage {
+            prompt_tokens: total.prompt,
+            completion_tokens: total.completion,
+            total_tokens: total.prompt + total.completion,
+            request_count: total.requests,
+            cost_usd: round4(total.prompt_cost + total.completion_cost),
+            estimated: (kind == UsageKind::Estimated).then_some(true),
         }
-        summary
     }
 
     /// The `/api/openai/usage` answer, for everything or for one session.
-    pub async fn report(&self, session_id: Option<&str>, account_info: Value) -> Value {
+    pub async fn report(&self, session_id: Option<&str>, account_info: AccountInfo) -> UsageReport {
         let Figures { rows, latest_model } = self.store.figures(session_id).await;
         let mut total = Tally::default();
         let mut by_model = IndexMap::with_capacity(rows.len());
@@ -127,33 +125,107 @@ impl UsageStats {
                 },
             );
         }
-        let mut report = json!({
-            "total_prompt_tokens": total.prompt,
-            "total_completion_tokens": total.completion,
-            "total_tokens": total.total,
-            "request_count": total.requests,
-            "model": latest_model.unwrap_or_else(|| self.default_model.clone()),
-            "estimated_cost_usd": round4(total.prompt_cost + total.completion_cost),
-            "prompt_cost_usd": round4(total.prompt_cost),
-            "completion_cost_usd": round4(total.completion_cost),
-            "account_info": account_info,
-            "billing_credit_balance": null,
-            "usage_dashboard_url": USAGE_DASHBOARD_URL,
-            "billing_dashboard_url": BILLING_DASHBOARD_URL,
-            "note": NOTE,
-            "by_model": by_model,
-            "unpriced_models": unpriced,
-        });
-        match session_id {
-            Some(id) => report["session_id"] = json!(id),
-            None => {
-                // Apart from the contract's totals, which stay chats as OpenAI reported them.
-                report["test_usage"] = self.side_summary(UsageKind::Test).await;
-                report["estimated_usage"] = self.side_summary(UsageKind::Estimated).await;
-            }
+        // Apart from the contract's totals, which stay chats as OpenAI reported them.
+        let (test_usage, estimated_usage) = match session_id {
+            Some(_) => (None, None),
+            None => (
+                Some(self.side_summary(UsageKind::Test).await),
+                Some(self.side_summary(UsageKind::Estimated).await),
+            ),
+        };
+        UsageReport {
+            total_prompt_tokens: total.prompt,
+            total_completion_tokens: total.completion,
+            total_tokens: total.total,
+            request_count: total.requests,
+            model: latest_model.unwrap_or_else(|| self.default_model.clone()),
+            estimated_cost_usd: round4(total.prompt_cost + total.completion_cost),
+            prompt_cost_usd: round4(total.prompt_cost),
+            completion_cost_usd: round4(total.completion_cost),
+            account_info,
+            billing_credit_balance: None,
+            usage_dashboard_url: USAGE_DASHBOARD_URL,
+            billing_dashboard_url: BILLING_DASHBOARD_URL,
+            note: NOTE,
+            by_model,
+            unpriced_models: unpriced,
+            session_id: session_id.map(str::to_owned),
+            test_usage,
+            estimated_usage,
+            budget: None,
         }
-        report
     }
+}
+
+/// `GET /api/openai/usage`'s answer (contract §8), for everything or for one session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageReport {
+    pub total_prompt_tokens: u64,
+    pub total_completion_tokens: u64,
+    pub total_tokens: u64,
+    pub request_count: u64,
+    /// The model of the latest chat counted, else the configured one.
+    pub model: String,
+    pub estimated_cost_usd: f64,
+    pub prompt_cost_usd: f64,
+    pub completion_cost_usd: f64,
+    pub account_info: AccountInfo,
+    /// Always `null` (OpenAI has no API for it), as in the Flask service.
+    pub billing_credit_balance: Option<f64>,
+    pub usage_dashboard_url: &'static str,
+    pub billing_dashboard_url: &'static str,
+    pub note: &'static str,
+    #[schema(value_type = std::collections::BTreeMap<String, ModelUsage>)]
+    pub by_model: IndexMap<String, ModelUsage>,
+    /// Models the price table does not know (priced at the fallback rate).
+    pub unpriced_models: Vec<String>,
+    /// Only with `?session_id=`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Only without `?session_id=`: `/api/openai/test` calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_usage: Option<SideUsage>,
+    /// Only without `?session_id=`: chats whose usage was estimated (no `usage` from upstream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_usage: Option<SideUsage>,
+    /// Only when a budget is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetReport>,
+}
+
+/// The key in use: its 7-character prefix only (`null` for a key of 7 characters or fewer).
+/// `{}` when no key is configured.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum AccountInfo {
+    Active(ActiveAccount),
+    NoKey(NoAccount),
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ActiveAccount {
+    pub api_key_prefix: Option<String>,
+    pub model: String,
+    /// `active`.
+    pub status: &'static str,
+}
+
+/// `{}`: no key configured.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoAccount {}
+
+/// Usage kept apart from the contract's totals.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SideUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub request_count: u64,
+    pub cost_usd: f64,
+    /// `true` for estimated usage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated: Option<bool>,
 }
 
 fn round4(x: f64) -> f64 {
@@ -163,6 +235,11 @@ fn round4(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
+
+    fn report(stats: &UsageStats, session: Option<&str>) -> Value {
+        serde_json::to_value(now(stats.report(session, AccountInfo::NoKey(NoAccount {})))).unwrap()
+    }
 
     fn usage(p: u64, c: u64) -> TokenUsage {
         TokenUsage {
@@ -191,7 +268,7 @@ mod tests {
         let stats = stats(10);
         now(stats.record(None, "gpt-4", &usage(1_000_000, 0))); // $30
         now(stats.record(None, "gpt-3.5-turbo", &usage(1_000_000, 1_000_000))); // $0.5 + $1.5
-        let r = now(stats.report(None, json!({})));
+        let r = report(&stats, None);
         assert_eq!(r["estimated_cost_usd"], 32.0);
         assert_eq!(r["prompt_cost_usd"], 30.5);
         assert_eq!(r["model"], "gpt-3.5-turbo", "latest model");
@@ -206,23 +283,20 @@ mod tests {
         now(stats.record(Some("b"), "gpt-4o", &usage(1, 1)));
         now(stats.record(Some("c"), "gpt-4o", &usage(1, 1)));
         assert_eq!(
-            now(stats.report(Some("a"), json!({})))["request_count"],
+            report(&stats, Some("a"))["request_count"],
             0,
             "oldest session forgotten"
         );
-        assert_eq!(now(stats.report(Some("c"), json!({})))["total_tokens"], 2);
-        assert_eq!(now(stats.report(None, json!({})))["total_tokens"], 19);
-        assert_eq!(
-            now(stats.report(Some("zzz"), json!({})))["model"],
-            "gpt-3.5-turbo"
-        );
+        assert_eq!(report(&stats, Some("c"))["total_tokens"], 2);
+        assert_eq!(report(&stats, None)["total_tokens"], 19);
+        assert_eq!(report(&stats, Some("zzz"))["model"], "gpt-3.5-turbo");
     }
 
     #[test]
     fn unknown_models_are_flagged() {
         let stats = stats(2);
         now(stats.record(None, "my-local-llama", &usage(1000, 1000)));
-        let r = now(stats.report(None, json!({})));
+        let r = report(&stats, None);
         assert_eq!(r["unpriced_models"], json!(["my-local-llama"]));
         assert_eq!(r["by_model"]["my-local-llama"]["priced"], false);
     }
@@ -234,10 +308,7 @@ mod tests {
             now(stats.record(Some("s"), &format!("m{i}"), &usage(1, 2)));
         }
         now(stats.record(None, "gpt-4", &usage(1_000_000, 0))); // past the bound: $30 under other
-        for view in [
-            now(stats.report(None, json!({}))),
-            now(stats.report(Some("s"), json!({}))),
-        ] {
+        for view in [report(&stats, None), report(&stats, Some("s"))] {
             let by_model = view["by_model"].as_object().unwrap();
             assert_eq!(by_model.len(), MAX_MODELS + 1, "256 rows and other");
             assert_eq!(
@@ -249,7 +320,7 @@ mod tests {
             );
             assert!(view["unpriced_models"].as_array().unwrap().len() <= MAX_MODELS + 1);
         }
-        let all = now(stats.report(None, json!({})));
+        let all = report(&stats, None);
         assert_eq!(all["request_count"], MAX_MODELS as u64 + 51);
         assert_eq!(
             all["total_tokens"],
