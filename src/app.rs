@@ -22,7 +22,7 @@ use crate::services::bookkeeping::Bookkeeping;
 use crate::services::chat::{ChatService, Upstream};
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::{
-    BudgetStore, Budgets, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
+    BudgetStore, Budgets, CallLimits, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
     RateLimitStore,
 };
 use crate::services::openai::OpenAiService;
@@ -306,8 +306,8 @@ fn guardrails(
         &config.openai.model,
         &config.pricing.models(),
     );
-    // Day counters plus one per session: bounded like the sessions themselves.
-    let budget_store = MemoryBudgetStore::new(config.sessions_max.get() + 16);
+    // Session counters are bounded like the sessions themselves; day counters apart.
+    let budget_store = MemoryBudgetStore::new(config.sessions_max.get());
     let (rate, budget_store): (Arc<dyn RateLimitStore>, Arc<dyn BudgetStore>) = match shared {
         Some(shared) => (
             Arc::new(RedisRateLimits::new(shared.clone(), &settings.rate)),
@@ -324,7 +324,12 @@ fn guardrails(
         rate,
         settings.rate,
         Arc::new(budgets),
-        settings.max_input_chars,
+        CallLimits {
+            max_input_chars: settings.max_input_chars,
+            output_cap: config.output_cap(),
+            min_output: config.openai.min_output_tokens,
+        },
+        config.pricing.clone(),
         tasks,
     )
 }

@@ -231,9 +231,24 @@ pub const VARS: &[Var] = &[
         help: "tokens per session per local day (unset: no limit)",
     },
     Var {
+        name: "OPENAI_MAX_OUTPUT_TOKENS",
+        default: "",
+        help: "the most tokens an answer may have, sent upstream with every call (unset: 1000 when a budget is set, else nothing is sent, as in Flask)",
+    },
+    Var {
         name: "BUDGET_ESTIMATE_OUTPUT_TOKENS",
-        default: "1000",
-        help: "completion tokens reserved per chat before its real usage is known",
+        default: "",
+        help: "the former name of OPENAI_MAX_OUTPUT_TOKENS, still accepted",
+    },
+    Var {
+        name: "OPENAI_OUTPUT_CAP_FIELD",
+        default: "auto",
+        help: "how the cap is sent: max_completion_tokens (OpenAI), max_tokens (older OpenAI-compatible servers), or auto (max_completion_tokens for openai.com and Azure, else max_tokens)",
+    },
+    Var {
+        name: "OPENAI_MIN_OUTPUT_TOKENS",
+        default: "64",
+        help: "a chat is refused by a budget only when its prompt and this many answer tokens do not fit",
     },
     Var {
         name: "MAX_INPUT_CHARS",
@@ -349,7 +364,23 @@ pub struct OpenAiSettings {
     /// A client that takes no bytes of an answer this long is cut (`SSE_WRITE_STALL_SECS`).
     pub write_stall: Duration,
     pub http2: Http2,
+    /// `OPENAI_MAX_OUTPUT_TOKENS` (or its former name) as set; `Config::output_cap` adds the
+    /// budgets' default.
+    pub max_output_tokens: Option<u32>,
+    pub cap_field: CapField,
+    pub min_output_tokens: u32,
 }
+
+/// The request field that carries the output cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapField {
+    MaxCompletionTokens,
+    MaxTokens,
+}
+
+/// The cap sent when a budget is set and `OPENAI_MAX_OUTPUT_TOKENS` is not (the former
+/// `BUDGET_ESTIMATE_OUTPUT_TOKENS` default).
+pub const BUDGETED_OUTPUT_TOKENS: u32 = 1000;
 
 /// `OPENAI_HTTP2`: whether chats share HTTP/2 connections to the upstream instead of holding one
 /// HTTP/1.1 connection each while in flight.
@@ -401,8 +432,6 @@ pub struct BudgetLimits {
     pub daily_usd: Option<f64>,
     pub daily_tokens: Option<u64>,
     pub session_tokens: Option<u64>,
-    /// Completion tokens reserved for a chat before its real usage is known.
-    pub estimate_output_tokens: u64,
 }
 
 impl BudgetLimits {
@@ -510,6 +539,16 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The output cap sent with every call: `OPENAI_MAX_OUTPUT_TOKENS`, else 1000 when a budget
+    /// is set (a reservation must bound the answer), else none (as Flask sent none).
+    pub fn output_cap(&self) -> Option<u32> {
+        self.openai.max_output_tokens.or(self
+            .guardrails
+            .budget
+            .any()
+            .then_some(BUDGETED_OUTPUT_TOKENS))
+    }
+
     /// Reads the process environment and the `.env` file (`env_file`, else `./.env`).
     pub fn load(env_file: Option<&Path>) -> Result<Self, ConfigError> {
         let explicit = env_file.is_some();
@@ -656,7 +695,42 @@ fn openai_settings(src: &Source) -> Result<OpenAiSettings, ConfigError> {
                 ("never", Http2::Never),
             ],
         )?,
+        max_output_tokens: match src.raw("OPENAI_MAX_OUTPUT_TOKENS") {
+            Some(_) => src.optional::<NonZeroU32>("OPENAI_MAX_OUTPUT_TOKENS")?,
+            None => src.optional::<NonZeroU32>("BUDGET_ESTIMATE_OUTPUT_TOKENS")?,
+        }
+        .map(NonZeroU32::get),
+        cap_field: match src.choice(
+            "OPENAI_OUTPUT_CAP_FIELD",
+            &[
+                ("auto", None),
+                ("max_completion_tokens", Some(CapField::MaxCompletionTokens)),
+                ("max_tokens", Some(CapField::MaxTokens)),
+            ],
+        )? {
+            Some(field) => field,
+            None => CapField::for_base_url(&src.http_url("OPENAI_BASE_URL")?),
+        },
+        min_output_tokens: src
+            .positive::<NonZeroU32>("OPENAI_MIN_OUTPUT_TOKENS")?
+            .get(),
     })
+}
+
+impl CapField {
+    /// OpenAI and Azure OpenAI take `max_completion_tokens` (and reasoning models only that);
+    /// other OpenAI-compatible servers (vLLM, llama.cpp, older gateways) know `max_tokens`.
+    fn for_base_url(url: &str) -> Self {
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_default();
+        if host.ends_with("openai.com") || host.ends_with("openai.azure.com") {
+            Self::MaxCompletionTokens
+        } else {
+            Self::MaxTokens
+        }
+    }
 }
 
 /// `PAPITA_*`: credentials and usage records.
@@ -732,9 +806,6 @@ fn guardrail_settings(src: &Source) -> Result<GuardrailSettings, ConfigError> {
             session_tokens: src
                 .optional::<NonZeroU64>("BUDGET_SESSION_TOKENS")?
                 .map(NonZeroU64::get),
-            estimate_output_tokens: src
-                .positive::<NonZeroU64>("BUDGET_ESTIMATE_OUTPUT_TOKENS")?
-                .get(),
         },
         max_input_chars: src.positive::<NonZeroUsize>("MAX_INPUT_CHARS")?.get(),
         admin_token: src.raw("ADMIN_TOKEN").map(|t| SecretString::from(t.trim())),
@@ -956,6 +1027,22 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_sources(|k| env.get(k).cloned(), &file, PathBuf::from(".env"), false)
+    }
+
+    #[test]
+    fn the_cap_field_follows_the_base_url() {
+        assert_eq!(
+            CapField::for_base_url(DEFAULT_OPENAI_BASE_URL),
+            CapField::MaxCompletionTokens
+        );
+        assert_eq!(
+            CapField::for_base_url("https://my-resource.openai.azure.com/openai/v1"),
+            CapField::MaxCompletionTokens
+        );
+        assert_eq!(
+            CapField::for_base_url("http://127.0.0.1:8000/v1"),
+            CapField::MaxTokens
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod identifier;
 pub mod input_error;
 pub mod pricing;
 pub mod session_id;
+pub mod tokens;
 pub mod usage;
 
 pub use api_key::ApiKey;

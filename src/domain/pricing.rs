@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::domain::tokens::Tokenizer;
+
 const BUILT_IN: &str = include_str!("pricing.json");
 
 /// USD per one million tokens.
@@ -16,6 +18,12 @@ pub struct Price {
     /// without it they cost the normal input rate.
     #[serde(default)]
     pub cached_input: Option<f64>,
+    /// The model's context window in tokens (prompt and answer together), when known.
+    #[serde(default)]
+    pub context_window: Option<u64>,
+    /// How its text becomes tokens; absent: by the model's family (`domain::tokens`).
+    #[serde(default)]
+    pub tokenizer: Option<Tokenizer>,
 }
 
 /// What one chat cost, in USD.
@@ -137,6 +145,21 @@ impl PriceTable {
                 priced: false,
             },
         }
+    }
+
+    /// The model's tokenizer: the table's word for it, else its family's.
+    pub fn tokenizer(&self, model: &str) -> Tokenizer {
+        let quote = self.quote(model);
+        match quote.price.tokenizer {
+            Some(named) if quote.priced => named,
+            _ => Tokenizer::for_model(model),
+        }
+    }
+
+    /// The model's context window, when the table gives one.
+    pub fn context_window(&self, model: &str) -> Option<u64> {
+        let quote = self.quote(model);
+        quote.priced.then_some(quote.price.context_window).flatten()
     }
 
     /// Cost in USD of one chat's tokens; `cached` of the prompt tokens at the cached rate.

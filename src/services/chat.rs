@@ -29,6 +29,10 @@ pub struct ChatReply {
     pub message: String,
     pub usage: ReplyUsage,
     pub timestamp: String,
+    /// Only when the answer stopped at the output cap (`OPENAI_MAX_OUTPUT_TOKENS`, or what a
+    /// budget had room for). Additive: the site's chat window ignores it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -37,6 +41,9 @@ pub struct ReplyUsage {
     pub completion_tokens: u64,
     pub total_tokens: u64,
     pub model: String,
+    /// Only when the upstream reported no usage and the tokens were counted here.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
 /// What a streamed chat sends to the client.
@@ -107,8 +114,30 @@ impl InFlight {
         }
     }
 
-    async fn release(self) {
-        self.settle(&TokenUsage::default()).await;
+    fn output_cap(&self) -> Option<u32> {
+        self.admission.as_ref().and_then(Admission::output_cap)
+    }
+
+    fn prompt_tokens(&self) -> u64 {
+        self.admission.as_ref().map_or(0, Admission::prompt_tokens)
+    }
+
+    /// The call failed before an answer: released if the upstream provably took nothing,
+    /// else kept (a whole answer's reservation stays whole, a stream's settles what was seen).
+    async fn failed(mut self, error: &ChatError) {
+        self.estimate = None;
+        let Some(admission) = self.admission.take() else {
+            return;
+        };
+        let unprocessed = match error {
+            ChatError::NotConfigured | ChatError::Guardrail(_) => true,
+            ChatError::Upstream(e) => e.unprocessed,
+        };
+        if unprocessed {
+            admission.release().await;
+        } else {
+            admission.ambiguous().await;
+        }
     }
 
     /// The upstream cut the stream (or never reported usage): settle and book the estimate.
@@ -220,14 +249,14 @@ impl ChatService {
     pub async fn complete(self: &Arc<Self>, request: ChatRequest) -> Result<ChatReply, ChatError> {
         let started = self.metrics.is_some().then(Instant::now);
         let session = self.sessions.resolve(request.session_id.clone()).await;
-        // A client that goes away mid-call drops this: the prompt's estimate is then settled.
+        // A client that goes away mid-call drops this: the reservation then stays whole.
         let in_flight = self.admit(&request, session.as_deref(), false).await?;
         let upstream_started = started.map(|_| Instant::now());
         let completion = {
-            let request = &request;
+            let (request, cap) = (&request, in_flight.output_cap());
             self.with_key(|key| async move {
                 self.openai
-                    .complete(&key, &request.model, &request.messages)
+                    .complete(&key, &request.model, &request.messages, cap)
                     .await
             })
             .await
@@ -239,22 +268,34 @@ impl ChatService {
         let completion = match completion {
             Ok(completion) => completion,
             Err(e) => {
-                in_flight.release().await;
+                in_flight.failed(&e).await;
                 return Err(e);
             }
         };
-        in_flight
-            .settle(&completion.usage.unwrap_or_default())
-            .await;
-        if let Some(usage) = &completion.usage {
-            self.books
-                .record(Outcome::Answered {
-                    request: &request,
-                    session: session.as_deref(),
-                    usage,
-                })
-                .await;
-        }
+        let (usage, estimated) = match completion.usage {
+            Some(usage) => (usage, false),
+            // An OpenAI-compatible server that reports no usage: counted here, and flagged.
+            None => (
+                self.count_usage(&request, in_flight.prompt_tokens(), &completion.text),
+                true,
+            ),
+        };
+        in_flight.settle(&usage).await;
+        let session = session.as_deref();
+        let outcome = if estimated {
+            Outcome::Estimated {
+                session,
+                model: &request.model,
+                usage: &usage,
+            }
+        } else {
+            Outcome::Answered {
+                request: &request,
+                session,
+                usage: &usage,
+            }
+        };
+        self.books.record(outcome).await;
         // What the gateway adds: everything but the OpenAI call (gateways publish this figure).
         if let (Some(metrics), Some(started), Some(upstream)) = (&self.metrics, started, upstream) {
             Metrics::observe(
@@ -262,11 +303,27 @@ impl ChatService {
                 started.elapsed().saturating_sub(upstream),
             );
         }
-        Ok(self.reply(
-            completion.text,
-            completion.usage.unwrap_or_default(),
-            &request.model,
-        ))
+        let mut reply = self.reply(completion.text, usage, &request.model);
+        reply.truncated = completion.truncated;
+        reply.usage.estimated = estimated;
+        Ok(reply)
+    }
+
+    /// Tokens of a call whose upstream reported none, counted with the model's tokenizer.
+    fn count_usage(&self, request: &ChatRequest, prompt_tokens: u64, answer: &str) -> TokenUsage {
+        let prompt = match prompt_tokens {
+            0 => self
+                .guardrails
+                .count_prompt(&request.model, &request.messages),
+            counted => counted,
+        };
+        let completion = self.guardrails.count_answer(&request.model, answer);
+        TokenUsage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            cached_tokens: 0,
+        }
     }
 
     /// A streamed answer. Failures before the upstream starts answering are errors here; later
@@ -282,10 +339,10 @@ impl ChatService {
         // settled, so closing streams early is no way around a budget.
         let in_flight = self.admit(&request, session.as_deref(), true).await?;
         let upstream = {
-            let request = &request;
+            let (request, cap) = (&request, in_flight.output_cap());
             self.with_key(|key| async move {
                 self.openai
-                    .stream(&key, &request.model, &request.messages)
+                    .stream(&key, &request.model, &request.messages, cap)
                     .await
             })
             .await
@@ -293,7 +350,7 @@ impl ChatService {
         let upstream = match upstream {
             Ok(upstream) => upstream,
             Err(e) => {
-                in_flight.release().await;
+                in_flight.failed(&e).await;
                 return Err(e);
             }
         };
@@ -306,6 +363,7 @@ impl ChatService {
             let mut upstream = std::pin::pin!(upstream);
             let mut text = String::new();
             let mut usage = None;
+            let mut truncated = false;
             while let Some(piece) = upstream.next().await {
                 match piece {
                     Ok(StreamPiece::Delta(delta)) => {
@@ -319,6 +377,7 @@ impl ChatService {
                         yield StreamEvent::Delta(delta);
                     }
                     Ok(StreamPiece::Usage(u)) => usage = Some(u),
+                    Ok(StreamPiece::Truncated) => truncated = true,
                     Err(e) => {
                         tracing::warn!(error = %e, "stream failed after it started");
                         in_flight.cut_short().await;
@@ -337,7 +396,9 @@ impl ChatService {
                             usage: &usage,
                         })
                         .await;
-                    yield StreamEvent::Done(this.reply(text, usage, &request.model));
+                    let mut reply = this.reply(text, usage, &request.model);
+                    reply.truncated = truncated;
+                    yield StreamEvent::Done(reply);
                 }
                 None => {
                     tracing::warn!("stream ended without usage; counted as an estimate");
@@ -355,24 +416,34 @@ impl ChatService {
             role: Role::User,
             content: TEST_PROMPT.into(),
         }];
-        let admission = self.guardrails.admit_test(model, TEST_PROMPT.len()).await?;
-        let messages = &messages;
+        // Dropped (the client left): its reservation stays whole, as a chat's does.
+        let admission = self.guardrails.admit_test(model, &messages).await?;
+        let (messages, cap) = (&messages, admission.output_cap());
         let result = self
-            .with_key(|key| async move { self.openai.complete(&key, model, messages).await })
+            .with_key(|key| async move { self.openai.complete(&key, model, messages, cap).await })
             .await;
-        let used = result
-            .as_ref()
-            .ok()
-            .and_then(|c| c.usage)
-            .unwrap_or_default();
-        admission.settle(&used).await;
-        if result.is_ok() {
-            self.books
-                .record(Outcome::Tested {
-                    model,
-                    usage: &used,
-                })
-                .await;
+        match &result {
+            Ok(completion) => {
+                let used = completion.usage.unwrap_or_else(|| {
+                    let answer = self.guardrails.count_answer(model, &completion.text);
+                    let prompt = self.guardrails.count_prompt(model, messages);
+                    TokenUsage {
+                        prompt_tokens: prompt,
+                        completion_tokens: answer,
+                        total_tokens: prompt + answer,
+                        cached_tokens: 0,
+                    }
+                });
+                admission.settle(&used).await;
+                self.books
+                    .record(Outcome::Tested {
+                        model,
+                        usage: &used,
+                    })
+                    .await;
+            }
+            Err(ChatError::Upstream(e)) if !e.unprocessed => admission.ambiguous().await,
+            Err(_) => admission.release().await,
         }
         result
     }
@@ -411,6 +482,7 @@ impl ChatService {
             message,
             usage: ReplyUsage::new(usage, model),
             timestamp: timestamp(&self.clock.now()),
+            truncated: false,
         }
     }
 }
@@ -422,6 +494,7 @@ impl ReplyUsage {
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.total_tokens,
             model: model.to_string(),
+            estimated: false,
         }
     }
 }

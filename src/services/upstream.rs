@@ -10,6 +10,10 @@ pub struct UpstreamError {
     pub kind: UpstreamKind,
     /// Safe to show: never holds the key (see `services::openai::redact`).
     pub message: String,
+    /// The upstream provably did not process the request: the connection was refused before
+    /// anything was written, or a 4xx answer came back. Anything else (a timeout, a 5xx, a cut
+    /// connection) may have been processed and billed.
+    pub unprocessed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +35,7 @@ impl UpstreamError {
         Self {
             kind,
             message: message.into(),
+            unprocessed: false,
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::helpers::{
     TestApp, error_of, eventually, local, manual_clock, spawn_app, spawn_app_with,
     spawn_app_with_clock,
 };
-use crate::mock_openai::{Reply, StreamScript};
+use crate::mock_openai::{Counted, Reply, StreamScript};
 
 async fn usage(app: &TestApp) -> Value {
     app.get("/api/openai/usage").await.json().await.unwrap()
@@ -199,13 +199,15 @@ async fn a_spent_budget_says_when_it_resets_and_resets_at_local_midnight() {
 
 #[tokio::test]
 async fn a_session_budget_holds_per_session() {
-    let app = spawn_app_with(|c, _, _| {
-        c.guardrails.budget.session_tokens = Some(1001);
+    let app = spawn_app_with(|c, openai, _| {
+        c.guardrails.budget.session_tokens = Some(100);
+        c.openai.max_output_tokens = Some(60);
+        openai.set_default(Reply::Counted(Counted::long(60)));
     })
     .await;
     let chat = |s: &str| app.post_chat(&json!({"message": "hi", "sessionId": s}));
     assert_eq!(chat("a").await.status(), 200);
-    // Settled to 18 real tokens: the next reservation of 1,001 does not fit.
+    // 8 prompt tokens and 60 answered: 24 left, short of the prompt and a minimal answer (64).
     assert_eq!(chat("a").await.status(), 429);
     assert_eq!(chat("b").await.status(), 200, "another session has its own");
 }

@@ -11,6 +11,7 @@ mod attribution;
 mod binary;
 mod browser_pages;
 mod browser_snippet;
+mod budgets;
 mod build_context;
 mod chat;
 mod client_bounds;

@@ -50,6 +50,32 @@ pub enum Reply {
     /// A whole (non-streamed) answer sent in ten pieces, `gap` apart; `cut` breaks the
     /// connection halfway.
     Trickle { gap: Duration, cut: bool },
+    /// As OpenAI behaves: the prompt counted with the model's encoding (tiktoken) and OpenAI's
+    /// per-message overheads, an answer of up to `answer_tokens` tokens ("tok tok ...": one each) stopped at
+    /// the request's `max_completion_tokens` / `max_tokens` with `finish_reason: "length"`, and
+    /// a prompt past `context_window` (with the cap) refused with `context_length_exceeded`.
+    /// Whole or streamed; `usage: false` reports none (some OpenAI-compatible servers).
+    Counted(Counted),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Counted {
+    pub answer_tokens: u64,
+    pub context_window: Option<u64>,
+    pub usage: bool,
+    /// Before the answer.
+    pub delay: Duration,
+}
+
+impl Counted {
+    pub fn long(answer_tokens: u64) -> Self {
+        Self {
+            answer_tokens,
+            context_window: None,
+            usage: true,
+            delay: Duration::ZERO,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -116,6 +142,8 @@ pub struct Recorded {
 }
 
 struct MockState {
+    /// Tokens this mock billed: every prompt it processed plus every answer token it produced.
+    billed: std::sync::atomic::AtomicU64,
     script: Mutex<VecDeque<Reply>>,
     default: Mutex<Reply>,
     /// When set, only these keys are accepted (others get 401).
@@ -141,6 +169,7 @@ impl MockOpenAi {
             requests: Mutex::default(),
             abandoned: AtomicUsize::new(0),
             completed: AtomicUsize::new(0),
+            billed: Default::default(),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -176,6 +205,11 @@ impl MockOpenAi {
 
     pub fn request_count(&self) -> usize {
         self.state.requests.lock().unwrap().len()
+    }
+
+    /// Tokens billed by `Reply::Counted` answers: prompts processed plus answer tokens produced.
+    pub fn billed(&self) -> u64 {
+        self.state.billed.load(Ordering::SeqCst)
     }
 
     pub fn abandoned(&self) -> usize {
@@ -337,6 +371,9 @@ async fn chat(
                 .into_response()
         }
         Reply::Stream(script) => stream_reply(script, model, watch).await,
+        Reply::Counted(counted) => {
+            counted_reply(&state, counted, &body, model, streaming, watch).await
+        }
         Reply::Delayed(..) => unreachable!("unwrapped above"),
         Reply::Trickle { gap, cut } => {
             let bytes = completion(&model, "trickled", 3, 2)
@@ -424,4 +461,94 @@ async fn stream_reply(script: StreamScript, model: String, watch: Watch) -> Resp
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(body))
         .unwrap()
+}
+
+/// The prompt's tokens as OpenAI counts them: 3 to prime the reply, then per message 4 plus its
+/// content in the model's encoding.
+pub fn openai_prompt_tokens(model: &str, body: &Value) -> u64 {
+    use al_chat::domain::tokens::{PER_MESSAGE, PER_REPLY, Tokenizer};
+    let tokenizer = Tokenizer::for_model(model);
+    PER_REPLY
+        + body["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| PER_MESSAGE + tokenizer.count(m["content"].as_str().unwrap_or("")))
+            .sum::<u64>()
+}
+
+async fn counted_reply(
+    state: &MockState,
+    counted: Counted,
+    body: &Value,
+    model: String,
+    streaming: bool,
+    watch: Watch,
+) -> Response {
+    tokio::time::sleep(counted.delay).await;
+    let prompt = openai_prompt_tokens(&model, body);
+    let cap = body["max_completion_tokens"]
+        .as_u64()
+        .or(body["max_tokens"].as_u64());
+    if let Some(window) = counted.context_window {
+        if prompt + cap.unwrap_or(0) > window {
+            watch.finish();
+            let message = format!(
+                "This model's maximum context length is {window} tokens. However, you requested {} tokens ({prompt} in the messages, {} in the completion). Please reduce the length of the messages or completion.",
+                prompt + cap.unwrap_or(0),
+                cap.unwrap_or(0)
+            );
+            let error = json!({"error": {"message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}});
+            return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+        }
+    }
+    let answer = cap.map_or(counted.answer_tokens, |c| counted.answer_tokens.min(c));
+    let finish = if answer < counted.answer_tokens {
+        "length"
+    } else {
+        "stop"
+    };
+    state.billed.fetch_add(prompt + answer, Ordering::SeqCst);
+    let usage = counted.usage.then(|| {
+        json!({"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer})
+    });
+    if !streaming {
+        watch.finish();
+        let text: String = (0..answer)
+            .map(|i| if i == 0 { "tok" } else { " tok" })
+            .collect();
+        let mut whole = completion(&model, &text, prompt, answer);
+        whole["choices"][0]["finish_reason"] = json!(finish);
+        whole["usage"] = usage.unwrap_or(Value::Null);
+        return Json(whole).into_response();
+    }
+    let body = async_stream::stream! {
+        let watch = watch;
+        yield Ok::<_, std::io::Error>(chunk(&model, json!({"role": "assistant", "content": ""}), None));
+        for i in 0..answer {
+            let piece = if i == 0 { "tok" } else { " tok" };
+            yield Ok(chunk(&model, json!({"content": piece}), None));
+        }
+        yield Ok(chunk(&model, json!({}), Some(finish)));
+        if let Some(usage) = usage {
+            let data = json!({
+                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u32, "model": model,
+                "choices": [], "usage": usage
+            });
+            yield Ok(Bytes::from(format!("data: {data}\n\n")));
+        }
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+        watch.finish();
+    };
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(body))
+        .unwrap()
+}
+
+/// The output cap a request carried, in whichever field.
+pub fn sent_cap(body: &Value) -> Option<u64> {
+    body["max_completion_tokens"]
+        .as_u64()
+        .or(body["max_tokens"].as_u64())
 }

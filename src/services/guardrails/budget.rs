@@ -17,79 +17,196 @@ use crate::config::BudgetLimits;
 use crate::domain::TokenUsage;
 use crate::domain::pricing::PriceTable;
 
-/// One counter to charge, and the most it may reach.
+/// One counter to charge: `fixed` (the prompt) plus `per_output` for each answer token granted,
+/// and the most it may reach.
 #[derive(Debug, Clone)]
 pub struct Charge {
     pub key: String,
-    pub amount: f64,
+    pub fixed: f64,
+    pub per_output: f64,
     pub cap: f64,
 }
 
 /// Why a budget store did not reserve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetRefusal {
-    /// The charge at this index does not fit its cap.
+    /// The charge at this index does not fit its cap, even with the least answer.
     Over(usize),
     /// The shared store is down and `STATE_UNAVAILABLE=refuse`.
     Unavailable,
 }
 
+/// Where a reservation was taken, so it is settled there (never on the other store: a
+/// reservation taken locally while Redis was down and settled on Redis would undercount it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Place {
+    #[default]
+    Local,
+    Shared,
+}
+
+/// What a store granted: the answer tokens every charge has room for (at most the most asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    pub output: u64,
+    pub place: Place,
+}
+
 pub trait BudgetStore: Send + Sync {
-    /// Adds every charge if each counter stays within its cap, atomically; else changes
-    /// nothing and says why (the first charge that does not fit).
-    fn reserve<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Result<(), BudgetRefusal>>;
-    /// Adds each amount (negative to give back).
-    fn adjust<'a>(&'a self, changes: &'a [(String, f64)]) -> BoxFuture<'a, ()>;
+    /// Finds the most answer tokens `n` in `min_output..=max_output` for which every counter
+    /// stays within its cap after adding `fixed + per_output * n`, and adds that, atomically.
+    /// Else changes nothing and says which charge cannot fit even `min_output`.
+    fn reserve<'a>(
+        &'a self,
+        charges: &'a [Charge],
+        min_output: u64,
+        max_output: u64,
+    ) -> BoxFuture<'a, Result<Granted, BudgetRefusal>>;
+    /// Adds each amount (negative to give back) where the reservation was taken.
+    fn adjust<'a>(&'a self, changes: &'a [(String, f64)], place: Place) -> BoxFuture<'a, ()>;
     /// A counter's value.
     fn spent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, f64>;
 }
 
-/// The in-process store: counters in one map, oldest forgotten past `max_keys` (yesterday's
-/// first, since keys are created day by day).
+/// Whether a counter is a session's (bounded on its own) or a day's (never evicted).
+pub fn is_session_key(key: &str) -> bool {
+    key.contains("|session|")
+}
+
+/// Answer tokens that fit: the largest `n <= max_output` with `spent + fixed + per_output * n <=
+/// cap` for every charge; `Err(i)` when charge `i` cannot take `min_output`.
+pub fn fit(
+    charges: &[Charge],
+    spent: impl Fn(&str) -> f64,
+    min_output: u64,
+    max_output: u64,
+) -> Result<u64, usize> {
+    let mut n = max_output;
+    for (i, c) in charges.iter().enumerate() {
+        let room = c.cap - spent(&c.key) - c.fixed;
+        let fits = |k: u64| room + TOLERANCE >= c.per_output * k as f64;
+        if !fits(min_output) {
+            return Err(i);
+        }
+        if c.per_output > 0.0 && !fits(n) {
+            n = ((room + TOLERANCE) / c.per_output).floor().max(0.0) as u64;
+            n = n.clamp(min_output, max_output);
+        }
+    }
+    Ok(n)
+}
+
+/// Float slack for USD sums (token counters are whole numbers, exact in an `f64`).
+const TOLERANCE: f64 = 1e-9;
+
+/// Days' counters kept (two a day at most: `usd` and `tokens`); yesterday's go first.
+const DAILY_KEYS: usize = 8;
+
+/// The in-process store. Day counters and session counters are kept apart: sessions are bounded
+/// (oldest forgotten past `max_sessions`), and nothing a client sends can push out a day's
+/// counter.
 pub struct MemoryBudgetStore {
-    counters: Mutex<IndexMap<String, f64>>,
-    max_keys: usize,
+    counters: Mutex<Counters>,
+    max_sessions: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    daily: IndexMap<String, f64>,
+    sessions: IndexMap<String, f64>,
+}
+
+impl Counters {
+    fn get(&self, key: &str) -> f64 {
+        let map = if is_session_key(key) {
+            &self.sessions
+        } else {
+            &self.daily
+        };
+        map.get(key).copied().unwrap_or(0.0)
+    }
+
+    fn add(&mut self, key: &str, amount: f64, max_sessions: usize) {
+        let (map, max) = if is_session_key(key) {
+            (&mut self.sessions, max_sessions)
+        } else {
+            (&mut self.daily, DAILY_KEYS)
+        };
+        match map.get_mut(key) {
+            Some(value) => *value = (*value + amount).max(0.0),
+            None => {
+                map.insert(key.to_string(), amount.max(0.0));
+                while map.len() > max {
+                    map.shift_remove_index(0);
+                }
+            }
+        }
+    }
 }
 
 impl MemoryBudgetStore {
-    pub fn new(max_keys: usize) -> Self {
+    pub fn new(max_sessions: usize) -> Self {
         Self {
             counters: Mutex::default(),
-            max_keys,
+            max_sessions: max_sessions.max(1),
         }
+    }
+
+    /// `reserve`, at once.
+    pub fn reserve_now(
+        &self,
+        charges: &[Charge],
+        min_output: u64,
+        max_output: u64,
+    ) -> Result<Granted, BudgetRefusal> {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let output = fit(charges, |k| counters.get(k), min_output, max_output)
+            .map_err(BudgetRefusal::Over)?;
+        for c in charges {
+            counters.add(
+                &c.key,
+                c.fixed + c.per_output * output as f64,
+                self.max_sessions,
+            );
+        }
+        Ok(Granted {
+            output,
+            place: Place::Local,
+        })
+    }
+
+    pub fn adjust_now(&self, changes: &[(String, f64)]) {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, delta) in changes {
+            counters.add(key, *delta, self.max_sessions);
+        }
+    }
+
+    pub fn spent_now(&self, key: &str) -> f64 {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
     }
 }
 
 impl BudgetStore for MemoryBudgetStore {
-    fn reserve<'a>(&'a self, charges: &'a [Charge]) -> BoxFuture<'a, Result<(), BudgetRefusal>> {
-        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        let over = charges.iter().position(|c| {
-            counters.get(&c.key).copied().unwrap_or(0.0) + c.amount > c.cap + f64::EPSILON
-        });
-        if let Some(i) = over {
-            return ready(Err(BudgetRefusal::Over(i))).boxed();
-        }
-        for c in charges {
-            *counters.entry(c.key.clone()).or_insert(0.0) += c.amount;
-        }
-        while counters.len() > self.max_keys {
-            counters.shift_remove_index(0);
-        }
-        ready(Ok(())).boxed()
+    fn reserve<'a>(
+        &'a self,
+        charges: &'a [Charge],
+        min_output: u64,
+        max_output: u64,
+    ) -> BoxFuture<'a, Result<Granted, BudgetRefusal>> {
+        ready(self.reserve_now(charges, min_output, max_output)).boxed()
     }
 
-    fn adjust<'a>(&'a self, changes: &'a [(String, f64)]) -> BoxFuture<'a, ()> {
-        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, delta) in changes {
-            let value = counters.entry(key.clone()).or_insert(0.0);
-            *value = (*value + delta).max(0.0);
-        }
+    fn adjust<'a>(&'a self, changes: &'a [(String, f64)], _place: Place) -> BoxFuture<'a, ()> {
+        self.adjust_now(changes);
         ready(()).boxed()
     }
 
     fn spent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, f64> {
-        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        ready(counters.get(key).copied().unwrap_or(0.0)).boxed()
+        ready(self.spent_now(key)).boxed()
     }
 }
 
@@ -117,11 +234,16 @@ pub struct Budgets {
     clock: Arc<dyn Clock>,
 }
 
-/// Spend held for one call until its real usage is known. Settle it, or release it.
+/// Spend held for one call until its real usage is known: the exact prompt plus the answer
+/// tokens granted, a true upper bound of what the call can cost (the upstream stops at the cap
+/// sent). Settle it with the real usage, release it, or keep it whole.
 #[derive(Debug, Default)]
 pub struct Reservation {
     changes: Vec<(String, f64, Unit)>,
     model: String,
+    place: Place,
+    /// The answer tokens reserved: the cap to send for this call.
+    pub output: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -129,9 +251,6 @@ enum Unit {
     Usd,
     Tokens,
 }
-
-/// Rough size of a token in characters, for estimates before OpenAI counts.
-pub const CHARS_PER_TOKEN: u64 = 4;
 
 impl Reservation {
     /// Holds nothing (no budget is set): there is nothing to settle.
@@ -155,39 +274,79 @@ impl Budgets {
         }
     }
 
-    /// Reserves a call's estimated spend: `input_chars` of prompt, plus the output estimate.
+    pub fn any(&self) -> bool {
+        self.limits.any()
+    }
+
+    /// Reserves `prompt_tokens` plus the most answer tokens up to `max_output` that every budget
+    /// has room for; refused only when not even `min_output` fits.
     pub async fn reserve(
         &self,
         session: Option<&str>,
         model: &str,
-        input_chars: usize,
+        prompt_tokens: u64,
+        min_output: u64,
+        max_output: u64,
     ) -> Result<Reservation, BudgetDenied> {
-        if !self.limits.any() {
-            // No budget: nothing to price or count, per chat.
-            return Ok(Reservation::default());
-        }
-        let prompt = (input_chars as u64).div_ceil(CHARS_PER_TOKEN);
-        let estimate = TokenUsage {
-            prompt_tokens: prompt,
-            completion_tokens: self.limits.estimate_output_tokens,
-            total_tokens: prompt + self.limits.estimate_output_tokens,
-            cached_tokens: 0,
+        let (prompt_usd, output_usd) = self.rates(model);
+        let day = self.day();
+        let mut charges = Vec::new();
+        let mut units = Vec::new();
+        let mut charge = |key: String, fixed: f64, per_output: f64, cap: Option<f64>, unit| {
+            if let Some(cap) = cap {
+                charges.push(Charge {
+                    key,
+                    fixed,
+                    per_output,
+                    cap,
+                });
+                units.push(unit);
+            }
         };
-        let reservation = self.charges_for(session, model, &estimate);
-        if reservation.changes.is_empty() {
-            return Ok(reservation);
+        let tokens = prompt_tokens as f64;
+        charge(
+            format!("{day}|usd"),
+            tokens * prompt_usd,
+            output_usd,
+            self.limits.daily_usd,
+            Unit::Usd,
+        );
+        let daily_tokens = self.limits.daily_tokens.map(|t| t as f64);
+        charge(
+            format!("{day}|tokens"),
+            tokens,
+            1.0,
+            daily_tokens,
+            Unit::Tokens,
+        );
+        if let Some(id) = session {
+            let cap = self.limits.session_tokens.map(|t| t as f64);
+            charge(
+                format!("{day}|session|{id}"),
+                tokens,
+                1.0,
+                cap,
+                Unit::Tokens,
+            );
         }
-        let charges: Vec<Charge> = reservation
-            .changes
-            .iter()
-            .map(|(key, amount, unit)| Charge {
-                key: key.clone(),
-                amount: *amount,
-                cap: self.cap_of(key, *unit),
-            })
-            .collect();
-        match self.store.reserve(&charges).await {
-            Ok(()) => Ok(reservation),
+        if charges.is_empty() {
+            return Ok(Reservation {
+                output: max_output,
+                ..Reservation::default()
+            });
+        }
+        let min_output = min_output.min(max_output);
+        match self.store.reserve(&charges, min_output, max_output).await {
+            Ok(granted) => Ok(Reservation {
+                changes: charges
+                    .into_iter()
+                    .zip(units)
+                    .map(|(c, unit)| (c.key, c.fixed + c.per_output * granted.output as f64, unit))
+                    .collect(),
+                model: model.to_string(),
+                place: granted.place,
+                output: granted.output,
+            }),
             Err(BudgetRefusal::Over(i)) => {
                 Err(BudgetDenied::Spent(self.spent_error(&charges[i].key)))
             }
@@ -195,7 +354,15 @@ impl Budgets {
         }
     }
 
-    /// Replaces the reservation with what the call really used.
+    /// USD per prompt token and per answer token. Prompt tokens are priced at the full input
+    /// rate: the cache's discount is known only afterwards.
+    fn rates(&self, model: &str) -> (f64, f64) {
+        let price = self.pricing.quote(model).price;
+        (price.input / 1_000_000.0, price.output / 1_000_000.0)
+    }
+
+    /// Replaces the reservation with what the call really used (never more than reserved: the
+    /// upstream stops at the cap, and an estimate is capped likewise).
     pub async fn settle(&self, reservation: Reservation, actual: &TokenUsage) {
         if reservation.changes.is_empty() {
             return;
@@ -212,7 +379,7 @@ impl Budgets {
                 (key, real - reserved)
             })
             .collect();
-        self.store.adjust(&changes).await;
+        self.store.adjust(&changes, reservation.place).await;
     }
 
     /// `budget` for `/api/openai/usage`, when any budget is set.
@@ -244,25 +411,6 @@ impl Budgets {
         })
     }
 
-    fn charges_for(&self, session: Option<&str>, model: &str, usage: &TokenUsage) -> Reservation {
-        let day = self.day();
-        let (usd, tokens) = self.amounts(model, usage);
-        let mut changes = Vec::new();
-        if self.limits.daily_usd.is_some() {
-            changes.push((format!("{day}|usd"), usd, Unit::Usd));
-        }
-        if self.limits.daily_tokens.is_some() {
-            changes.push((format!("{day}|tokens"), tokens, Unit::Tokens));
-        }
-        if let (Some(_), Some(id)) = (self.limits.session_tokens, session) {
-            changes.push((format!("{day}|session|{id}"), tokens, Unit::Tokens));
-        }
-        Reservation {
-            changes,
-            model: model.to_string(),
-        }
-    }
-
     fn amounts(&self, model: &str, usage: &TokenUsage) -> (f64, f64) {
         let cost = self.pricing.cost(
             model,
@@ -274,17 +422,6 @@ impl Budgets {
             cost.prompt + cost.completion,
             (usage.prompt_tokens + usage.completion_tokens) as f64,
         )
-    }
-
-    fn cap_of(&self, key: &str, unit: Unit) -> f64 {
-        match unit {
-            Unit::Usd => self.limits.daily_usd.unwrap_or(f64::INFINITY),
-            Unit::Tokens if key.contains("|session|") => self
-                .limits
-                .session_tokens
-                .map_or(f64::INFINITY, |t| t as f64),
-            Unit::Tokens => self.limits.daily_tokens.map_or(f64::INFINITY, |t| t as f64),
-        }
     }
 
     fn spent_error(&self, key: &str) -> BudgetSpent {

@@ -24,7 +24,9 @@ pub use models::ModelPolicy;
 pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
 use crate::config::RateLimits;
-use crate::domain::{ChatRequest, InputError};
+use crate::domain::pricing::PriceTable;
+use crate::domain::tokens::{PER_REPLY, TokenCounter};
+use crate::domain::{ChatMessage, ChatRequest, InputError};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use tokio_util::task::TaskTracker;
@@ -127,11 +129,25 @@ pub struct Guardrails {
     rate: Arc<dyn RateLimitStore>,
     rate_limits: RateLimits,
     budgets: Arc<Budgets>,
-    max_input_chars: usize,
+    limits: CallLimits,
+    pricing: PriceTable,
+    tokens: TokenCounter,
     refusals: Refusals,
     /// Where an admission dropped unsettled settles (the application's background tasks).
     tasks: TaskTracker,
 }
+
+/// What one call may be: its input (`MAX_INPUT_CHARS`), its output cap (`Config::output_cap`)
+/// and the least answer a budget must leave room for (`OPENAI_MIN_OUTPUT_TOKENS`).
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    pub max_input_chars: usize,
+    pub output_cap: Option<u32>,
+    pub min_output: u32,
+}
+
+/// `/api/openai/test`'s own cap: a connection test needs a word, not an essay.
+pub const TEST_OUTPUT_TOKENS: u64 = 16;
 
 impl Guardrails {
     pub fn new(
@@ -139,7 +155,8 @@ impl Guardrails {
         rate: Arc<dyn RateLimitStore>,
         rate_limits: RateLimits,
         budgets: Arc<Budgets>,
-        max_input_chars: usize,
+        limits: CallLimits,
+        pricing: PriceTable,
         tasks: TaskTracker,
     ) -> Self {
         Self {
@@ -147,7 +164,9 @@ impl Guardrails {
             rate,
             rate_limits,
             budgets,
-            max_input_chars,
+            limits,
+            pricing,
+            tokens: TokenCounter::default(),
             refusals: Refusals::default(),
             tasks,
         }
@@ -175,39 +194,86 @@ impl Guardrails {
         request: &ChatRequest,
         session: Option<&str>,
     ) -> Result<Admission, GuardrailError> {
-        if let Err(e) = request.check_size(self.max_input_chars) {
+        if let Err(e) = request.check_size(self.limits.max_input_chars) {
             self.refusals
                 .input_too_large
                 .fetch_add(1, Ordering::Relaxed);
             return Err(GuardrailError::InputTooLarge(e));
         }
         self.check_model(&request.model)?;
-        self.admit(session, &request.model, request.input_chars)
-            .await
+        let cap = self.limits.output_cap.map(u64::from);
+        self.admit(
+            session,
+            &request.model,
+            &request.messages,
+            cap,
+            request.stream,
+        )
+        .await
     }
 
-    /// `GET /api/openai/test` (it spends money too): a budget reservation for its prompt.
+    /// `GET /api/openai/test` (it spends money too): reserved and settled like a chat, with a
+    /// small output cap of its own.
     pub async fn admit_test(
         &self,
         model: &str,
-        prompt_chars: usize,
+        messages: &[ChatMessage],
     ) -> Result<Admission, GuardrailError> {
-        self.admit(None, model, prompt_chars).await
+        self.admit(None, model, messages, Some(TEST_OUTPUT_TOKENS), false)
+            .await
     }
 
+    /// The budget reservation: the prompt counted exactly (only when a budget needs it), plus
+    /// the most answer tokens up to `cap` that every budget has room for.
     async fn admit(
         &self,
         session: Option<&str>,
         model: &str,
-        input_chars: usize,
+        messages: &[ChatMessage],
+        cap: Option<u64>,
+        stream: bool,
     ) -> Result<Admission, GuardrailError> {
-        let reservation = self.reserve(session, model, input_chars).await?;
+        let (prompt_tokens, reservation) = if self.budgets.any() {
+            let prompt = self.count_prompt(model, messages);
+            // With a budget there is always a cap (`Config::output_cap`).
+            let max = cap.unwrap_or(u64::from(crate::config::BUDGETED_OUTPUT_TOKENS));
+            let min = u64::from(self.limits.min_output);
+            (
+                prompt,
+                self.reserve(session, model, prompt, min, max).await?,
+            )
+        } else {
+            (0, Reservation::default())
+        };
+        let output_cap = if reservation.is_empty() {
+            cap
+        } else {
+            Some(reservation.output)
+        };
         Ok(Admission::new(
             self.budgets.clone(),
             reservation,
             self.tasks.clone(),
-            input_chars,
+            prompt_tokens,
+            output_cap,
+            stream,
         ))
+    }
+
+    /// A prompt's tokens as the model's encoding counts them, with OpenAI's overheads.
+    pub fn count_prompt(&self, model: &str, messages: &[ChatMessage]) -> u64 {
+        let tokenizer = self.pricing.tokenizer(model);
+        PER_REPLY
+            + self
+                .tokens
+                .per_message(tokenizer, messages)
+                .iter()
+                .sum::<u64>()
+    }
+
+    /// An answer's tokens, for an upstream that reported no usage.
+    pub fn count_answer(&self, model: &str, text: &str) -> u64 {
+        self.tokens.count(self.pricing.tokenizer(model), text)
     }
 
     /// The model allow-list (the playground's model picker).
@@ -254,15 +320,17 @@ impl Guardrails {
             })
     }
 
-    /// Reserves a call's estimated spend (see `budget.rs`).
+    /// Reserves a call's spend (see `budget.rs`).
     async fn reserve(
         &self,
         session: Option<&str>,
         model: &str,
-        input_chars: usize,
+        prompt_tokens: u64,
+        min_output: u64,
+        max_output: u64,
     ) -> Result<Reservation, GuardrailError> {
         self.budgets
-            .reserve(session, model, input_chars)
+            .reserve(session, model, prompt_tokens, min_output, max_output)
             .await
             .map_err(|denied| match denied {
                 BudgetDenied::Spent(spent) => {

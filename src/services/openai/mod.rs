@@ -9,12 +9,12 @@ use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
     ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
-    CreateChatCompletionResponse, CreateChatCompletionStreamResponse,
+    CreateChatCompletionResponse, CreateChatCompletionStreamResponse, FinishReason,
 };
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{self, HeaderValue};
 
-use crate::config::OpenAiSettings;
+use crate::config::{CapField, OpenAiSettings};
 use crate::domain::{ApiKey, ChatMessage, Role, TokenUsage};
 mod sse;
 mod transport;
@@ -43,6 +43,8 @@ pub struct Completion {
     pub text: String,
     /// `None` when the server reported no usage (some OpenAI-compatible servers).
     pub usage: Option<TokenUsage>,
+    /// The answer stopped at the output cap (`finish_reason: "length"`).
+    pub truncated: bool,
 }
 
 /// One item of a streamed answer.
@@ -50,6 +52,8 @@ pub struct Completion {
 pub enum StreamPiece {
     Delta(String),
     Usage(TokenUsage),
+    /// The answer stopped at the output cap (`finish_reason: "length"`).
+    Truncated,
 }
 
 pub struct OpenAiService {
@@ -58,6 +62,7 @@ pub struct OpenAiService {
     timeout: Duration,
     stream_idle: Duration,
     stream_max: Duration,
+    cap_field: CapField,
     /// `{base_url}/chat/completions`, parsed once: whole answers are sent straight through
     /// reqwest with async-openai's types (its per-request URL building and parsing was a tenth
     /// of a chat's instructions).
@@ -85,6 +90,7 @@ impl OpenAiService {
             timeout: settings.timeout,
             stream_idle: settings.stream_idle_timeout,
             stream_max: settings.stream_max,
+            cap_field: settings.cap_field,
             authorization: Mutex::new(None),
         }
     }
@@ -110,6 +116,46 @@ impl OpenAiService {
         Ok(header)
     }
 
+    /// The upstream request: the messages, a stream's usage option, and the output cap in the
+    /// field this upstream takes (`OPENAI_OUTPUT_CAP_FIELD`).
+    fn build_request(
+        &self,
+        model: &str,
+        messages: &[ChatMessage],
+        stream: bool,
+        cap: Option<u32>,
+    ) -> UpstreamRequest {
+        let messages = messages
+            .iter()
+            .map(|m| match m.role {
+                Role::System => ChatCompletionRequestSystemMessage::from(m.content.as_str()).into(),
+                Role::User => ChatCompletionRequestUserMessage::from(m.content.as_str()).into(),
+                Role::Assistant => {
+                    ChatCompletionRequestAssistantMessage::from(m.content.as_str()).into()
+                }
+            })
+            .collect::<Vec<ChatCompletionRequestMessage>>();
+        let (max_completion_tokens, max_tokens) = match self.cap_field {
+            CapField::MaxCompletionTokens => (cap, None),
+            CapField::MaxTokens => (None, cap),
+        };
+        UpstreamRequest {
+            request: CreateChatCompletionRequest {
+                model: model.to_string(),
+                messages,
+                stream: stream.then_some(true),
+                // Without this, a streamed answer carries no usage and would be counted as zero.
+                stream_options: stream.then(|| ChatCompletionStreamOptions {
+                    include_usage: Some(true),
+                    ..Default::default()
+                }),
+                max_completion_tokens,
+                ..Default::default()
+            },
+            max_tokens,
+        }
+    }
+
     /// The request for `body`, built anew for each attempt (same URL, key and body).
     fn post(&self, authorization: &HeaderValue, body: &bytes::Bytes) -> reqwest::Request {
         let mut request =
@@ -133,9 +179,10 @@ impl OpenAiService {
         key: &ApiKey,
         model: &str,
         messages: &[ChatMessage],
+        cap: Option<u32>,
     ) -> Result<Completion, UpstreamError> {
         let authorization = self.authorization(key)?;
-        let body = serialize(&build_request(model, messages, false))?;
+        let body = serialize(&self.build_request(model, messages, false, cap))?;
         let exchange = async {
             let response = self
                 .transport
@@ -157,6 +204,7 @@ impl OpenAiService {
         Ok(Completion {
             text: choice.message.content.unwrap_or_default(),
             usage,
+            truncated: choice.finish_reason == Some(FinishReason::Length),
         })
     }
 
@@ -174,11 +222,12 @@ impl OpenAiService {
         key: &ApiKey,
         model: &str,
         messages: &[ChatMessage],
+        cap: Option<u32>,
     ) -> Result<impl Stream<Item = Result<StreamPiece, UpstreamError>> + Send + use<>, UpstreamError>
     {
         let started = Instant::now();
         let authorization = self.authorization(key)?;
-        let body = serialize(&build_request(model, messages, true))?;
+        let body = serialize(&self.build_request(model, messages, true, cap))?;
         let response = tokio::time::timeout(
             self.timeout,
             self.transport.send(|| self.post(&authorization, &body)),
@@ -220,6 +269,9 @@ impl OpenAiService {
                 first = false;
                 let mut too_long = false;
                 for choice in chunk.choices {
+                    if choice.finish_reason == Some(FinishReason::Length) {
+                        yield Ok(StreamPiece::Truncated);
+                    }
                     if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
                         streamed += text.len();
                         too_long |= streamed > MAX_ANSWER_BYTES;
@@ -261,8 +313,18 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, CallErr
     Ok(body)
 }
 
+/// async-openai's request, plus `max_tokens`: async-openai marks it deprecated (OpenAI wants
+/// `max_completion_tokens`), but OpenAI-compatible servers (vLLM, llama.cpp) still take only it.
+#[derive(serde::Serialize)]
+struct UpstreamRequest {
+    #[serde(flatten)]
+    request: CreateChatCompletionRequest,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+}
+
 /// The request body, serialized once for every attempt.
-fn serialize(request: &CreateChatCompletionRequest) -> Result<bytes::Bytes, UpstreamError> {
+fn serialize(request: &UpstreamRequest) -> Result<bytes::Bytes, UpstreamError> {
     serde_json::to_vec(request).map(Into::into).map_err(|e| {
         UpstreamError::new(
             UpstreamKind::Unavailable,
@@ -281,34 +343,6 @@ fn stream_failure(data: &[u8], error: serde_json::Error, key: &ApiKey) -> Upstre
     UpstreamError::new(UpstreamKind::Unavailable, key.redact(&message))
 }
 
-fn build_request(
-    model: &str,
-    messages: &[ChatMessage],
-    stream: bool,
-) -> CreateChatCompletionRequest {
-    let messages = messages
-        .iter()
-        .map(|m| match m.role {
-            Role::System => ChatCompletionRequestSystemMessage::from(m.content.as_str()).into(),
-            Role::User => ChatCompletionRequestUserMessage::from(m.content.as_str()).into(),
-            Role::Assistant => {
-                ChatCompletionRequestAssistantMessage::from(m.content.as_str()).into()
-            }
-        })
-        .collect::<Vec<ChatCompletionRequestMessage>>();
-    CreateChatCompletionRequest {
-        model: model.to_string(),
-        messages,
-        stream: stream.then_some(true),
-        // Without this, a streamed answer carries no usage and would be counted as zero tokens.
-        stream_options: stream.then(|| ChatCompletionStreamOptions {
-            include_usage: Some(true),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 fn timed_out(what: &str, after: Duration) -> UpstreamError {
     UpstreamError::new(
         UpstreamKind::Timeout,
@@ -322,6 +356,11 @@ fn timed_out(what: &str, after: Duration) -> UpstreamError {
 /// Maps a failed call to the client-facing classification; the key is redacted from anything
 /// the upstream said.
 fn classify(error: CallError, key: &ApiKey, base_url: &str) -> UpstreamError {
+    let unprocessed = match &error {
+        CallError::Status(status) => status.status.is_client_error(),
+        CallError::Http(e) => e.is_connect(),
+        CallError::Malformed(_) => false,
+    };
     let (kind, message) = match error {
         CallError::Status(status) => (
             kind_of(status.status, status.retry_after),
@@ -341,7 +380,10 @@ fn classify(error: CallError, key: &ApiKey, base_url: &str) -> UpstreamError {
         ),
         CallError::Malformed(reason) => (UpstreamKind::Unavailable, reason),
     };
-    UpstreamError::new(kind, key.redact(&message))
+    UpstreamError {
+        unprocessed,
+        ..UpstreamError::new(kind, key.redact(&message))
+    }
 }
 
 fn kind_of(status: reqwest::StatusCode, retry_after: Option<Duration>) -> UpstreamKind {

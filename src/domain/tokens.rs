@@ -1,0 +1,233 @@
+//! Counting prompt tokens before a call, as OpenAI will count them: the model's encoding
+//! (tiktoken-rs: `o200k_base` for the gpt-4o / 4.1 / 5 / o-series families, `cl100k_base` for
+//! gpt-3.5 / gpt-4) plus OpenAI's per-message overhead. A model no encoding covers is counted by
+//! a documented upper bound: UTF-8 bytes (every token of a byte-level BPE covers at least one
+//! byte).
+//!
+//! Cost: the encodings load on first need (a budget or a long conversation), never at start-up,
+//! so a service without budgets never holds them. The site sends the whole history with every
+//! chat, so each text's count is kept, keyed by a keyed hash of its encoding and bytes: a history
+//! is counted once, then only hashed (two bounded generations, like the rate limiter's).
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+
+use serde::Deserialize;
+use tiktoken_rs::CoreBPE;
+
+use crate::domain::ChatMessage;
+
+/// Tokens OpenAI adds per message (`<|start|>`, the role, `<|end|>`-style framing), and once
+/// to prime the reply: the figures of OpenAI's cookbook for every current chat model.
+pub const PER_MESSAGE: u64 = 4;
+pub const PER_REPLY: u64 = 3;
+
+/// Counts kept per generation (two generations: at most twice this, ~16 bytes each).
+const CACHE_PER_GENERATION: usize = 16 * 1024;
+
+/// How a model's text becomes tokens. A price-table entry may name it (`"tokenizer"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tokenizer {
+    O200kBase,
+    Cl100kBase,
+    /// No known encoding: UTF-8 bytes, an upper bound.
+    Bytes,
+}
+
+impl Tokenizer {
+    /// The encoding of OpenAI's model families; `Bytes` for anything else.
+    pub fn for_model(model: &str) -> Self {
+        let family = |prefix: &str| {
+            model == prefix
+                || model
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with(['-', '.']))
+        };
+        if [
+            "gpt-4o",
+            "chatgpt-4o",
+            "gpt-4.1",
+            "gpt-4.5",
+            "gpt-5",
+            "o1",
+            "o3",
+            "o4",
+        ]
+        .iter()
+        .any(|p| family(p))
+        {
+            Self::O200kBase
+        } else if ["gpt-3.5", "gpt-35", "gpt-4"].iter().any(|p| family(p)) {
+            Self::Cl100kBase
+        } else {
+            Self::Bytes
+        }
+    }
+
+    fn encoding(self) -> Option<&'static CoreBPE> {
+        match self {
+            Self::O200kBase => Some(tiktoken_rs::o200k_base_singleton()),
+            Self::Cl100kBase => Some(tiktoken_rs::cl100k_base_singleton()),
+            Self::Bytes => None,
+        }
+    }
+
+    /// Tokens of `text`, uncached.
+    pub fn count(self, text: &str) -> u64 {
+        match self.encoding() {
+            Some(bpe) => bpe.encode_ordinary(text).len() as u64,
+            None => text.len() as u64,
+        }
+    }
+}
+
+/// Counts texts, keeping what it counted.
+#[derive(Default)]
+pub struct TokenCounter {
+    hasher: foldhash::quality::RandomState,
+    cache: Mutex<Generations>,
+}
+
+#[derive(Default)]
+struct Generations {
+    current: HashMap<u64, u32>,
+    previous: HashMap<u64, u32>,
+}
+
+impl TokenCounter {
+    /// Tokens of `text` in `tokenizer`.
+    pub fn count(&self, tokenizer: Tokenizer, text: &str) -> u64 {
+        if tokenizer == Tokenizer::Bytes {
+            return text.len() as u64;
+        }
+        // A 64-bit keyed hash: a client cannot make two texts collide without the process's key.
+        let key = self.hasher.hash_one((tokenizer, text));
+        if let Some(n) = self.cached(key) {
+            return n;
+        }
+        let n = tokenizer.count(text);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.current.len() >= CACHE_PER_GENERATION {
+            cache.previous = std::mem::take(&mut cache.current);
+        }
+        cache
+            .current
+            .insert(key, u32::try_from(n).unwrap_or(u32::MAX));
+        n
+    }
+
+    fn cached(&self, key: u64) -> Option<u64> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = cache.current.get(&key) {
+            return Some(u64::from(*n));
+        }
+        let n = cache.previous.remove(&key)?;
+        cache.current.insert(key, n);
+        Some(u64::from(n))
+    }
+
+    /// Each message's tokens with its overhead (`PER_MESSAGE`); the prompt is their sum plus
+    /// `PER_REPLY`.
+    pub fn per_message(&self, tokenizer: Tokenizer, messages: &[ChatMessage]) -> Vec<u64> {
+        messages
+            .iter()
+            .map(|m| PER_MESSAGE + self.count(tokenizer, &m.content))
+            .collect()
+    }
+}
+
+/// An upper bound of a prompt's tokens without counting: its bytes, plus the overheads.
+pub fn prompt_upper_bound(messages: &[ChatMessage]) -> u64 {
+    PER_REPLY
+        + messages
+            .iter()
+            .map(|m| PER_MESSAGE + m.content.len() as u64)
+            .sum::<u64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_take_their_family_encoding() {
+        for m in [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4.1-nano",
+            "gpt-5",
+            "o1",
+            "o3-mini",
+            "o4-mini",
+            "chatgpt-4o-latest",
+        ] {
+            assert_eq!(Tokenizer::for_model(m), Tokenizer::O200kBase, "{m}");
+        }
+        for m in ["gpt-3.5-turbo", "gpt-4", "gpt-4-turbo", "gpt-4-0613"] {
+            assert_eq!(Tokenizer::for_model(m), Tokenizer::Cl100kBase, "{m}");
+        }
+        for m in ["llama3", "o10", "gpt-4oo", "claude-3"] {
+            assert_eq!(Tokenizer::for_model(m), Tokenizer::Bytes, "{m}");
+        }
+    }
+
+    /// Known counts, from OpenAI's reference Python `tiktoken` (0.12) on the same texts (and
+    /// the cookbook's "tiktoken is great!" = 6 for cl100k_base).
+    #[test]
+    fn counts_match_known_values() {
+        let cases: &[(Tokenizer, &str, u64)] = &[
+            (Tokenizer::Cl100kBase, "tiktoken is great!", 6),
+            (Tokenizer::Cl100kBase, "hello world", 2),
+            (Tokenizer::Cl100kBase, "日本語のテキスト", 8),
+            (Tokenizer::Cl100kBase, "emoji 🎉🎉🎉 and ✨", 13),
+            (
+                Tokenizer::Cl100kBase,
+                "The quick brown fox jumps over the lazy dog.",
+                10,
+            ),
+            (Tokenizer::O200kBase, "tiktoken is great!", 6),
+            (Tokenizer::O200kBase, "hello world", 2),
+            (Tokenizer::O200kBase, "日本語のテキスト", 6),
+            (Tokenizer::O200kBase, "emoji 🎉🎉🎉 and ✨", 10),
+            (
+                Tokenizer::O200kBase,
+                "The quick brown fox jumps over the lazy dog.",
+                10,
+            ),
+            (Tokenizer::Bytes, "héllo", 6),
+        ];
+        for (tokenizer, text, want) in cases {
+            assert_eq!(tokenizer.count(text), *want, "{tokenizer:?} {text:?}");
+        }
+    }
+
+    #[test]
+    fn the_cache_gives_the_same_counts() {
+        let counter = TokenCounter::default();
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+        let first = counter.count(Tokenizer::O200kBase, &text);
+        assert_eq!(first, Tokenizer::O200kBase.count(&text));
+        assert_eq!(counter.count(Tokenizer::O200kBase, &text), first);
+        assert_eq!(
+            counter.count(Tokenizer::Cl100kBase, &text),
+            Tokenizer::Cl100kBase.count(&text),
+            "the encoding is part of the key"
+        );
+    }
+
+    #[test]
+    fn bytes_bound_every_encoding() {
+        for text in [
+            "日本語のテキスト",
+            "emoji 🎉🎉🎉 and ✨",
+            "a b c d e f",
+            "ÿ",
+        ] {
+            for t in [Tokenizer::O200kBase, Tokenizer::Cl100kBase] {
+                assert!(t.count(text) <= text.len() as u64, "{t:?} {text}");
+            }
+        }
+    }
+}
