@@ -328,6 +328,7 @@ fn guardrails(
             max_input_chars: settings.max_input_chars,
             output_cap: config.output_cap(),
             min_output: config.openai.min_output_tokens,
+            history_trim: settings.history_trim,
         },
         config.pricing.clone(),
         tasks,

@@ -251,6 +251,11 @@ pub const VARS: &[Var] = &[
         help: "a chat is refused by a budget only when its prompt and this many answer tokens do not fit",
     },
     Var {
+        name: "HISTORY_TRIM",
+        default: "auto",
+        help: "auto: when a conversation would pass the model's context window, drop its oldest turns until it fits (only where OpenAI would refuse it); off: send it whole",
+    },
+    Var {
         name: "MAX_INPUT_CHARS",
         default: "16777216",
         help: "characters of message + history + attachments per chat (413 past it)",
@@ -423,6 +428,8 @@ pub struct GuardrailSettings {
     pub trusted_proxies: Vec<IpNet>,
     pub budget: BudgetLimits,
     pub max_input_chars: usize,
+    /// `HISTORY_TRIM=auto`: conversations past the model's window lose their oldest turns.
+    pub history_trim: bool,
     /// `Debug` shows `[REDACTED]`: a `Config` printed in a log or a panic never carries it.
     pub admin_token: Option<SecretString>,
 }
@@ -808,6 +815,7 @@ fn guardrail_settings(src: &Source) -> Result<GuardrailSettings, ConfigError> {
                 .map(NonZeroU64::get),
         },
         max_input_chars: src.positive::<NonZeroUsize>("MAX_INPUT_CHARS")?.get(),
+        history_trim: src.choice("HISTORY_TRIM", &[("auto", true), ("off", false)])?,
         admin_token: src.raw("ADMIN_TOKEN").map(|t| SecretString::from(t.trim())),
     })
 }

@@ -74,14 +74,38 @@ impl Tokenizer {
         }
     }
 
-    /// Tokens of `text`, uncached.
+    /// Tokens of `text`, uncached. Exact for prose; a run of more than `LONG_RUN` bytes
+    /// without whitespace (base64, a pasted blob, "yyyy...") counts as its bytes plus one, an
+    /// upper bound: BPE's merge is quadratic in a piece's length, and one 1 MB piece took
+    /// seconds of CPU, which a client could ask for with every chat.
     pub fn count(self, text: &str) -> u64 {
-        match self.encoding() {
-            Some(bpe) => bpe.encode_ordinary(text).len() as u64,
-            None => text.len() as u64,
+        let Some(bpe) = self.encoding() else {
+            return text.len() as u64;
+        };
+        if !text
+            .split(char::is_whitespace)
+            .any(|run| run.len() > LONG_RUN)
+        {
+            return bpe.encode_ordinary(text).len() as u64;
         }
+        let mut rest = String::with_capacity(text.len().min(1 << 20));
+        let mut bound = 0;
+        for piece in text.split_inclusive(char::is_whitespace) {
+            let run = piece.trim_end_matches(char::is_whitespace);
+            if run.len() > LONG_RUN {
+                bound += run.len() as u64 + 1;
+                rest.push_str(&piece[run.len()..]);
+            } else {
+                rest.push_str(piece);
+            }
+        }
+        bound + bpe.encode_ordinary(&rest).len() as u64
     }
 }
+
+/// Runs without whitespace longer than this are bounded by their bytes instead of encoded:
+/// the encoding's cost is at most this many steps per byte of text.
+pub const LONG_RUN: usize = 64;
 
 /// Counts texts, keeping what it counted.
 #[derive(Default)]
@@ -214,6 +238,33 @@ mod tests {
             counter.count(Tokenizer::Cl100kBase, &text),
             Tokenizer::Cl100kBase.count(&text),
             "the encoding is part of the key"
+        );
+    }
+
+    #[test]
+    fn long_runs_are_bounded_cheaply_and_never_undercounted() {
+        let blob = "y".repeat(1_000_000);
+        let counted = Tokenizer::Cl100kBase.count(&format!("see {blob} and {blob}"));
+        assert!(counted >= 2_000_000, "at least its bytes: {counted}");
+        // Prose is exact, runs below the limit too.
+        let url = "https://example.com/a/path/that/is/not/so/long";
+        assert_eq!(Tokenizer::O200kBase.count(url), {
+            let bpe = tiktoken_rs::o200k_base_singleton();
+            bpe.encode_ordinary(url).len() as u64
+        });
+        // A long run among prose: the prose exact, the run its bytes plus one.
+        let base64 = "QUJD".repeat(100);
+        let text = format!("the file is {base64} ok");
+        let prose = Tokenizer::O200kBase.count("the file is  ok");
+        assert_eq!(
+            Tokenizer::O200kBase.count(&text),
+            prose + base64.len() as u64 + 1
+        );
+        assert!(
+            Tokenizer::O200kBase.count(&text) >= {
+                let bpe = tiktoken_rs::o200k_base_singleton();
+                bpe.encode_ordinary(&text).len() as u64
+            }
         );
     }
 

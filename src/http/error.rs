@@ -122,7 +122,9 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge | Self::InputTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Guardrail(GuardrailError::ModelNotAllowed { .. }) => StatusCode::BAD_REQUEST,
-            Self::Guardrail(GuardrailError::InputTooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Guardrail(
+                GuardrailError::InputTooLarge(_) | GuardrailError::TooLongForModel { .. },
+            ) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Guardrail(GuardrailError::StateUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Guardrail(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::AdminTokenRequired => StatusCode::UNAUTHORIZED,

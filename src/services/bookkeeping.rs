@@ -19,6 +19,8 @@ pub enum Outcome<'a> {
         request: &'a ChatRequest,
         session: Option<&'a str>,
         usage: &'a TokenUsage,
+        /// History turns dropped to fit the model's window (recorded in `chat_usage`).
+        history_trimmed: usize,
     },
     /// `GET /api/openai/test` answered: `test_usage`, apart from the chats.
     Tested {
@@ -73,7 +75,11 @@ impl Bookkeeping {
                 request,
                 session,
                 usage,
-            } => self.answered(request, session, usage).await,
+                history_trimmed,
+            } => {
+                self.answered(request, session, usage, history_trimmed)
+                    .await
+            }
             Outcome::Tested { model, usage } => {
                 self.usage
                     .record_kind(UsageKind::Test, None, model, usage)
@@ -110,7 +116,13 @@ impl Bookkeeping {
         });
     }
 
-    async fn answered(&self, request: &ChatRequest, session: Option<&str>, usage: &TokenUsage) {
+    async fn answered(
+        &self,
+        request: &ChatRequest,
+        session: Option<&str>,
+        usage: &TokenUsage,
+        history_trimmed: usize,
+    ) {
         self.usage.record(session, &request.model, usage).await;
         let now = self.clock.now();
         self.chats_per_minute
@@ -131,6 +143,7 @@ impl Bookkeeping {
                 id,
                 &request.model,
                 usage,
+                history_trimmed,
                 &now,
             ));
         }

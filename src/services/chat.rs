@@ -33,6 +33,13 @@ pub struct ChatReply {
     /// budget had room for). Additive: the site's chat window ignores it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// Only when history turns were dropped to fit the model's context window (`HISTORY_TRIM`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub history_trimmed: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -116,6 +123,10 @@ impl InFlight {
 
     fn output_cap(&self) -> Option<u32> {
         self.admission.as_ref().and_then(Admission::output_cap)
+    }
+
+    fn history_trimmed(&self) -> usize {
+        self.admission.as_ref().map_or(0, |a| a.history_trimmed)
     }
 
     fn prompt_tokens(&self) -> u64 {
@@ -230,7 +241,7 @@ impl ChatService {
     /// as an estimate.
     async fn admit(
         &self,
-        request: &ChatRequest,
+        request: &mut ChatRequest,
         session: Option<&str>,
         stream: bool,
     ) -> Result<InFlight, ChatError> {
@@ -246,11 +257,15 @@ impl ChatService {
     }
 
     /// A whole answer.
-    pub async fn complete(self: &Arc<Self>, request: ChatRequest) -> Result<ChatReply, ChatError> {
+    pub async fn complete(
+        self: &Arc<Self>,
+        mut request: ChatRequest,
+    ) -> Result<ChatReply, ChatError> {
         let started = self.metrics.is_some().then(Instant::now);
         let session = self.sessions.resolve(request.session_id.clone()).await;
         // A client that goes away mid-call drops this: the reservation then stays whole.
-        let in_flight = self.admit(&request, session.as_deref(), false).await?;
+        let in_flight = self.admit(&mut request, session.as_deref(), false).await?;
+        let history_trimmed = in_flight.history_trimmed();
         let upstream_started = started.map(|_| Instant::now());
         let completion = {
             let (request, cap) = (&request, in_flight.output_cap());
@@ -293,6 +308,7 @@ impl ChatService {
                 request: &request,
                 session,
                 usage: &usage,
+                history_trimmed,
             }
         };
         self.books.record(outcome).await;
@@ -306,6 +322,7 @@ impl ChatService {
         let mut reply = self.reply(completion.text, usage, &request.model);
         reply.truncated = completion.truncated;
         reply.usage.estimated = estimated;
+        reply.history_trimmed = history_trimmed;
         Ok(reply)
     }
 
@@ -331,13 +348,14 @@ impl ChatService {
     /// a failure (not a zero-token success) and is not counted.
     pub async fn stream(
         self: &Arc<Self>,
-        request: ChatRequest,
+        mut request: ChatRequest,
     ) -> Result<impl Stream<Item = StreamEvent> + Send + use<>, ChatError> {
         let started = Instant::now();
         let session = self.sessions.resolve(request.session_id.clone()).await;
         // Cut short (client gone, upstream cut): the tokens streamed so far are estimated and
         // settled, so closing streams early is no way around a budget.
-        let in_flight = self.admit(&request, session.as_deref(), true).await?;
+        let in_flight = self.admit(&mut request, session.as_deref(), true).await?;
+        let history_trimmed = in_flight.history_trimmed();
         let upstream = {
             let (request, cap) = (&request, in_flight.output_cap());
             self.with_key(|key| async move {
@@ -394,10 +412,12 @@ impl ChatService {
                             request: &request,
                             session: session.as_deref(),
                             usage: &usage,
+                            history_trimmed,
                         })
                         .await;
                     let mut reply = this.reply(text, usage, &request.model);
                     reply.truncated = truncated;
+                    reply.history_trimmed = history_trimmed;
                     yield StreamEvent::Done(reply);
                 }
                 None => {
@@ -483,6 +503,7 @@ impl ChatService {
             usage: ReplyUsage::new(usage, model),
             timestamp: timestamp(&self.clock.now()),
             truncated: false,
+            history_trimmed: 0,
         }
     }
 }

@@ -15,6 +15,7 @@ mod budgets;
 mod build_context;
 mod chat;
 mod client_bounds;
+mod context_window;
 mod credentials;
 mod deployment;
 mod faults;

@@ -29,6 +29,8 @@ pub struct Admission {
     output_cap: Option<u64>,
     /// A stream: bytes of answer text seen so far (`None` for a whole answer).
     streamed_bytes: Option<u64>,
+    /// History turns dropped to fit the model's context window.
+    pub history_trimmed: usize,
 }
 
 impl Admission {
@@ -47,6 +49,7 @@ impl Admission {
             prompt_tokens,
             output_cap,
             streamed_bytes: stream.then_some(0),
+            history_trimmed: 0,
         }
     }
 

@@ -25,8 +25,8 @@ pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
 use crate::config::RateLimits;
 use crate::domain::pricing::PriceTable;
-use crate::domain::tokens::{PER_REPLY, TokenCounter};
-use crate::domain::{ChatMessage, ChatRequest, InputError};
+use crate::domain::tokens::{PER_REPLY, TokenCounter, prompt_upper_bound};
+use crate::domain::{ChatMessage, ChatRequest, InputError, Role};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use tokio_util::task::TaskTracker;
@@ -65,6 +65,16 @@ pub enum GuardrailError {
     /// Past `MAX_INPUT_CHARS`: the sentence names the part to shorten (413).
     #[error(transparent)]
     InputTooLarge(InputError),
+    /// The current message (with its attachments and the system messages) and its answer do
+    /// not fit the model's context window even without history (413).
+    #[error(
+        "This message is too long for {model}: with its answer it needs {needed} tokens, and the model's context window is {window} tokens. Shorten the message or its attachments."
+    )]
+    TooLongForModel {
+        model: String,
+        window: u64,
+        needed: u64,
+    },
     /// Budgets or rate limits are set, the shared state (Redis) is unreachable and
     /// `STATE_UNAVAILABLE=refuse`.
     #[error(
@@ -77,7 +87,9 @@ impl GuardrailError {
     /// For `Retry-After`.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::ModelNotAllowed { .. } | Self::InputTooLarge(_) => None,
+            Self::ModelNotAllowed { .. }
+            | Self::InputTooLarge(_)
+            | Self::TooLongForModel { .. } => None,
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::Budget(b) => Some(b.retry_after),
             Self::StateUnavailable => Some(Duration::from_secs(2)),
@@ -131,7 +143,7 @@ pub struct Guardrails {
     budgets: Arc<Budgets>,
     limits: CallLimits,
     pricing: PriceTable,
-    tokens: TokenCounter,
+    tokens: Arc<TokenCounter>,
     refusals: Refusals,
     /// Where an admission dropped unsettled settles (the application's background tasks).
     tasks: TaskTracker,
@@ -144,7 +156,13 @@ pub struct CallLimits {
     pub max_input_chars: usize,
     pub output_cap: Option<u32>,
     pub min_output: u32,
+    /// `HISTORY_TRIM=auto`.
+    pub history_trim: bool,
 }
+
+/// Prompts up to this many bytes are counted where they are (microseconds); larger ones on a
+/// blocking thread.
+const COUNT_INLINE_BYTES: usize = 64 * 1024;
 
 /// `/api/openai/test`'s own cap: a connection test needs a word, not an essay.
 pub const TEST_OUTPUT_TOKENS: u64 = 16;
@@ -166,7 +184,7 @@ impl Guardrails {
             budgets,
             limits,
             pricing,
-            tokens: TokenCounter::default(),
+            tokens: Arc::default(),
             refusals: Refusals::default(),
             tasks,
         }
@@ -187,11 +205,13 @@ impl Guardrails {
         self.budgets.report().await
     }
 
-    /// A chat, after its client passed `check_rate`: its size (`MAX_INPUT_CHARS`), its model and
-    /// its budget reservation, in that order. The `Admission` settles itself however it ends.
+    /// A chat, after its client passed `check_rate`: its size (`MAX_INPUT_CHARS`), its model,
+    /// its fit in the model's context window (`HISTORY_TRIM`: the oldest turns dropped from
+    /// `request`), and its budget reservation, in that order. The `Admission` settles itself
+    /// however it ends.
     pub async fn admit_chat(
         &self,
-        request: &ChatRequest,
+        request: &mut ChatRequest,
         session: Option<&str>,
     ) -> Result<Admission, GuardrailError> {
         if let Err(e) = request.check_size(self.limits.max_input_chars) {
@@ -202,14 +222,75 @@ impl Guardrails {
         }
         self.check_model(&request.model)?;
         let cap = self.limits.output_cap.map(u64::from);
-        self.admit(
-            session,
-            &request.model,
-            &request.messages,
-            cap,
-            request.stream,
-        )
-        .await
+        // Each text is counted once, and only when something needs the count.
+        let mut counts = None;
+        let trimmed = self
+            .fit_window(request, cap, &mut counts)
+            .await
+            .inspect_err(|_| {
+                self.refusals
+                    .input_too_large
+                    .fetch_add(1, Ordering::Relaxed);
+            })?;
+        let prompt = match (self.budgets.any(), counts) {
+            (false, _) => None,
+            (true, Some(counts)) => Some(PER_REPLY + counts.iter().sum::<u64>()),
+            (true, None) => Some(PER_REPLY + self.count_each(request).await.iter().sum::<u64>()),
+        };
+        let mut admission = self
+            .admit(session, &request.model, prompt, cap, request.stream)
+            .await?;
+        admission.history_trimmed = trimmed;
+        Ok(admission)
+    }
+
+    /// `HISTORY_TRIM=auto`: when prompt plus answer (the cap, else a quarter of the window)
+    /// would pass the model's context window, drops the oldest history turns (never a system
+    /// message, never the current message) until it fits; how many, or 413 if the current
+    /// message alone cannot fit. Nothing is counted when the prompt's bytes already fit.
+    async fn fit_window(
+        &self,
+        request: &mut ChatRequest,
+        cap: Option<u64>,
+        counts: &mut Option<Vec<u64>>,
+    ) -> Result<usize, GuardrailError> {
+        let window = match self.pricing.context_window(&request.model) {
+            Some(window) if self.limits.history_trim => window,
+            _ => return Ok(0),
+        };
+        let answer = cap.unwrap_or(window / 4);
+        if prompt_upper_bound(&request.messages) + answer <= window {
+            return Ok(0);
+        }
+        let per_message = counts.insert(self.count_each(request).await);
+        let mut prompt = PER_REPLY + per_message.iter().sum::<u64>();
+        let last = request.messages.len().saturating_sub(1);
+        let mut drop = vec![false; request.messages.len()];
+        let mut dropped = 0;
+        for (i, message) in request.messages.iter().enumerate().take(last) {
+            if prompt + answer <= window {
+                break;
+            }
+            if message.role != Role::System {
+                drop[i] = true;
+                prompt -= per_message[i];
+                dropped += 1;
+            }
+        }
+        if prompt + answer > window {
+            return Err(GuardrailError::TooLongForModel {
+                model: request.model.clone(),
+                window,
+                needed: prompt + answer,
+            });
+        }
+        let mut index = 0..;
+        request
+            .messages
+            .retain(|_| !drop[index.next().unwrap_or(0)]);
+        let mut index = 0..;
+        per_message.retain(|_| !drop[index.next().unwrap_or(0)]);
+        Ok(dropped)
     }
 
     /// `GET /api/openai/test` (it spends money too): reserved and settled like a chat, with a
@@ -219,31 +300,35 @@ impl Guardrails {
         model: &str,
         messages: &[ChatMessage],
     ) -> Result<Admission, GuardrailError> {
-        self.admit(None, model, messages, Some(TEST_OUTPUT_TOKENS), false)
+        let prompt = self
+            .budgets
+            .any()
+            .then(|| self.count_prompt(model, messages));
+        self.admit(None, model, prompt, Some(TEST_OUTPUT_TOKENS), false)
             .await
     }
 
-    /// The budget reservation: the prompt counted exactly (only when a budget needs it), plus
-    /// the most answer tokens up to `cap` that every budget has room for.
+    /// The budget reservation of `prompt` tokens (counted when a budget is set) plus the most
+    /// answer tokens up to `cap` that every budget has room for.
     async fn admit(
         &self,
         session: Option<&str>,
         model: &str,
-        messages: &[ChatMessage],
+        prompt: Option<u64>,
         cap: Option<u64>,
         stream: bool,
     ) -> Result<Admission, GuardrailError> {
-        let (prompt_tokens, reservation) = if self.budgets.any() {
-            let prompt = self.count_prompt(model, messages);
-            // With a budget there is always a cap (`Config::output_cap`).
-            let max = cap.unwrap_or(u64::from(crate::config::BUDGETED_OUTPUT_TOKENS));
-            let min = u64::from(self.limits.min_output);
-            (
-                prompt,
-                self.reserve(session, model, prompt, min, max).await?,
-            )
-        } else {
-            (0, Reservation::default())
+        let (prompt_tokens, reservation) = match prompt {
+            Some(prompt) => {
+                // With a budget there is always a cap (`Config::output_cap`).
+                let max = cap.unwrap_or(u64::from(crate::config::BUDGETED_OUTPUT_TOKENS));
+                let min = u64::from(self.limits.min_output);
+                (
+                    prompt,
+                    self.reserve(session, model, prompt, min, max).await?,
+                )
+            }
+            None => (0, Reservation::default()),
         };
         let output_cap = if reservation.is_empty() {
             cap
@@ -258,6 +343,27 @@ impl Guardrails {
             output_cap,
             stream,
         ))
+    }
+
+    /// Each message's tokens with its overhead. A large prompt is counted on a blocking thread,
+    /// so counting it never holds up the requests that share this one.
+    async fn count_each(&self, request: &mut ChatRequest) -> Vec<u64> {
+        let tokenizer = self.pricing.tokenizer(&request.model);
+        let bytes: usize = request.messages.iter().map(|m| m.content.len()).sum();
+        if bytes <= COUNT_INLINE_BYTES {
+            return self.tokens.per_message(tokenizer, &request.messages);
+        }
+        let (tokens, messages) = (self.tokens.clone(), std::mem::take(&mut request.messages));
+        let counted = tokio::task::spawn_blocking(move || {
+            let counts = tokens.per_message(tokenizer, &messages);
+            (messages, counts)
+        })
+        .await;
+        // The task is awaited, never cancelled: its only error is a panic, passed on (a 500).
+        let (messages, counts) =
+            counted.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        request.messages = messages;
+        counts
     }
 
     /// A prompt's tokens as the model's encoding counts them, with OpenAI's overheads.

@@ -353,6 +353,9 @@ fn timed_out(what: &str, after: Duration) -> UpstreamError {
     )
 }
 
+/// An upstream's `context_length_exceeded`, in words a chat window's user can act on.
+pub const CONTEXT_TOO_LONG: &str = "This conversation is too long for the model's context window. Start a new conversation, or shorten the message or its attachments.";
+
 /// Maps a failed call to the client-facing classification; the key is redacted from anything
 /// the upstream said.
 fn classify(error: CallError, key: &ApiKey, base_url: &str) -> UpstreamError {
@@ -362,6 +365,10 @@ fn classify(error: CallError, key: &ApiKey, base_url: &str) -> UpstreamError {
         CallError::Malformed(_) => false,
     };
     let (kind, message) = match error {
+        // The window is unknown here or wrong in the price table: a sentence, not OpenAI's text.
+        CallError::Status(status) if status.code.as_deref() == Some("context_length_exceeded") => {
+            (UpstreamKind::Rejected, CONTEXT_TOO_LONG.to_string())
+        }
         CallError::Status(status) => (
             kind_of(status.status, status.retry_after),
             describe(&status),

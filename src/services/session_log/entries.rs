@@ -52,6 +52,13 @@ struct ChatUsage<'a> {
     prompt_tokens: u64,
     completion_tokens: u64,
     total_tokens: u64,
+    /// Only when history turns were dropped to fit the model's window (`HISTORY_TRIM`).
+    #[serde(skip_serializing_if = "is_zero")]
+    history_trimmed: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Written once at start-up: what wrote these files and by which rules.
@@ -110,12 +117,19 @@ pub fn session_stop(
 }
 
 /// The `chat_usage` metric after a successful chat.
-pub fn chat_usage(session_id: &str, model: &str, usage: &TokenUsage, at: &DateTime<Local>) -> Line {
+pub fn chat_usage(
+    session_id: &str,
+    model: &str,
+    usage: &TokenUsage,
+    history_trimmed: usize,
+    at: &DateTime<Local>,
+) -> Line {
     let value = ChatUsage {
         model,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         total_tokens: usage.total_tokens,
+        history_trimmed,
     };
     Line::new(
         date(at),
