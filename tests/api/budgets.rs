@@ -385,3 +385,213 @@ async fn an_answer_without_usage_is_counted_and_flagged() {
         "the contract's totals stay as OpenAI reported"
     );
 }
+
+/// Clients that leave, whole and streamed, against a cap that then runs out: each call that
+/// reached the upstream keeps its whole reservation (whole) or settles what it saw (streamed),
+/// never more than it reserved, so spend ends at most the cap.
+#[tokio::test]
+async fn clients_that_leave_never_push_spend_past_the_cap() {
+    const CAP: u64 = 6_000;
+    let app = spawn_app_with(|c, openai, _| {
+        c.guardrails.budget.daily_tokens = Some(CAP);
+        c.openai.max_output_tokens = Some(300);
+        openai.set_default(Reply::Counted(Counted {
+            delay: Duration::from_millis(300),
+            ..Counted::long(1_000)
+        }));
+    })
+    .await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    for i in 0..5 {
+        let body = json!({"message": format!("whole {i}")});
+        let gone = impatient
+            .post(format!("{}/api/chat", app.url))
+            .json(&body)
+            .send()
+            .await;
+        assert!(gone.is_err(), "the client left");
+    }
+    for i in 0..5 {
+        let body = json!({"message": format!("streamed {i}"), "stream": true});
+        let mut response = app.post_chat(&body).await;
+        // The first delta, then away.
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            if String::from_utf8_lossy(&chunk).contains("event: delta") {
+                break;
+            }
+        }
+    }
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let status = app
+            .post_chat(&json!({"message": format!("stay {i}")}))
+            .await
+            .status();
+        statuses.push(status.as_u16());
+        if status == 429 {
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&429), "the cap ran out: {statuses:?}");
+    let spent = eventually_seeing(
+        "every reservation settled",
+        Duration::from_secs(10),
+        || spent_tokens(&app),
+        |_| app.openai.abandoned() >= 5,
+    )
+    .await;
+    assert!(spent <= CAP, "spent {spent} of {CAP}");
+}
+
+mod with_redis {
+    //! With Redis, a reservation settles where it was taken: no undercount and no double count
+    //! across a flap, in either direction, against a real redis-server.
+
+    use std::time::Duration;
+
+    use al_chat::config::{RedisSettings, WhenStateUnavailable};
+    use serde_json::{Value, json};
+
+    use super::spent_tokens;
+    use crate::helpers::{TestApp, eventually_seeing, spawn_app_with};
+    use crate::mock_openai::{Counted, Reply, openai_prompt_tokens};
+    use crate::redis_server::RedisServer;
+
+    const CAP: u64 = 10_000;
+
+    async fn app(redis: &RedisServer) -> TestApp {
+        let url = redis.url();
+        spawn_app_with(move |c, openai, _| {
+            c.redis = Some(RedisSettings {
+                url: url.clone().into(),
+                prefix: "al-chat:".into(),
+                when_unavailable: WhenStateUnavailable::Local,
+                timeout: Duration::from_millis(250),
+            });
+            c.guardrails.budget.daily_tokens = Some(CAP);
+            c.openai.max_output_tokens = Some(300);
+            openai.set_default(Reply::Counted(Counted::long(20)));
+        })
+        .await
+    }
+
+    /// The day's token counter as Redis holds it (0 when absent).
+    async fn on_redis(redis: &RedisServer) -> u64 {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let day = chrono::Local::now().format("%Y-%m-%d");
+        let value: Option<f64> = redis::cmd("GET")
+            .arg(format!("al-chat:budget:{day}|tokens"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        value.unwrap_or(0.0).round() as u64
+    }
+
+    fn slow_counted() -> Reply {
+        Reply::Counted(Counted {
+            delay: Duration::from_millis(1_500),
+            ..Counted::long(20)
+        })
+    }
+
+    async fn redis_is_back(app: &TestApp) {
+        eventually_seeing(
+            "the app to see Redis again",
+            Duration::from_secs(10),
+            || async {
+                let ready: Value = app.get("/api/ready").await.json().await.unwrap();
+                ready["checks"]["shared_state"]["status"].clone()
+            },
+            |status| status == "ok",
+        )
+        .await;
+    }
+
+    fn prompt(message: &str) -> u64 {
+        openai_prompt_tokens(
+            "gpt-3.5-turbo",
+            &json!({"messages": [{"content": message}]}),
+        )
+    }
+
+    /// Reserved on Redis, settled while Redis is down: the correction waits and is replayed with
+    /// the next settlement that reaches Redis, so Redis ends holding exactly what was billed.
+    #[tokio::test]
+    async fn a_reservation_taken_on_redis_and_settled_while_it_is_down_is_corrected_later() {
+        let mut redis = RedisServer::start().await;
+        let app = app(&redis).await;
+        app.openai.enqueue(slow_counted());
+        let chat = tokio::spawn(app.post_chat(&json!({"message": "first"})));
+        eventually_seeing(
+            "the reservation on Redis",
+            Duration::from_secs(5),
+            || on_redis(&redis),
+            |n| *n == prompt("first") + 300,
+        )
+        .await;
+        redis.kill();
+        assert_eq!(chat.await.unwrap().status(), 200);
+        redis.restart().await;
+        assert_eq!(
+            on_redis(&redis).await,
+            prompt("first") + 300,
+            "until the replay Redis holds the whole reservation (an overcount)"
+        );
+        redis_is_back(&app).await;
+        assert_eq!(
+            app.post_chat(&json!({"message": "second"})).await.status(),
+            200
+        );
+        let billed = app.openai.billed();
+        assert_eq!(billed, prompt("first") + 20 + prompt("second") + 20);
+        assert_eq!(
+            on_redis(&redis).await,
+            billed,
+            "no undercount, no double count"
+        );
+        assert!(spent_tokens(&app).await <= CAP);
+    }
+
+    /// Reserved locally while Redis is down, settled after it is back: settled locally, so
+    /// Redis (which never counted it) is not corrected for it. Settling it on Redis took its
+    /// difference off what other chats had spent there: an undercount.
+    #[tokio::test]
+    async fn a_reservation_taken_locally_while_redis_is_down_never_corrects_redis() {
+        let mut redis = RedisServer::start().await;
+        let app = app(&redis).await;
+        assert_eq!(
+            app.post_chat(&json!({"message": "before"})).await.status(),
+            200
+        );
+        let before = prompt("before") + 20;
+        assert_eq!(on_redis(&redis).await, before);
+        redis.kill();
+        app.openai.enqueue(slow_counted());
+        let chat = tokio::spawn(app.post_chat(&json!({"message": "during"})));
+        eventually_seeing(
+            "the chat to reach the upstream",
+            Duration::from_secs(5),
+            || async { app.openai.request_count() },
+            |n| *n == 2,
+        )
+        .await;
+        redis.restart().await;
+        redis_is_back(&app).await;
+        assert_eq!(chat.await.unwrap().status(), 200);
+        assert_eq!(
+            on_redis(&redis).await,
+            before,
+            "Redis keeps what it counted"
+        );
+        assert_eq!(
+            app.post_chat(&json!({"message": "after"})).await.status(),
+            200
+        );
+        assert_eq!(on_redis(&redis).await, before + prompt("after") + 20);
+        assert!(spent_tokens(&app).await <= CAP);
+    }
+}
