@@ -186,6 +186,143 @@ fn records_delivered(al_chat: &Server, papita: &Server) -> (u64, u64) {
     }
 }
 
+/// A typical chat of the site: a message and 10 history turns, about 2 KB; or a history of
+/// `turns` turns of about 1 KB each.
+fn chat_with_history(turns: usize, turn_bytes: usize) -> String {
+    let sentence = "The quick brown fox jumps over the lazy dog, and then it asks about budgets. ";
+    let text = sentence.repeat(turn_bytes.div_ceil(sentence.len()))[..turn_bytes].to_string();
+    let history: Vec<_> = (0..turns)
+        .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("{i}: {text}")}))
+        .collect();
+    json!({"message": "And what about the last one?", "history": history, "sessionId": "session_bench", "username": "bench", "isGuest": false}).to_string()
+}
+
+/// Sends `body` to `url` `n` times, one after another on one connection; the statuses seen.
+fn send_chats(url: &str, body: &str, n: usize) -> Vec<u16> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut statuses = Vec::with_capacity(n);
+        for _ in 0..n {
+            let sent = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            statuses.push(sent.map_or(0, |r| r.status().as_u16()));
+        }
+        statuses
+    })
+}
+
+/// Instructions per chat of the release binary under callgrind: one chat first (pools, the key,
+/// the encoding tables), then the counters are zeroed, `n` chats are sent, every Papita record
+/// is delivered, and the counters are dumped (`callgrind_control`), so start-up and shutdown
+/// are not in the figure.
+fn instructions_per_chat(
+    upstream: &str,
+    dir: &Path,
+    extra: &[(&str, &str)],
+    body: &str,
+    n: usize,
+) -> f64 {
+    let papita = start_self(&["mock".into(), free_port().to_string(), "0".into()]);
+    let port = free_port();
+    let out = dir.join(format!("callgrind.{port}"));
+    let child = Command::new("valgrind")
+        .args(["--tool=callgrind", "--quiet"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(env!("CARGO_BIN_EXE_al-chat"))
+        .env_clear()
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("OPENAI_BASE_URL", upstream)
+        .env("OPENAI_API_KEY", "sk-bench-0123456789")
+        .env("PAPITA_API_URL", papita.url())
+        .env("AL_CHAT_LOG_DIR", dir.join(format!("logs-{port}")))
+        .env("RUST_LOG", "warn")
+        .env("RATE_LIMIT_CHAT_PER_MIN", "1000000000")
+        .envs(extra.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("valgrind (benches/run installs it)");
+    let pid = child.id();
+    let al_chat = Server { child, port };
+    wait_listening(port);
+    let url = format!("{}/api/chat", al_chat.url());
+    assert_eq!(send_chats(&url, body, 1), [200], "the first chat");
+    let control = |flag: &str| {
+        // vgdb finds the process by a file named after its USER and HOST: give it the same
+        // (cleared) environment the service runs with.
+        let status = Command::new("callgrind_control")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOST", "127.0.0.1")
+            .arg(flag)
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .expect("callgrind_control");
+        assert!(status.success(), "callgrind_control {flag}");
+    };
+    control("-z");
+    let statuses = send_chats(&url, body, n);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every chat answered: {statuses:?}"
+    );
+    let (answered, delivered) = records_delivered(&al_chat, &papita);
+    assert_eq!(answered, delivered, "every Papita record delivered");
+    control("--dump");
+    drop(al_chat);
+    let totals: u64 = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.starts_with(&format!("callgrind.{port}."))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("totals: ").or(l.strip_prefix("summary: ")))
+                .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .take(1)
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .expect("a callgrind dump with totals");
+    totals as f64 / n as f64
+}
+
+/// Resident memory of a release instance with a daily budget: idle, then after its first
+/// budgeted chat (which loads the encoding tables).
+fn rss_around_first_budgeted_chat(
+    upstream: &str,
+    papita: &str,
+    dir: &Path,
+    body: &str,
+) -> (u64, u64) {
+    let al_chat = start_al_chat_with(
+        upstream,
+        papita,
+        dir,
+        &[("BUDGET_DAILY_TOKENS", "1000000000")],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = al_chat.rss_kb("VmRSS:");
+    assert_eq!(
+        send_chats(&format!("{}/api/chat", al_chat.url()), body, 1),
+        [200]
+    );
+    (idle, al_chat.rss_kb("VmRSS:"))
+}
+
 pub fn run() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
     let (secs, rounds) = if quick { (3, 1) } else { (5, 3) };
@@ -542,6 +679,52 @@ pub fn run() {
     drop(al_chat);
     drop(proxy);
     drop(mock);
+
+    // --- a daily budget: instructions per chat under callgrind ---------------------------------
+    {
+        let mock = start_self(&["mock".into(), free_port().to_string(), "0".into()]);
+        let upstream = format!("{}/v1", mock.url());
+        let n = if quick { 50 } else { 300 };
+        let typical = chat_with_history(10, 190);
+        let budget = [("BUDGET_DAILY_TOKENS", "1000000000")];
+        let plain = instructions_per_chat(&upstream, tmp.path(), &[], &typical, n);
+        let budgeted = instructions_per_chat(&upstream, tmp.path(), &budget, &typical, n);
+        let more = budgeted / plain - 1.0;
+        row(
+            "9. a daily budget set: a chat with 10 history turns (2 KB), instructions per chat",
+            format!(
+                "{budgeted:.0} against {plain:.0} without a budget ({:+.1} %)",
+                more * 100.0
+            ),
+            verdict(more <= 0.05, "at most 5 % more"),
+        );
+        let long = chat_with_history(100, 1_000);
+        let long_plain = instructions_per_chat(&upstream, tmp.path(), &[], &long, n / 5);
+        let long_budgeted = instructions_per_chat(&upstream, tmp.path(), &budget, &long, n / 5);
+        row(
+            "   the same with a 100 KB history",
+            format!(
+                "{long_budgeted:.0} against {long_plain:.0} ({:+.1} %)",
+                (long_budgeted / long_plain - 1.0) * 100.0
+            ),
+            "(reported)".into(),
+        );
+        let (idle, after) = rss_around_first_budgeted_chat(
+            &upstream,
+            &mock.url(),
+            &tmp.path().join("logs-rss"),
+            &typical,
+        );
+        row(
+            "   RSS with a budget: idle, then after the first budgeted chat (encoding tables loaded)",
+            format!(
+                "{:.1} MB, then {:.1} MB",
+                idle as f64 / 1024.0,
+                after as f64 / 1024.0
+            ),
+            verdict(idle < 15 * 1024, "idle < 15 MB"),
+        );
+    }
 
     // --- 10,000 concurrent slow chats ---------------------------------------------------------
     // Over HTTP/2 to the upstream (the mock speaks h2c), then over HTTP/1.1 for reference.

@@ -114,10 +114,32 @@ pub struct TokenCounter {
     cache: Mutex<Generations>,
 }
 
+/// Keys are already keyed hashes: the maps need only a cheap hasher of their own.
+type Counts = HashMap<u64, u32, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct Generations {
-    current: HashMap<u64, u32>,
-    previous: HashMap<u64, u32>,
+    current: Counts,
+    previous: Counts,
+}
+
+impl Generations {
+    fn get(&mut self, key: u64) -> Option<u64> {
+        if let Some(n) = self.current.get(&key) {
+            return Some(u64::from(*n));
+        }
+        let n = self.previous.remove(&key)?;
+        self.insert(key, u64::from(n));
+        Some(u64::from(n))
+    }
+
+    fn insert(&mut self, key: u64, n: u64) {
+        if self.current.len() >= CACHE_PER_GENERATION {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current
+            .insert(key, u32::try_from(n).unwrap_or(u32::MAX));
+    }
 }
 
 impl TokenCounter {
@@ -126,38 +148,59 @@ impl TokenCounter {
         if tokenizer == Tokenizer::Bytes {
             return text.len() as u64;
         }
-        // A 64-bit keyed hash: a client cannot make two texts collide without the process's key.
-        let key = self.hasher.hash_one((tokenizer, text));
-        if let Some(n) = self.cached(key) {
+        let key = self.key(tokenizer, text);
+        if let Some(n) = self.lock().get(key) {
             return n;
         }
         let n = tokenizer.count(text);
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.current.len() >= CACHE_PER_GENERATION {
-            cache.previous = std::mem::take(&mut cache.current);
-        }
-        cache
-            .current
-            .insert(key, u32::try_from(n).unwrap_or(u32::MAX));
+        self.lock().insert(key, n);
         n
     }
 
-    fn cached(&self, key: u64) -> Option<u64> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = cache.current.get(&key) {
-            return Some(u64::from(*n));
-        }
-        let n = cache.previous.remove(&key)?;
-        cache.current.insert(key, n);
-        Some(u64::from(n))
+    /// A 64-bit keyed hash: a client cannot make two texts collide without the process's key.
+    fn key(&self, tokenizer: Tokenizer, text: &str) -> u64 {
+        self.hasher.hash_one((tokenizer, text))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Each message's tokens with its overhead (`PER_MESSAGE`); the prompt is their sum plus
-    /// `PER_REPLY`.
+    /// `PER_REPLY`. The cache is looked at once for all of them, and written once for those it
+    /// did not hold.
     pub fn per_message(&self, tokenizer: Tokenizer, messages: &[ChatMessage]) -> Vec<u64> {
-        messages
+        if tokenizer == Tokenizer::Bytes {
+            return messages
+                .iter()
+                .map(|m| PER_MESSAGE + m.content.len() as u64)
+                .collect();
+        }
+        let keys: Vec<u64> = messages
             .iter()
-            .map(|m| PER_MESSAGE + self.count(tokenizer, &m.content))
+            .map(|m| self.key(tokenizer, &m.content))
+            .collect();
+        let mut counts: Vec<Option<u64>> = {
+            let mut cache = self.lock();
+            keys.iter().map(|key| cache.get(*key)).collect()
+        };
+        let mut counted = Vec::new();
+        for ((count, message), key) in counts.iter_mut().zip(messages).zip(&keys) {
+            if count.is_none() {
+                let n = tokenizer.count(&message.content);
+                *count = Some(n);
+                counted.push((*key, n));
+            }
+        }
+        if !counted.is_empty() {
+            let mut cache = self.lock();
+            for (key, n) in counted {
+                cache.insert(key, n);
+            }
+        }
+        counts
+            .into_iter()
+            .map(|n| PER_MESSAGE + n.unwrap_or(0))
             .collect()
     }
 }
@@ -238,6 +281,23 @@ mod tests {
             counter.count(Tokenizer::Cl100kBase, &text),
             Tokenizer::Cl100kBase.count(&text),
             "the encoding is part of the key"
+        );
+        let messages: Vec<ChatMessage> = [text.as_str(), "short", text.as_str(), "new one here"]
+            .iter()
+            .map(|t| ChatMessage {
+                role: crate::domain::Role::User,
+                content: t.to_string(),
+            })
+            .collect();
+        let each: Vec<u64> = messages
+            .iter()
+            .map(|m| PER_MESSAGE + Tokenizer::O200kBase.count(&m.content))
+            .collect();
+        assert_eq!(counter.per_message(Tokenizer::O200kBase, &messages), each);
+        assert_eq!(
+            counter.per_message(Tokenizer::O200kBase, &messages),
+            each,
+            "cached"
         );
     }
 

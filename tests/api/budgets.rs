@@ -286,10 +286,13 @@ fn al_chat_test_prompt() -> &'static str {
     "Say 'Connection successful' if you can read this."
 }
 
-/// 20,000 distinct session ids cannot push the day's counter out of a bounded store: with
-/// `SESSION_MAX_TRACKED=100` the day's counter was evicted after 100 sessions and restarted at 0.
+/// Distinct session ids cannot push the day's counter out of a bounded store: with
+/// `SESSION_MAX_TRACKED=100` the day's counter was evicted after 100 sessions and restarted at 0
+/// (150 chats spent 3,646 tokens against 3,000). Over HTTP: 2,000 ids, twenty times the bound
+/// (20,000 over HTTP cost 18 s of CPU in a debug build, which starved the suite's timing
+/// tests); the store itself takes 20,000 in `guardrails::budget`'s unit test.
 #[tokio::test]
-async fn twenty_thousand_session_ids_cannot_evict_the_daily_counter() {
+async fn thousands_of_session_ids_cannot_evict_the_daily_counter() {
     const CAP: u64 = 3_000;
     let app = spawn_app_with(|c, openai, _| {
         c.sessions_max = std::num::NonZeroUsize::new(100).unwrap();
@@ -302,7 +305,7 @@ async fn twenty_thousand_session_ids_cannot_evict_the_daily_counter() {
     .await;
     let client = reqwest::Client::new();
     let mut answered = 0;
-    for batch in 0..(20_000 / 50) {
+    for batch in 0..(2_000 / 50) {
         let sends = (0..50).map(|i| {
             client
                 .post(format!("{}/api/chat", app.url))

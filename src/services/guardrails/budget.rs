@@ -21,7 +21,7 @@ use crate::domain::pricing::PriceTable;
 /// and the most it may reach.
 #[derive(Debug, Clone)]
 pub struct Charge {
-    pub key: String,
+    pub key: Arc<str>,
     pub fixed: f64,
     pub per_output: f64,
     pub cap: f64,
@@ -63,7 +63,7 @@ pub trait BudgetStore: Send + Sync {
         max_output: u64,
     ) -> BoxFuture<'a, Result<Granted, BudgetRefusal>>;
     /// Adds each amount (negative to give back) where the reservation was taken.
-    fn adjust<'a>(&'a self, changes: &'a [(String, f64)], place: Place) -> BoxFuture<'a, ()>;
+    fn adjust<'a>(&'a self, changes: &'a [(Arc<str>, f64)], place: Place) -> BoxFuture<'a, ()>;
     /// A counter's value.
     fn spent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, f64>;
 }
@@ -175,7 +175,7 @@ impl MemoryBudgetStore {
         })
     }
 
-    pub fn adjust_now(&self, changes: &[(String, f64)]) {
+    pub fn adjust_now(&self, changes: &[(Arc<str>, f64)]) {
         let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         for (key, delta) in changes {
             counters.add(key, *delta, self.max_sessions);
@@ -200,7 +200,7 @@ impl BudgetStore for MemoryBudgetStore {
         ready(self.reserve_now(charges, min_output, max_output)).boxed()
     }
 
-    fn adjust<'a>(&'a self, changes: &'a [(String, f64)], _place: Place) -> BoxFuture<'a, ()> {
+    fn adjust<'a>(&'a self, changes: &'a [(Arc<str>, f64)], _place: Place) -> BoxFuture<'a, ()> {
         self.adjust_now(changes);
         ready(()).boxed()
     }
@@ -227,7 +227,17 @@ pub struct BudgetSpent {
     pub retry_after: Duration,
 }
 
+/// One day's counter keys (`{date}|usd`, `{date}|tokens`; a session's is `{date}|session|{id}`).
+#[derive(Clone)]
+struct DayKeys {
+    date: chrono::NaiveDate,
+    day: Arc<str>,
+    usd: Arc<str>,
+    tokens: Arc<str>,
+}
+
 pub struct Budgets {
+    day_keys: Mutex<Option<DayKeys>>,
     store: Arc<dyn BudgetStore>,
     limits: BudgetLimits,
     pricing: PriceTable,
@@ -239,7 +249,7 @@ pub struct Budgets {
 /// sent). Settle it with the real usage, release it, or keep it whole.
 #[derive(Debug, Default)]
 pub struct Reservation {
-    changes: Vec<(String, f64, Unit)>,
+    changes: Vec<(Arc<str>, f64, Unit)>,
     model: String,
     place: Place,
     /// The answer tokens reserved: the cap to send for this call.
@@ -267,6 +277,7 @@ impl Budgets {
         clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
+            day_keys: Mutex::default(),
             store,
             limits,
             pricing,
@@ -288,46 +299,37 @@ impl Budgets {
         min_output: u64,
         max_output: u64,
     ) -> Result<Reservation, BudgetDenied> {
-        let (prompt_usd, output_usd) = self.rates(model);
-        let day = self.day();
-        let mut charges = Vec::new();
-        let mut units = Vec::new();
-        let mut charge = |key: String, fixed: f64, per_output: f64, cap: Option<f64>, unit| {
-            if let Some(cap) = cap {
-                charges.push(Charge {
-                    key,
-                    fixed,
-                    per_output,
-                    cap,
-                });
-                units.push(unit);
-            }
-        };
+        let keys = self.keys();
         let tokens = prompt_tokens as f64;
-        charge(
-            format!("{day}|usd"),
-            tokens * prompt_usd,
-            output_usd,
-            self.limits.daily_usd,
-            Unit::Usd,
-        );
-        let daily_tokens = self.limits.daily_tokens.map(|t| t as f64);
-        charge(
-            format!("{day}|tokens"),
-            tokens,
-            1.0,
-            daily_tokens,
-            Unit::Tokens,
-        );
-        if let Some(id) = session {
-            let cap = self.limits.session_tokens.map(|t| t as f64);
-            charge(
-                format!("{day}|session|{id}"),
-                tokens,
-                1.0,
+        let mut charges = Vec::with_capacity(3);
+        let mut units = Vec::with_capacity(3);
+        if let Some(cap) = self.limits.daily_usd {
+            let (prompt_usd, output_usd) = self.rates(model);
+            charges.push(Charge {
+                key: keys.usd.clone(),
+                fixed: tokens * prompt_usd,
+                per_output: output_usd,
                 cap,
-                Unit::Tokens,
-            );
+            });
+            units.push(Unit::Usd);
+        }
+        if let Some(cap) = self.limits.daily_tokens {
+            charges.push(Charge {
+                key: keys.tokens.clone(),
+                fixed: tokens,
+                per_output: 1.0,
+                cap: cap as f64,
+            });
+            units.push(Unit::Tokens);
+        }
+        if let (Some(cap), Some(id)) = (self.limits.session_tokens, session) {
+            charges.push(Charge {
+                key: format!("{}|session|{id}", keys.day).into(),
+                fixed: tokens,
+                per_output: 1.0,
+                cap: cap as f64,
+            });
+            units.push(Unit::Tokens);
         }
         if charges.is_empty() {
             return Ok(Reservation {
@@ -367,8 +369,12 @@ impl Budgets {
         if reservation.changes.is_empty() {
             return;
         }
-        let used = self.amounts(&reservation.model, actual);
-        let changes: Vec<(String, f64)> = reservation
+        let priced = reservation
+            .changes
+            .iter()
+            .any(|(_, _, unit)| matches!(unit, Unit::Usd));
+        let used = self.amounts(&reservation.model, actual, priced);
+        let changes: Vec<(Arc<str>, f64)> = reservation
             .changes
             .into_iter()
             .map(|(key, reserved, unit)| {
@@ -387,9 +393,9 @@ impl Budgets {
         if !self.limits.any() {
             return None;
         }
-        let day = self.day();
-        let usd = self.store.spent(&format!("{day}|usd")).await;
-        let tokens = self.store.spent(&format!("{day}|tokens")).await;
+        let keys = self.keys();
+        let usd = self.store.spent(&keys.usd).await;
+        let tokens = self.store.spent(&keys.tokens).await;
         let remaining = |cap: Option<f64>, spent: f64| cap.map(|c| (c - spent).max(0.0));
         Some(BudgetReport {
             limits: BudgetFigures {
@@ -411,17 +417,19 @@ impl Budgets {
         })
     }
 
-    fn amounts(&self, model: &str, usage: &TokenUsage) -> (f64, f64) {
+    /// (USD, tokens) of `usage`; USD only when `priced` (a USD budget is set).
+    fn amounts(&self, model: &str, usage: &TokenUsage, priced: bool) -> (f64, f64) {
+        let tokens = (usage.prompt_tokens + usage.completion_tokens) as f64;
+        if !priced {
+            return (0.0, tokens);
+        }
         let cost = self.pricing.cost(
             model,
             usage.prompt_tokens,
             usage.cached_tokens,
             usage.completion_tokens,
         );
-        (
-            cost.prompt + cost.completion,
-            (usage.prompt_tokens + usage.completion_tokens) as f64,
-        )
+        (cost.prompt + cost.completion, tokens)
     }
 
     fn spent_error(&self, key: &str) -> BudgetSpent {
@@ -452,8 +460,25 @@ impl Budgets {
         }
     }
 
-    fn day(&self) -> String {
-        self.clock.now().format("%Y-%m-%d").to_string()
+    /// Today's counter keys, made once a day: formatting the date per chat cost more than the
+    /// rest of a reservation.
+    fn keys(&self) -> DayKeys {
+        let date = self.clock.now().date_naive();
+        let mut cached = self.day_keys.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some(keys) if keys.date == date => keys.clone(),
+            _ => {
+                let day = date.format("%Y-%m-%d").to_string();
+                let keys = DayKeys {
+                    date,
+                    usd: format!("{day}|usd").into(),
+                    tokens: format!("{day}|tokens").into(),
+                    day: day.into(),
+                };
+                *cached = Some(keys.clone());
+                keys
+            }
+        }
     }
 
     fn next_midnight(&self) -> DateTime<Local> {
@@ -500,4 +525,56 @@ pub struct BudgetRemaining {
 pub struct SpentToday {
     pub daily_usd: f64,
     pub daily_tokens: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(key: &str, fixed: f64, cap: f64) -> Charge {
+        Charge {
+            key: key.into(),
+            fixed,
+            per_output: 1.0,
+            cap,
+        }
+    }
+
+    /// 20,000 distinct sessions through a store that keeps 100: the day's counter stays, so the
+    /// day's cap holds.
+    #[test]
+    fn twenty_thousand_sessions_cannot_evict_the_day() {
+        let store = MemoryBudgetStore::new(100);
+        let mut granted = 0;
+        for i in 0..20_000 {
+            let charges = [
+                tokens("2026-12-07|tokens", 8.0, 3_000.0),
+                tokens(&format!("2026-12-07|session|s{i}"), 8.0, 2_000.0),
+            ];
+            if let Ok(g) = store.reserve_now(&charges, 1, 4) {
+                granted += 1;
+                // Settle to 10 real tokens of the 12 reserved.
+                let back = 10.0 - (8.0 + g.output as f64);
+                store.adjust_now(&[
+                    (charges[0].key.clone(), back),
+                    (charges[1].key.clone(), back),
+                ]);
+            }
+        }
+        assert_eq!(store.spent_now("2026-12-07|tokens"), 3_000.0);
+        assert_eq!(granted, 300);
+        assert!(store.counters.lock().unwrap().sessions.len() <= 100);
+    }
+
+    #[test]
+    fn the_answer_gets_the_room_left_and_at_least_the_minimum() {
+        let c = [tokens("d", 100.0, 1_000.0)];
+        assert_eq!(fit(&c, |_| 0.0, 64, 500), Ok(500));
+        assert_eq!(fit(&c, |_| 600.0, 64, 500), Ok(300));
+        assert_eq!(fit(&c, |_| 836.0, 64, 500), Ok(64));
+        assert_eq!(fit(&c, |_| 837.0, 64, 500), Err(0));
+        // The tightest of several caps wins.
+        let two = [tokens("d", 100.0, 1_000.0), tokens("s", 100.0, 300.0)];
+        assert_eq!(fit(&two, |_| 0.0, 64, 500), Ok(200));
+    }
 }

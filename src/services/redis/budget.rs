@@ -64,7 +64,7 @@ pub struct RedisBudgetStore {
     adjust: Script,
     /// Settlements of Redis reservations made while Redis was down, replayed with the next
     /// settlement that reaches it.
-    pending: Mutex<Vec<(String, f64)>>,
+    pending: Mutex<Vec<(Arc<str>, f64)>>,
 }
 
 /// Corrections kept while Redis is down; past this the oldest are dropped, and each dropped one
@@ -131,7 +131,7 @@ impl BudgetStore for RedisBudgetStore {
         .boxed()
     }
 
-    fn adjust<'a>(&'a self, changes: &'a [(String, f64)], place: Place) -> BoxFuture<'a, ()> {
+    fn adjust<'a>(&'a self, changes: &'a [(Arc<str>, f64)], place: Place) -> BoxFuture<'a, ()> {
         async move {
             if place == Place::Local {
                 self.local.adjust_now(changes);
