@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, eventually_seeing, spawn_app_with};
-use crate::mock_openai::{Counted, Reply, openai_prompt_tokens, sent_cap};
+use crate::mock_openai::{Counted, Reply, StreamScript, openai_prompt_tokens, sent_cap};
 
 async fn budget(app: &TestApp) -> Value {
     let usage: Value = app.get("/api/openai/usage").await.json().await.unwrap();
@@ -358,6 +358,49 @@ async fn a_timed_out_call_keeps_its_reservation_and_a_refused_one_is_released() 
     app.openai.enqueue(Reply::status(400, "bad request"));
     assert_eq!(app.post_chat(&body).await.status(), 400);
     assert_eq!(spent_tokens(&app).await, prompt + 300, "a 4xx is released");
+}
+
+/// A stream that stalls past `OPENAI_STREAM_IDLE_TIMEOUT_SECS` was sent and partly answered:
+/// it settles what was seen (the prompt plus the streamed text), never more than it reserved.
+#[tokio::test]
+async fn a_stalled_stream_settles_what_it_saw() {
+    const CAP: u64 = 100_000;
+    let app = spawn_app_with(|c, openai, _| {
+        c.guardrails.budget.daily_tokens = Some(CAP);
+        c.openai.max_output_tokens = Some(300);
+        c.openai.stream_idle_timeout = Duration::from_millis(300);
+        openai.set_default(Reply::Stream(StreamScript {
+            deltas: vec!["one ".into(), "two ".into(), "three".into()],
+            usage: Some((9, 3)),
+            stall: true,
+            ..Default::default()
+        }));
+    })
+    .await;
+    let text = app
+        .post_chat(&json!({"message": "stall", "stream": true}))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("event: error"), "{text}");
+    let prompt = openai_prompt_tokens(
+        "gpt-3.5-turbo",
+        &json!({"messages": [{"content": "stall"}]}),
+    );
+    let seen = "one two three".len() as u64;
+    let spent = eventually_seeing(
+        "the stalled stream's settlement",
+        Duration::from_secs(5),
+        || spent_tokens(&app),
+        |spent| *spent < prompt + 300,
+    )
+    .await;
+    assert_eq!(
+        spent,
+        prompt + seen,
+        "the prompt and the text seen, in bytes"
+    );
 }
 
 /// An answer without `usage` (OpenAI-compatible servers) is counted with the tokenizer and
