@@ -1054,6 +1054,28 @@ mod tests {
     }
 
     #[test]
+    fn the_output_cap_takes_its_former_name_and_a_budget_default() {
+        let none = build(&[], &[]).unwrap();
+        assert_eq!(none.output_cap(), None, "no budget, no cap: nothing is sent");
+        let budgeted = build(&[("BUDGET_DAILY_TOKENS", "5000")], &[]).unwrap();
+        assert_eq!(budgeted.output_cap(), Some(BUDGETED_OUTPUT_TOKENS));
+        let former = build(&[("BUDGET_ESTIMATE_OUTPUT_TOKENS", "77")], &[]).unwrap();
+        assert_eq!(former.output_cap(), Some(77));
+        let both = build(
+            &[
+                ("BUDGET_ESTIMATE_OUTPUT_TOKENS", "77"),
+                ("OPENAI_MAX_OUTPUT_TOKENS", "88"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(both.output_cap(), Some(88), "the new name wins");
+        assert!(build(&[("OPENAI_MAX_OUTPUT_TOKENS", "0")], &[]).is_err());
+        assert!(build(&[("HISTORY_TRIM", "sometimes")], &[]).is_err());
+        assert!(!build(&[("HISTORY_TRIM", "OFF")], &[]).unwrap().guardrails.history_trim);
+    }
+
+    #[test]
     fn openai_http2_takes_auto_always_or_never() {
         assert_eq!(build(&[], &[]).unwrap().openai.http2, Http2::Auto);
         let always = build(&[("OPENAI_HTTP2", "Always")], &[]).unwrap();
