@@ -1056,7 +1056,11 @@ mod tests {
     #[test]
     fn the_output_cap_takes_its_former_name_and_a_budget_default() {
         let none = build(&[], &[]).unwrap();
-        assert_eq!(none.output_cap(), None, "no budget, no cap: nothing is sent");
+        assert_eq!(
+            none.output_cap(),
+            None,
+            "no budget, no cap: nothing is sent"
+        );
         let budgeted = build(&[("BUDGET_DAILY_TOKENS", "5000")], &[]).unwrap();
         assert_eq!(budgeted.output_cap(), Some(BUDGETED_OUTPUT_TOKENS));
         let former = build(&[("BUDGET_ESTIMATE_OUTPUT_TOKENS", "77")], &[]).unwrap();
@@ -1072,7 +1076,12 @@ mod tests {
         assert_eq!(both.output_cap(), Some(88), "the new name wins");
         assert!(build(&[("OPENAI_MAX_OUTPUT_TOKENS", "0")], &[]).is_err());
         assert!(build(&[("HISTORY_TRIM", "sometimes")], &[]).is_err());
-        assert!(!build(&[("HISTORY_TRIM", "OFF")], &[]).unwrap().guardrails.history_trim);
+        assert!(
+            !build(&[("HISTORY_TRIM", "OFF")], &[])
+                .unwrap()
+                .guardrails
+                .history_trim
+        );
     }
 
     #[test]
