@@ -190,3 +190,19 @@ async fn ten_one_megabyte_files_get_the_models_limit_with_the_defaults() {
     );
     assert_eq!(app.openai.request_count(), 0);
 }
+
+/// A cap above the model's window does not refuse every chat: the answer's room for fitting is
+/// at most half the window.
+#[tokio::test]
+async fn a_cap_larger_than_the_window_still_lets_short_chats_through() {
+    let app = spawn_app_with(|c, openai, _| {
+        c.pricing = pricing();
+        c.openai.model = MODEL.into();
+        c.openai.max_output_tokens = Some(10_000);
+        c.guardrails.allowed_models = Some("*".into());
+        openai.set_default(Reply::Counted(Counted::long(20)));
+    })
+    .await;
+    let answer = app.post_chat(&json!({"message": "short"})).await;
+    assert_eq!(answer.status(), 200);
+}

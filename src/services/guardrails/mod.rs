@@ -244,8 +244,8 @@ impl Guardrails {
         Ok(admission)
     }
 
-    /// `HISTORY_TRIM=auto`: when prompt plus answer (the cap, else a quarter of the window)
-    /// would pass the model's context window, drops the oldest history turns (never a system
+    /// `HISTORY_TRIM=auto`: when prompt plus answer (the cap, else a quarter of the window; at
+    /// most half of it) would pass the model's context window, drops the oldest history turns (never a system
     /// message, never the current message) until it fits; how many, or 413 if the current
     /// message alone cannot fit. Nothing is counted when the prompt's bytes already fit.
     async fn fit_window(
@@ -258,7 +258,9 @@ impl Guardrails {
             Some(window) if self.limits.history_trim => window,
             _ => return Ok(0),
         };
-        let answer = cap.unwrap_or(window / 4);
+        // The answer's room: the cap, else a quarter of the window; never more than half of
+        // it (a cap above a small model's window would otherwise refuse every chat).
+        let answer = cap.unwrap_or(window / 4).min(window / 2);
         if prompt_upper_bound(&request.messages) + answer <= window {
             return Ok(0);
         }
