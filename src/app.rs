@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Local, TimeZone};
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::time::timeout_at;
 use tokio_util::sync::CancellationToken;
@@ -16,10 +17,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, Http2};
+use crate::domain::ApiKey;
 use crate::metrics::Metrics;
 use crate::server;
 use crate::services::bookkeeping::Bookkeeping;
-use crate::services::chat::{ChatService, Upstream};
+use crate::services::breaker::Breaker;
+use crate::services::chat::{ChatService, Fallback, Upstream};
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::{
     BudgetStore, Budgets, CallLimits, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
@@ -203,7 +206,25 @@ impl Application {
         let chat = Arc::new(ChatService::new(
             Upstream {
                 credentials: credentials.clone(),
+                fallbacks: config
+                    .openai
+                    .fallbacks
+                    .iter()
+                    .map(|f| Fallback {
+                        name: f.name.clone(),
+                        openai: OpenAiService::fallback(&config.openai, f, openai_http.clone()),
+                        key: f
+                            .api_key
+                            .as_ref()
+                            .and_then(|k| ApiKey::parse(k.expose_secret()))
+                            .unwrap_or_else(|| ApiKey::parse("no-key").expect("not blank")),
+                        model_map: f.model_map.clone(),
+                        breaker: Breaker::new(config.openai.breaker),
+                    })
+                    .collect(),
                 openai: OpenAiService::new(&config.openai, openai_http),
+                breaker: Breaker::new(config.openai.breaker),
+                failover_budget: config.openai.retry_budget,
             },
             guardrails.clone(),
             books,

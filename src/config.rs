@@ -246,6 +246,46 @@ pub const VARS: &[Var] = &[
         help: "how the cap is sent: max_completion_tokens (OpenAI), max_tokens (older OpenAI-compatible servers), or auto (max_completion_tokens for openai.com and Azure, else max_tokens)",
     },
     Var {
+        name: "OPENAI_FALLBACK_BASE_URL",
+        default: "",
+        help: "an upstream tried when the primary refuses, resets, times out before answering, answers 429 or 5xx (unset: no fallback)",
+    },
+    Var {
+        name: "OPENAI_FALLBACK_API_KEY",
+        default: "",
+        help: "the fallback's own key; sent only to OPENAI_FALLBACK_BASE_URL",
+    },
+    Var {
+        name: "OPENAI_FALLBACK_KIND",
+        default: "openai",
+        help: "openai (Authorization: Bearer, {base}/chat/completions) or azure (api-key header, {base}/openai/deployments/{deployment}/chat/completions)",
+    },
+    Var {
+        name: "OPENAI_FALLBACK_API_VERSION",
+        default: "2024-10-21",
+        help: "Azure OpenAI's api-version query parameter (azure only)",
+    },
+    Var {
+        name: "OPENAI_FALLBACK_MODEL_MAP",
+        default: "",
+        help: "which model or Azure deployment to ask the fallback for, e.g. gpt-4o=prod-4o,*=gpt-4o-mini (unset: the same name)",
+    },
+    Var {
+        name: "UPSTREAMS_FILE",
+        default: "",
+        help: "a JSON list of fallbacks tried in order, each {name, base_url, api_key, kind, api_version, model_map}; replaces OPENAI_FALLBACK_*",
+    },
+    Var {
+        name: "UPSTREAM_BREAKER_FAILURES",
+        default: "5",
+        help: "with fallbacks: failures in a row that open an upstream's circuit breaker (chats skip it)",
+    },
+    Var {
+        name: "UPSTREAM_BREAKER_COOLDOWN_SECS",
+        default: "30",
+        help: "with fallbacks: how long an open breaker skips its upstream before one chat probes it",
+    },
+    Var {
         name: "OPENAI_MIN_OUTPUT_TOKENS",
         default: "64",
         help: "a chat is refused by a budget only when its prompt and this many answer tokens do not fit",
@@ -374,6 +414,89 @@ pub struct OpenAiSettings {
     pub max_output_tokens: Option<u32>,
     pub cap_field: CapField,
     pub min_output_tokens: u32,
+    /// Tried in order when the primary fails in a way another upstream can fix
+    /// (`OPENAI_FALLBACK_*` or `UPSTREAMS_FILE`); empty: the one upstream, as before.
+    pub fallbacks: Vec<FallbackSettings>,
+    pub breaker: BreakerSettings,
+}
+
+/// A fallback upstream. Its key goes to its own base URL only.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct FallbackSettings {
+    pub name: String,
+    pub base_url: String,
+    /// `Debug` shows `[REDACTED]`.
+    #[serde(default, deserialize_with = "secret")]
+    pub api_key: Option<SecretString>,
+    #[serde(default)]
+    pub kind: ApiKind,
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub model_map: ModelMap,
+}
+
+fn secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    let key: Option<String> = serde::Deserialize::deserialize(d)?;
+    Ok(key
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .map(SecretString::from))
+}
+
+/// How an upstream is addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKind {
+    /// `Authorization: Bearer`, `{base}/chat/completions` (OpenAI and compatible servers).
+    #[default]
+    OpenAi,
+    /// `api-key`, `{base}/openai/deployments/{deployment}/chat/completions?api-version=...`.
+    Azure,
+}
+
+/// `gpt-4o=prod-4o,*=gpt-4o-mini`: which model (or Azure deployment) to ask a fallback for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelMap(Vec<(String, String)>);
+
+impl ModelMap {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut pairs = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (from, to) = item
+                .split_once('=')
+                .map(|(f, t)| (f.trim(), t.trim()))
+                .filter(|(f, t)| !f.is_empty() && !t.is_empty())
+                .ok_or_else(|| format!("{item:?} is not model=name"))?;
+            pairs.push((from.to_string(), to.to_string()));
+        }
+        Ok(Self(pairs))
+    }
+
+    /// The name to ask for: the exact entry, else `*`'s, else the same name.
+    pub fn map<'a>(&'a self, model: &'a str) -> &'a str {
+        let find = |key: &str| {
+            self.0
+                .iter()
+                .find(|(f, _)| f == key)
+                .map(|(_, t)| t.as_str())
+        };
+        find(model).or_else(|| find("*")).unwrap_or(model)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ModelMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A circuit breaker per upstream (only with fallbacks: one upstream is always tried).
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerSettings {
+    pub failures: u32,
+    pub cooldown: Duration,
 }
 
 /// The request field that carries the output cap.
@@ -721,7 +844,68 @@ fn openai_settings(src: &Source) -> Result<OpenAiSettings, ConfigError> {
         min_output_tokens: src
             .positive::<NonZeroU32>("OPENAI_MIN_OUTPUT_TOKENS")?
             .get(),
+        fallbacks: fallbacks(src)?,
+        breaker: BreakerSettings {
+            failures: src
+                .positive::<NonZeroU32>("UPSTREAM_BREAKER_FAILURES")?
+                .get(),
+            cooldown: src.secs("UPSTREAM_BREAKER_COOLDOWN_SECS")?,
+        },
     })
+}
+
+/// `UPSTREAMS_FILE`, else the one `OPENAI_FALLBACK_*`, else none.
+fn fallbacks(src: &Source) -> Result<Vec<FallbackSettings>, ConfigError> {
+    let list = match src.raw("UPSTREAMS_FILE") {
+        Some(path) => {
+            let text = std::fs::read_to_string(path.trim())
+                .map_err(|e| invalid("UPSTREAMS_FILE", &path, &e.to_string()))?;
+            serde_json::from_str::<Vec<FallbackSettings>>(&text).map_err(|e| {
+                invalid(
+                    "UPSTREAMS_FILE",
+                    &path,
+                    &format!("expected a JSON list of {{name, base_url, api_key, kind, api_version, model_map}}: {e}"),
+                )
+            })?
+        }
+        None => match src.raw("OPENAI_FALLBACK_BASE_URL") {
+            None => Vec::new(),
+            Some(_) => vec![FallbackSettings {
+                name: "fallback".into(),
+                base_url: src.http_url("OPENAI_FALLBACK_BASE_URL")?,
+                api_key: src
+                    .raw("OPENAI_FALLBACK_API_KEY")
+                    .map(|k| SecretString::from(k.trim())),
+                kind: src.choice(
+                    "OPENAI_FALLBACK_KIND",
+                    &[("openai", ApiKind::OpenAi), ("azure", ApiKind::Azure)],
+                )?,
+                api_version: Some(src.string("OPENAI_FALLBACK_API_VERSION")),
+                model_map: ModelMap::parse(&src.string("OPENAI_FALLBACK_MODEL_MAP")).map_err(
+                    |e| {
+                        invalid(
+                            "OPENAI_FALLBACK_MODEL_MAP",
+                            &src.string("OPENAI_FALLBACK_MODEL_MAP"),
+                            &e,
+                        )
+                    },
+                )?,
+            }],
+        },
+    };
+    for fallback in &list {
+        check_http_url("UPSTREAMS_FILE", &fallback.base_url)?;
+    }
+    Ok(list
+        .into_iter()
+        .map(|mut f| {
+            f.base_url = f.base_url.trim_end_matches('/').to_string();
+            if f.kind == ApiKind::Azure && f.api_version.is_none() {
+                f.api_version = Some(default_of("OPENAI_FALLBACK_API_VERSION").into());
+            }
+            f
+        })
+        .collect())
 }
 
 impl CapField {
@@ -1082,6 +1266,67 @@ mod tests {
                 .guardrails
                 .history_trim
         );
+    }
+
+    #[test]
+    fn fallbacks_come_from_the_environment_or_a_file() {
+        assert!(build(&[], &[]).unwrap().openai.fallbacks.is_empty());
+        let one = build(
+            &[
+                (
+                    "OPENAI_FALLBACK_BASE_URL",
+                    "https://example.openai.azure.com/",
+                ),
+                ("OPENAI_FALLBACK_API_KEY", "azure-secret-key"),
+                ("OPENAI_FALLBACK_KIND", "azure"),
+                ("OPENAI_FALLBACK_MODEL_MAP", "gpt-4o=prod-4o, *=mini"),
+            ],
+            &[],
+        )
+        .unwrap();
+        let f = &one.openai.fallbacks[0];
+        assert_eq!(f.base_url, "https://example.openai.azure.com");
+        assert_eq!(f.kind, ApiKind::Azure);
+        assert_eq!(f.api_version.as_deref(), Some("2024-10-21"));
+        assert_eq!(f.model_map.map("gpt-4o"), "prod-4o");
+        assert_eq!(f.model_map.map("gpt-4.1"), "mini");
+        assert!(
+            !format!("{one:?}").contains("azure-secret-key"),
+            "Debug hides the key"
+        );
+        assert!(build(&[("OPENAI_FALLBACK_BASE_URL", "ftp://x")], &[]).is_err());
+        assert!(
+            build(
+                &[
+                    ("OPENAI_FALLBACK_BASE_URL", "http://x"),
+                    ("OPENAI_FALLBACK_MODEL_MAP", "gpt-4o")
+                ],
+                &[]
+            )
+            .is_err()
+        );
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            br#"[{"name": "local", "base_url": "http://127.0.0.1:8000/v1"},
+                 {"name": "azure", "base_url": "https://a.openai.azure.com", "api_key": "k", "kind": "azure", "model_map": "*=dep"}]"#,
+        )
+        .unwrap();
+        let path = file.path().display().to_string();
+        let listed = build(&[("UPSTREAMS_FILE", &path)], &[]).unwrap();
+        let names: Vec<&str> = listed
+            .openai
+            .fallbacks
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(names, ["local", "azure"]);
+        assert_eq!(
+            listed.openai.fallbacks[1].api_version.as_deref(),
+            Some("2024-10-21")
+        );
+        assert!(listed.openai.fallbacks[0].api_key.is_none());
     }
 
     #[test]

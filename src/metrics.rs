@@ -66,6 +66,8 @@ pub struct Snapshot {
     pub spool_bytes: u64,
     /// With `STATE_URL`: (Redis up, failed calls, operations done locally or refused, recoveries).
     pub shared_state: Option<(bool, u64, u64, u64)>,
+    /// With fallbacks: (upstream, breaker state: 0 closed, 1 half-open, 2 open).
+    pub upstreams: Vec<(String, i64)>,
 }
 
 /// Every documented route, as its `route` label: the paths of the OpenAPI document that the
@@ -262,6 +264,11 @@ struct GuardrailLabels {
     guardrail: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -332,6 +339,20 @@ impl Collector for SnapshotCollector {
         )?;
         for (outcome, value) in &snap.session_log {
             ConstCounter::new(*value).encode(lines.encode_family(&OutcomeLabels { outcome })?)?;
+        }
+
+        if !snap.upstreams.is_empty() {
+            let mut states = encoder.encode_descriptor(
+                "upstream_state",
+                "With fallbacks: each upstream's circuit breaker (0 closed, 1 half-open, 2 open)",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            for (upstream, state) in &snap.upstreams {
+                ConstGauge::new(*state).encode(states.encode_family(&UpstreamLabels {
+                    upstream: upstream.clone(),
+                })?)?;
+            }
         }
 
         let syncs = ConstCounter::new(snap.session_log_syncs);

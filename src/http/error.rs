@@ -3,6 +3,8 @@
 //! Every failure a client can see is an `ApiError`; its `IntoResponse` is the only place where a
 //! failure becomes a status code and a `{"error": ..., "details"?: ...}` body (contract §1).
 
+use std::time::Duration;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -71,6 +73,9 @@ pub enum ApiError {
     NotConfigured,
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// With fallbacks, every upstream's breaker is open (503 with `Retry-After`).
+    #[error(transparent)]
+    AllUpstreamsDown(ChatError),
     /// The session log line could not be made durable (the I/O error is its source).
     #[error("{0}")]
     SessionLog(SessionError),
@@ -84,6 +89,7 @@ impl From<ChatError> for ApiError {
             ChatError::NotConfigured => Self::NotConfigured,
             ChatError::Upstream(e) => Self::Upstream(e),
             ChatError::Guardrail(e) => Self::Guardrail(e),
+            e @ ChatError::AllUpstreamsDown { .. } => Self::AllUpstreamsDown(e),
         }
     }
 }
@@ -131,7 +137,7 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyReadTimeout | Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Status(status) => *status,
-            Self::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotConfigured | Self::AllUpstreamsDown(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(e) => match e.kind {
                 UpstreamKind::Unauthorized => StatusCode::UNAUTHORIZED,
                 UpstreamKind::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -203,6 +209,9 @@ impl IntoResponse for ApiError {
                 ..
             }) => Some(*wait),
             Self::Guardrail(e) => e.retry_after(),
+            Self::AllUpstreamsDown(ChatError::AllUpstreamsDown { retry_after }) => {
+                Some((*retry_after).max(Duration::from_secs(1)))
+            }
             _ => None,
         };
         if let Some(wait) = retry_after {

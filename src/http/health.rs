@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 
 use crate::clock::timestamp;
 use crate::http::guards::AdminView;
+use crate::services::breaker::BreakerState;
 use crate::services::papita::ReporterSnapshot;
 use crate::services::redis::RedisCheck;
 use crate::state::AppState;
@@ -72,6 +73,7 @@ pub(super) async fn ready(
             papita: papita_check(&state),
             // Reported, not judged: with Redis down chats go on with local state (SCALING.md).
             shared_state: state.redis.as_ref().map(|s| s.check()),
+            upstreams: upstreams_check(&state),
         },
     };
     if !full {
@@ -110,6 +112,42 @@ pub struct ReadyChecks {
     pub papita: PapitaCheck,
     /// With `STATE_URL`: Redis, else `null`.
     pub shared_state: Option<RedisCheck>,
+    /// Only with fallbacks: `degraded` while the primary's breaker is not closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstreams: Option<UpstreamsCheck>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UpstreamsCheck {
+    /// `ok`, or `degraded` while the primary is skipped or probed.
+    pub status: &'static str,
+    /// Each upstream's breaker, the primary first. Without the admin token: absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakers: Option<Vec<UpstreamState>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UpstreamState {
+    pub name: String,
+    pub state: BreakerState,
+}
+
+fn upstreams_check(state: &AppState) -> Option<UpstreamsCheck> {
+    let states = state.chat.upstream_states();
+    let primary = states.first()?.1;
+    Some(UpstreamsCheck {
+        status: if primary == BreakerState::Closed {
+            "ok"
+        } else {
+            "degraded"
+        },
+        breakers: Some(
+            states
+                .into_iter()
+                .map(|(name, state)| UpstreamState { name, state })
+                .collect(),
+        ),
+    })
 }
 
 impl ReadyChecks {
@@ -120,6 +158,9 @@ impl ReadyChecks {
         self.papita.usage_records = None;
         if let Some(shared) = &mut self.shared_state {
             shared.details = None;
+        }
+        if let Some(upstreams) = &mut self.upstreams {
+            upstreams.breakers = None;
         }
     }
 }

@@ -82,6 +82,12 @@ async fn snapshot(state: &AppState) -> Snapshot {
             ("refused_low_disk", state.session_log.refused_low_disk()),
         ],
         session_log_syncs: state.session_log.syncs(),
+        upstreams: state
+            .chat
+            .upstream_states()
+            .into_iter()
+            .map(|(name, s)| (label_value(&name), s as i64))
+            .collect(),
         spool_bytes: papita.spool_bytes,
         shared_state: state.redis.as_ref().map(|s| {
             let get =

@@ -144,7 +144,9 @@ pub(super) async fn test(
             };
             (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
         }
-        Err(ChatError::Guardrail(e)) => ApiError::from(e).into_response(),
+        Err(e @ (ChatError::Guardrail(_) | ChatError::AllUpstreamsDown { .. })) => {
+            ApiError::from(e).into_response()
+        }
         Err(ChatError::Upstream(e)) => {
             log_upstream_failure(&e);
             Json(TestAnswer {

@@ -6,15 +6,17 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
 use crate::clock::{Clock, timestamp};
+use crate::config::ModelMap;
 use crate::domain::{ApiKey, ChatMessage, ChatRequest, Role, TokenUsage};
 use crate::metrics::Metrics;
 use crate::services::bookkeeping::{Bookkeeping, Outcome};
+use crate::services::breaker::{Breaker, BreakerState};
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::{Admission, GuardrailError, Guardrails};
 use crate::services::openai::{Completion, OpenAiService, StreamPiece};
@@ -75,6 +77,12 @@ pub enum ChatError {
     /// A guardrail refused it before it reached OpenAI.
     #[error(transparent)]
     Guardrail(#[from] GuardrailError),
+    /// With fallbacks: every upstream's circuit breaker is open.
+    #[error(
+        "Every upstream is failing right now (their circuit breakers are open); chats resume when one recovers. Try again in {} s.",
+        crate::services::guardrails::retry_secs(.retry_after)
+    )]
+    AllUpstreamsDown { retry_after: Duration },
 }
 
 /// Counts a streamed reply in `sse_streams_open` while it lives.
@@ -141,7 +149,9 @@ impl InFlight {
             return;
         };
         let unprocessed = match error {
-            ChatError::NotConfigured | ChatError::Guardrail(_) => true,
+            ChatError::NotConfigured
+            | ChatError::Guardrail(_)
+            | ChatError::AllUpstreamsDown { .. } => true,
             ChatError::Upstream(e) => e.unprocessed,
         };
         if unprocessed {
@@ -193,6 +203,22 @@ impl Drop for InFlight {
 pub struct Upstream {
     pub credentials: Arc<CredentialProvider>,
     pub openai: OpenAiService,
+    /// Tried in order when the primary fails over (`OPENAI_FALLBACK_*`, `UPSTREAMS_FILE`).
+    pub fallbacks: Vec<Fallback>,
+    /// With fallbacks: the primary's breaker, and how long after the first attempt a next
+    /// upstream may still be tried (`OPENAI_RETRY_BUDGET_SECS`).
+    pub breaker: Breaker,
+    pub failover_budget: Duration,
+}
+
+/// A fallback upstream: its own client (base URL, kind), its own key, its model names.
+pub struct Fallback {
+    pub name: String,
+    pub openai: OpenAiService,
+    /// Sent to this upstream only. A server without authentication gets a placeholder.
+    pub key: ApiKey,
+    pub model_map: ModelMap,
+    pub breaker: Breaker,
 }
 
 /// Contract §6: the not-configured answer.
@@ -204,6 +230,9 @@ pub const TEST_PROMPT: &str = "Say 'Connection successful' if you can read this.
 pub struct ChatService {
     credentials: Arc<CredentialProvider>,
     openai: OpenAiService,
+    fallbacks: Vec<Fallback>,
+    breaker: Breaker,
+    failover_budget: Duration,
     guardrails: Arc<Guardrails>,
     books: Arc<Bookkeeping>,
     sessions: Arc<Sessions>,
@@ -224,6 +253,9 @@ impl ChatService {
         Self {
             credentials: upstream.credentials,
             openai: upstream.openai,
+            fallbacks: upstream.fallbacks,
+            breaker: upstream.breaker,
+            failover_budget: upstream.failover_budget,
             guardrails,
             books,
             sessions,
@@ -268,11 +300,21 @@ impl ChatService {
         let history_trimmed = in_flight.history_trimmed();
         let upstream_started = started.map(|_| Instant::now());
         let completion = {
-            let (request, cap) = (&request, in_flight.output_cap());
-            self.with_key(|key| async move {
-                self.openai
-                    .complete(&key, &request.model, &request.messages, cap)
-                    .await
+            let (messages, cap) = (&request.messages, in_flight.output_cap());
+            self.with_failover(&request.model, |i, model| async move {
+                match i {
+                    0 => {
+                        let model = &model;
+                        self.with_key(|key| async move {
+                            self.openai.complete(&key, model, messages, cap).await
+                        })
+                        .await
+                    }
+                    _ => {
+                        let f = &self.fallbacks[i - 1];
+                        Ok(f.openai.complete(&f.key, &model, messages, cap).await?)
+                    }
+                }
             })
             .await
         };
@@ -281,7 +323,10 @@ impl ChatService {
             Metrics::observe(&metrics.upstream_duration, upstream);
         }
         let completion = match completion {
-            Ok(completion) => completion,
+            Ok((completion, answered)) => {
+                self.answered_by(&mut request, answered);
+                completion
+            }
             Err(e) => {
                 in_flight.failed(&e).await;
                 return Err(e);
@@ -357,16 +402,29 @@ impl ChatService {
         let in_flight = self.admit(&mut request, session.as_deref(), true).await?;
         let history_trimmed = in_flight.history_trimmed();
         let upstream = {
-            let (request, cap) = (&request, in_flight.output_cap());
-            self.with_key(|key| async move {
-                self.openai
-                    .stream(&key, &request.model, &request.messages, cap)
-                    .await
+            let (messages, cap) = (&request.messages, in_flight.output_cap());
+            self.with_failover(&request.model, |i, model| async move {
+                match i {
+                    0 => {
+                        let model = &model;
+                        self.with_key(|key| async move {
+                            self.openai.stream(&key, model, messages, cap).await
+                        })
+                        .await
+                    }
+                    _ => {
+                        let f = &self.fallbacks[i - 1];
+                        Ok(f.openai.stream(&f.key, &model, messages, cap).await?)
+                    }
+                }
             })
             .await
         };
         let upstream = match upstream {
-            Ok(upstream) => upstream,
+            Ok((upstream, answered)) => {
+                self.answered_by(&mut request, answered);
+                upstream
+            }
             Err(e) => {
                 in_flight.failed(&e).await;
                 return Err(e);
@@ -468,6 +526,68 @@ impl ChatService {
         result
     }
 
+    /// Runs `attempt(i, model)` on the primary (`i == 0`) and, when it fails in a way another
+    /// upstream can fix (`UpstreamError::failover`), on each fallback in turn (`i` is its place
+    /// plus one), asking each for its own name of `model`. Upstreams whose breaker is open are
+    /// skipped with no wait; no new upstream is tried once `OPENAI_RETRY_BUDGET_SECS` has
+    /// passed. Returns the answer and who gave it. Without fallbacks: the primary, as before.
+    async fn with_failover<T, F, Fut>(
+        &self,
+        model: &str,
+        attempt: F,
+    ) -> Result<(T, usize), ChatError>
+    where
+        F: Fn(usize, String) -> Fut,
+        Fut: Future<Output = Result<T, ChatError>>,
+    {
+        if self.fallbacks.is_empty() {
+            return Ok((attempt(0, model.to_string()).await?, 0));
+        }
+        let started = tokio::time::Instant::now();
+        let mut last = None;
+        for i in 0..=self.fallbacks.len() {
+            let (name, breaker, asked) = match i {
+                0 => ("primary", &self.breaker, model),
+                _ => {
+                    let f = &self.fallbacks[i - 1];
+                    (f.name.as_str(), &f.breaker, f.model_map.map(model))
+                }
+            };
+            if last.is_some() && started.elapsed() > self.failover_budget {
+                break;
+            }
+            if !breaker.admit() {
+                continue;
+            }
+            match attempt(i, asked.to_string()).await {
+                Ok(answer) => {
+                    breaker.succeeded();
+                    return Ok((answer, i));
+                }
+                Err(ChatError::Upstream(e)) if e.failover => {
+                    breaker.failed();
+                    tracing::warn!(upstream = name, error = %e, "upstream failed; trying the next one");
+                    last = Some(ChatError::Upstream(e));
+                }
+                // No key for the primary: the fallbacks have their own.
+                Err(ChatError::NotConfigured) => last = Some(ChatError::NotConfigured),
+                Err(e) => {
+                    // It answered: the request's fault, not the upstream's.
+                    breaker.succeeded();
+                    return Err(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            let wait = std::iter::once(&self.breaker)
+                .chain(self.fallbacks.iter().map(|f| &f.breaker))
+                .map(Breaker::retry_after)
+                .min()
+                .unwrap_or_default();
+            ChatError::AllUpstreamsDown { retry_after: wait }
+        }))
+    }
+
     /// Runs `call` with the current key; on a 401 asks for the key again (Papita may have
     /// rotated it) and tries once more if that gives a different key.
     async fn with_key<T, F, Fut>(&self, call: F) -> Result<T, ChatError>
@@ -494,6 +614,28 @@ impl ChatService {
                 }
             }
             other => Ok(other?),
+        }
+    }
+
+    /// With fallbacks: each upstream's name and breaker state, the primary first (empty without).
+    pub fn upstream_states(&self) -> Vec<(String, BreakerState)> {
+        if self.fallbacks.is_empty() {
+            return Vec::new();
+        }
+        std::iter::once(("primary".to_string(), self.breaker.state()))
+            .chain(
+                self.fallbacks
+                    .iter()
+                    .map(|f| (f.name.clone(), f.breaker.state())),
+            )
+            .collect()
+    }
+
+    /// A fallback answered: the chat is counted, priced and logged under the model it asked.
+    fn answered_by(&self, request: &mut ChatRequest, answered: usize) {
+        if let Some(f) = answered.checked_sub(1).and_then(|i| self.fallbacks.get(i)) {
+            let model = f.model_map.map(&request.model).to_string();
+            request.model = model;
         }
     }
 

@@ -4,6 +4,7 @@
 //! transport) for OpenAI, `papita::PapitaClient` for Papita.
 
 pub(crate) mod bookkeeping;
+pub(crate) mod breaker;
 pub(crate) mod chat;
 pub mod credentials;
 pub(crate) mod guardrails;

@@ -14,6 +14,9 @@ pub struct UpstreamError {
     /// anything was written, or a 4xx answer came back. Anything else (a timeout, a 5xx, a cut
     /// connection) may have been processed and billed.
     pub unprocessed: bool,
+    /// Another upstream may answer instead (`services::chat`'s failover): a refused or reset
+    /// connection, no response head in time, a 429 or a 5xx. Never once an answer has begun.
+    pub failover: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +39,7 @@ impl UpstreamError {
             kind,
             message: message.into(),
             unprocessed: false,
+            failover: false,
         }
     }
 }

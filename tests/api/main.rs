@@ -18,6 +18,7 @@ mod client_bounds;
 mod context_window;
 mod credentials;
 mod deployment;
+mod failover;
 mod faults;
 mod guardrails;
 mod health;

@@ -41,6 +41,8 @@ pub enum Reply {
     },
     /// Accepts the request and never answers.
     Hang,
+    /// Closes the connection without an answer (a reset before the response head).
+    Reset,
     /// Waits, then answers as the inner reply (a slow response head, whatever follows).
     Delayed(Duration, Box<Reply>),
     /// 200 with a body that is not a chat completion.
@@ -136,6 +138,10 @@ impl Reply {
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub authorization: String,
+    /// Azure's key header.
+    pub api_key: String,
+    /// The path and query the request came to.
+    pub uri: String,
     pub body: Value,
     /// The HTTP version the request came in (the mock serves HTTP/1.1 and h2c).
     pub version: axum::http::Version,
@@ -173,6 +179,11 @@ impl MockOpenAi {
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
+            // Azure OpenAI's shape: the deployment in the path, `api-version` in the query.
+            .route(
+                "/openai/deployments/{deployment}/chat/completions",
+                post(chat),
+            )
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -245,21 +256,29 @@ impl Drop for Watch {
 async fn chat(
     State(state): State<Arc<MockState>>,
     version: axum::http::Version,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    let authorization = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (authorization, api_key) = (header("authorization"), header("api-key"));
     state.requests.lock().unwrap().push(Recorded {
         authorization: authorization.clone(),
+        api_key: api_key.clone(),
+        uri: uri.to_string(),
         body: body.clone(),
         version,
     });
     if let Some(keys) = state.valid_keys.lock().unwrap().as_ref() {
-        let key = authorization.strip_prefix("Bearer ").unwrap_or("");
+        let key = authorization
+            .strip_prefix("Bearer ")
+            .unwrap_or(api_key.as_str());
         if !keys.iter().any(|k| k == key) {
             let error = json!({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}});
             return (StatusCode::UNAUTHORIZED, Json(error)).into_response();
@@ -355,6 +374,10 @@ async fn chat(
             }
             watch.finish();
             response
+        }
+        Reply::Reset => {
+            // Panicking ends the connection's task: hyper closes the socket with no response.
+            std::panic::resume_unwind(Box::new("the mock resets the connection"));
         }
         Reply::Hang => {
             let _watch = watch;

@@ -14,7 +14,7 @@ use async_openai::types::chat::{
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{self, HeaderValue};
 
-use crate::config::{CapField, OpenAiSettings};
+use crate::config::{ApiKind, CapField, FallbackSettings, OpenAiSettings};
 use crate::domain::{ApiKey, ChatMessage, Role, TokenUsage};
 mod sse;
 mod transport;
@@ -63,11 +63,14 @@ pub struct OpenAiService {
     stream_idle: Duration,
     stream_max: Duration,
     cap_field: CapField,
+    kind: ApiKind,
+    /// Azure's `api-version`.
+    api_version: String,
     /// `{base_url}/chat/completions`, parsed once: whole answers are sent straight through
     /// reqwest with async-openai's types (its per-request URL building and parsing was a tenth
-    /// of a chat's instructions).
+    /// of a chat's instructions). Azure's URL names the deployment, so it is built per call.
     completions_url: reqwest::Url,
-    /// The current key and its `Authorization` header.
+    /// The current key and its header (`Authorization: Bearer`, or Azure's `api-key`).
     authorization: Mutex<Option<(ApiKey, HeaderValue)>>,
 }
 
@@ -75,17 +78,37 @@ impl OpenAiService {
     /// `http` is shared by every OpenAI call (connection pooling); it has a connect timeout but
     /// no overall timeout, which would cut long healthy streams. Time limits are applied here.
     pub fn new(settings: &OpenAiSettings, http: reqwest::Client) -> Self {
+        Self::for_upstream(settings, &settings.base_url, ApiKind::OpenAi, None, http)
+    }
+
+    /// A fallback upstream, with the primary's time limits and retries.
+    pub fn fallback(
+        settings: &OpenAiSettings,
+        fallback: &FallbackSettings,
+        http: reqwest::Client,
+    ) -> Self {
+        let version = fallback.api_version.as_deref();
+        Self::for_upstream(settings, &fallback.base_url, fallback.kind, version, http)
+    }
+
+    fn for_upstream(
+        settings: &OpenAiSettings,
+        base_url: &str,
+        kind: ApiKind,
+        api_version: Option<&str>,
+        http: reqwest::Client,
+    ) -> Self {
         let policy = RetryPolicy {
             max_retries: settings.max_retries,
             budget: settings.retry_budget,
+            wait_on_rate_limit: settings.fallbacks.is_empty(),
         };
         Self {
-            completions_url: reqwest::Url::parse(&format!(
-                "{}/chat/completions",
-                settings.base_url
-            ))
-            .expect("OPENAI_BASE_URL was checked at start-up"),
-            base_url: settings.base_url.clone(),
+            completions_url: reqwest::Url::parse(&format!("{base_url}/chat/completions"))
+                .expect("base URLs are checked at start-up"),
+            kind,
+            api_version: api_version.unwrap_or_default().to_string(),
+            base_url: base_url.to_string(),
             transport: OpenAiTransport::new(http, policy),
             timeout: settings.timeout,
             stream_idle: settings.stream_idle_timeout,
@@ -105,7 +128,11 @@ impl OpenAiService {
                 return Ok(header.clone());
             }
         }
-        let Ok(mut header) = HeaderValue::from_str(&format!("Bearer {}", key.expose())) else {
+        let value = match self.kind {
+            ApiKind::OpenAi => format!("Bearer {}", key.expose()),
+            ApiKind::Azure => key.expose().to_string(),
+        };
+        let Ok(mut header) = HeaderValue::from_str(&value) else {
             return Err(UpstreamError::new(
                 UpstreamKind::Unauthorized,
                 "the OpenAI key holds characters an HTTP header cannot carry",
@@ -156,12 +183,38 @@ impl OpenAiService {
         }
     }
 
+    /// Where a chat with `model` goes: OpenAI's one URL, or Azure's deployment URL.
+    fn url_for(&self, model: &str) -> Result<reqwest::Url, UpstreamError> {
+        match self.kind {
+            ApiKind::OpenAi => Ok(self.completions_url.clone()),
+            ApiKind::Azure => {
+                let mut url =
+                    reqwest::Url::parse(&self.base_url).expect("base URLs are checked at start-up");
+                url.path_segments_mut()
+                    .map_err(|()| UpstreamError::new(UpstreamKind::Rejected, "bad base URL"))?
+                    .pop_if_empty()
+                    .extend(["openai", "deployments", model, "chat", "completions"]);
+                url.query_pairs_mut()
+                    .append_pair("api-version", &self.api_version);
+                Ok(url)
+            }
+        }
+    }
+
     /// The request for `body`, built anew for each attempt (same URL, key and body).
-    fn post(&self, authorization: &HeaderValue, body: &bytes::Bytes) -> reqwest::Request {
-        let mut request =
-            reqwest::Request::new(reqwest::Method::POST, self.completions_url.clone());
+    fn post(
+        &self,
+        url: &reqwest::Url,
+        authorization: &HeaderValue,
+        body: &bytes::Bytes,
+    ) -> reqwest::Request {
+        let mut request = reqwest::Request::new(reqwest::Method::POST, url.clone());
         let headers = request.headers_mut();
-        headers.insert(header::AUTHORIZATION, authorization.clone());
+        let name = match self.kind {
+            ApiKind::OpenAi => header::AUTHORIZATION,
+            ApiKind::Azure => header::HeaderName::from_static("api-key"),
+        };
+        headers.insert(name, authorization.clone());
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -182,21 +235,29 @@ impl OpenAiService {
         cap: Option<u32>,
     ) -> Result<Completion, UpstreamError> {
         let authorization = self.authorization(key)?;
+        let url = self.url_for(model)?;
         let body = serialize(&self.build_request(model, messages, false, cap))?;
-        let exchange = async {
-            let response = self
-                .transport
-                .send(|| self.post(&authorization, &body))
-                .await?;
+        // One deadline for the whole answer; what fails before the response head may be
+        // answered by another upstream, what fails after it may not.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let response = tokio::time::timeout_at(
+            deadline,
+            self.transport
+                .send(|| self.post(&url, &authorization, &body)),
+        )
+        .await
+        .map_err(|_| before_head(timed_out("no answer", self.timeout)))?
+        .map_err(|e| classify(e, key, &self.base_url, true))?;
+        let answer = async {
             let bytes = read_capped(response).await?;
             serde_json::from_slice::<CreateChatCompletionResponse>(&bytes).map_err(|e| {
                 CallError::Malformed(format!("malformed answer from the OpenAI server: {e}"))
             })
         };
-        let response = tokio::time::timeout(self.timeout, exchange)
+        let response = tokio::time::timeout_at(deadline, answer)
             .await
-            .map_err(|_| timed_out("no answer", self.timeout))?
-            .map_err(|e| classify(e, key, &self.base_url))?;
+            .map_err(|_| timed_out("no complete answer", self.timeout))?
+            .map_err(|e| classify(e, key, &self.base_url, false))?;
         let usage = response.usage.map(TokenUsage::from);
         let choice = response.choices.into_iter().next().ok_or_else(|| {
             UpstreamError::new(UpstreamKind::Unavailable, "the answer had no choices")
@@ -227,14 +288,16 @@ impl OpenAiService {
     {
         let started = Instant::now();
         let authorization = self.authorization(key)?;
+        let url = self.url_for(model)?;
         let body = serialize(&self.build_request(model, messages, true, cap))?;
         let response = tokio::time::timeout(
             self.timeout,
-            self.transport.send(|| self.post(&authorization, &body)),
+            self.transport
+                .send(|| self.post(&url, &authorization, &body)),
         )
         .await
-        .map_err(|_| timed_out("no answer", self.timeout))?
-        .map_err(|e| classify(e, key, &self.base_url))?;
+        .map_err(|_| before_head(timed_out("no answer", self.timeout)))?
+        .map_err(|e| classify(e, key, &self.base_url, true))?;
         let mut events = Box::pin(SseData::new(response.bytes_stream()));
         let (first_limit, idle, max) = (self.timeout, self.stream_idle, self.stream_max);
         let (key, base_url) = (key.clone(), self.base_url.clone());
@@ -258,7 +321,7 @@ impl OpenAiService {
                 };
                 let data = match next {
                     None => break,
-                    Some(Err(SseError::Body(e))) => { yield Err(classify(CallError::Http(e), &key, &base_url)); break; }
+                    Some(Err(SseError::Body(e))) => { yield Err(classify(CallError::Http(e), &key, &base_url, false)); break; }
                     Some(Err(e)) => { yield Err(UpstreamError::new(UpstreamKind::Unavailable, e.to_string())); break; }
                     Some(Ok(data)) => data,
                 };
@@ -362,7 +425,16 @@ pub const CONTEXT_TOO_LONG: &str = "This conversation is too long for the model'
 
 /// Maps a failed call to the client-facing classification; the key is redacted from anything
 /// the upstream said.
-fn classify(error: CallError, key: &ApiKey, base_url: &str) -> UpstreamError {
+fn classify(error: CallError, key: &ApiKey, base_url: &str, head_pending: bool) -> UpstreamError {
+    // Before the response head: a refused or reset connection, or a timeout (which `send`
+    // reports when its own limits pass), may go to another upstream; so may a 429 or a 5xx.
+    let failover = match &error {
+        CallError::Status(status) => {
+            status.status.as_u16() == 429 || status.status.is_server_error()
+        }
+        CallError::Http(_) => head_pending,
+        CallError::Malformed(_) => false,
+    };
     let unprocessed = match &error {
         CallError::Status(status) => status.status.is_client_error(),
         CallError::Http(e) => e.is_connect(),
@@ -393,7 +465,16 @@ fn classify(error: CallError, key: &ApiKey, base_url: &str) -> UpstreamError {
     };
     UpstreamError {
         unprocessed,
+        failover,
         ..UpstreamError::new(kind, key.redact(&message))
+    }
+}
+
+/// A failure before the response head: another upstream may answer.
+fn before_head(error: UpstreamError) -> UpstreamError {
+    UpstreamError {
+        failover: true,
+        ..error
     }
 }
 

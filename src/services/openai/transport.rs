@@ -107,6 +107,8 @@ fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
 pub struct RetryPolicy {
     pub max_retries: u32,
     pub budget: Duration,
+    /// False with fallbacks: a 429 goes to the next upstream at once instead of waiting.
+    pub wait_on_rate_limit: bool,
 }
 
 impl RetryPolicy {
@@ -155,7 +157,10 @@ impl OpenAiTransport {
                 Ok(response) if response.status().is_success() => return Ok(response),
                 Ok(response) => {
                     let status = UpstreamStatus::read(response).await;
-                    let wait = if status.retryable() {
+                    let rate_limited = status.status.as_u16() == 429;
+                    let wait = if status.retryable()
+                        && (self.policy.wait_on_rate_limit || !rate_limited)
+                    {
                         self.policy.wait(attempt, started, status.retry_after)
                     } else {
                         None
@@ -207,6 +212,7 @@ mod tests {
         let p = RetryPolicy {
             max_retries: 2,
             budget: Duration::from_secs(10),
+            wait_on_rate_limit: true,
         };
         let now = Instant::now();
         assert_eq!(p.wait(0, now, None), Some(Duration::from_millis(250)));
