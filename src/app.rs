@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::server;
 use crate::services::bookkeeping::Bookkeeping;
 use crate::services::breaker::Breaker;
-use crate::services::chat::{ChatService, Fallback, Upstream};
+use crate::services::chat::{ChatService, Fallback, Upstream, UpstreamCounts};
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::{
     BudgetStore, Budgets, CallLimits, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
@@ -212,6 +212,7 @@ impl Application {
                     .iter()
                     .map(|f| Fallback {
                         name: f.name.clone(),
+                        counts: UpstreamCounts::default(),
                         openai: OpenAiService::fallback(&config.openai, f, openai_http.clone()),
                         key: f
                             .api_key

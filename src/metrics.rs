@@ -66,8 +66,9 @@ pub struct Snapshot {
     pub spool_bytes: u64,
     /// With `STATE_URL`: (Redis up, failed calls, operations done locally or refused, recoveries).
     pub shared_state: Option<(bool, u64, u64, u64)>,
-    /// With fallbacks: (upstream, breaker state: 0 closed, 1 half-open, 2 open).
-    pub upstreams: Vec<(String, i64)>,
+    /// With fallbacks: (upstream, breaker state: 0 closed, 1 half-open, 2 open, chats answered,
+    /// attempts failed).
+    pub upstreams: Vec<(String, i64, u64, u64)>,
 }
 
 /// Every documented route, as its `route` label: the paths of the OpenAPI document that the
@@ -269,6 +270,12 @@ struct UpstreamLabels {
     upstream: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamOutcomeLabels {
+    upstream: String,
+    outcome: &'static str,
+}
+
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -348,10 +355,26 @@ impl Collector for SnapshotCollector {
                 None,
                 ConstGauge::new(0i64).metric_type(),
             )?;
-            for (upstream, state) in &snap.upstreams {
+            for (upstream, state, _, _) in &snap.upstreams {
                 ConstGauge::new(*state).encode(states.encode_family(&UpstreamLabels {
                     upstream: upstream.clone(),
                 })?)?;
+            }
+            let mut requests = encoder.encode_descriptor(
+                "upstream_requests",
+                "With fallbacks: chats each upstream answered, and its attempts that failed (over to the next upstream, or ending the chat)",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (upstream, _, answered, failed) in &snap.upstreams {
+                for (outcome, value) in [("answered", answered), ("failed", failed)] {
+                    ConstCounter::new(*value).encode(requests.encode_family(
+                        &UpstreamOutcomeLabels {
+                            upstream: upstream.clone(),
+                            outcome,
+                        },
+                    )?)?;
+                }
             }
         }
 

@@ -82,12 +82,18 @@ async fn snapshot(state: &AppState) -> Snapshot {
             ("refused_low_disk", state.session_log.refused_low_disk()),
         ],
         session_log_syncs: state.session_log.syncs(),
-        upstreams: state
-            .chat
-            .upstream_states()
-            .into_iter()
-            .map(|(name, s)| (label_value(&name), s as i64))
-            .collect(),
+        upstreams: {
+            let counts = state.chat.upstream_report().unwrap_or_default();
+            state
+                .chat
+                .upstream_states()
+                .into_iter()
+                .map(|(name, s)| {
+                    let c = counts.get(&name).cloned().unwrap_or_default();
+                    (label_value(&name), s as i64, c.request_count, c.failures)
+                })
+                .collect()
+        },
         spool_bytes: papita.spool_bytes,
         shared_state: state.redis.as_ref().map(|s| {
             let get =

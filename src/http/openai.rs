@@ -186,5 +186,6 @@ pub(super) async fn usage(
     let session = client_session_id(query.session_id.as_deref());
     let mut report = state.usage.report(session.as_deref(), account_info).await;
     report.budget = state.guardrails.budget_report().await;
+    report.by_upstream = state.chat.upstream_report();
     Json(report)
 }

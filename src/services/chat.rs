@@ -12,6 +12,10 @@ use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 
 use crate::clock::{Clock, timestamp};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use indexmap::IndexMap;
+
 use crate::config::ModelMap;
 use crate::domain::{ApiKey, ChatMessage, ChatRequest, Role, TokenUsage};
 use crate::metrics::Metrics;
@@ -23,6 +27,7 @@ use crate::services::openai::{Completion, OpenAiService, StreamPiece};
 use crate::services::sessions::Sessions;
 use crate::services::upstream::{UpstreamError, UpstreamKind};
 use crate::services::usage::ChatsPerMinute;
+use crate::services::usage::UpstreamUsage;
 
 /// The success answer of `POST /api/chat`, and the `done` event's data when streaming.
 // `ToSchema`: the OpenAPI document describes these very types (`http/openapi.rs`).
@@ -133,6 +138,29 @@ impl InFlight {
         self.admission.as_ref().and_then(Admission::output_cap)
     }
 
+    /// The attempt so far may have been billed and another upstream is next: that attempt keeps
+    /// its whole reservation, and the next one reserves its own (refused like a chat when the
+    /// budget has no room for it).
+    async fn reserve_again(
+        &mut self,
+        guardrails: &Guardrails,
+        session: Option<&str>,
+        model: &str,
+    ) -> Result<(), ChatError> {
+        let Some(previous) = self.admission.take() else {
+            return Ok(());
+        };
+        let (prompt, trimmed) = (previous.prompt_tokens(), previous.history_trimmed);
+        let stream = previous.is_stream();
+        previous.keep();
+        let mut next = guardrails
+            .admit_again(session, model, prompt, stream)
+            .await?;
+        next.history_trimmed = trimmed;
+        self.admission = Some(next);
+        Ok(())
+    }
+
     fn history_trimmed(&self) -> usize {
         self.admission.as_ref().map_or(0, |a| a.history_trimmed)
     }
@@ -211,9 +239,19 @@ pub struct Upstream {
     pub failover_budget: Duration,
 }
 
+/// What an upstream did since start-up (`by_upstream`, `/metrics`).
+#[derive(Default)]
+pub struct UpstreamCounts {
+    answered: AtomicU64,
+    failures: AtomicU64,
+    prompt: AtomicU64,
+    completion: AtomicU64,
+}
+
 /// A fallback upstream: its own client (base URL, kind), its own key, its model names.
 pub struct Fallback {
     pub name: String,
+    pub counts: UpstreamCounts,
     pub openai: OpenAiService,
     /// Sent to this upstream only. A server without authentication gets a placeholder.
     pub key: ApiKey,
@@ -232,6 +270,7 @@ pub struct ChatService {
     openai: OpenAiService,
     fallbacks: Vec<Fallback>,
     breaker: Breaker,
+    counts: UpstreamCounts,
     failover_budget: Duration,
     guardrails: Arc<Guardrails>,
     books: Arc<Bookkeeping>,
@@ -255,6 +294,7 @@ impl ChatService {
             openai: upstream.openai,
             fallbacks: upstream.fallbacks,
             breaker: upstream.breaker,
+            counts: UpstreamCounts::default(),
             failover_budget: upstream.failover_budget,
             guardrails,
             books,
@@ -296,12 +336,12 @@ impl ChatService {
         let started = self.metrics.is_some().then(Instant::now);
         let session = self.sessions.resolve(request.session_id.clone()).await;
         // A client that goes away mid-call drops this: the reservation then stays whole.
-        let in_flight = self.admit(&mut request, session.as_deref(), false).await?;
+        let mut in_flight = self.admit(&mut request, session.as_deref(), false).await?;
         let history_trimmed = in_flight.history_trimmed();
         let upstream_started = started.map(|_| Instant::now());
         let completion = {
-            let (messages, cap) = (&request.messages, in_flight.output_cap());
-            self.with_failover(&request.model, |i, model| async move {
+            let messages = &request.messages;
+            let attempt = |i, model: String, cap| async move {
                 match i {
                     0 => {
                         let model = &model;
@@ -315,17 +355,18 @@ impl ChatService {
                         Ok(f.openai.complete(&f.key, &model, messages, cap).await?)
                     }
                 }
-            })
-            .await
+            };
+            self.with_failover(&request.model, session.as_deref(), &mut in_flight, attempt)
+                .await
         };
         let upstream = upstream_started.map(|t| t.elapsed());
         if let (Some(metrics), Some(upstream)) = (&self.metrics, upstream) {
             Metrics::observe(&metrics.upstream_duration, upstream);
         }
-        let completion = match completion {
+        let (completion, answered) = match completion {
             Ok((completion, answered)) => {
                 self.answered_by(&mut request, answered);
-                completion
+                (completion, answered)
             }
             Err(e) => {
                 in_flight.failed(&e).await;
@@ -341,6 +382,7 @@ impl ChatService {
             ),
         };
         in_flight.settle(&usage).await;
+        self.count_answer(answered, &usage);
         let session = session.as_deref();
         let outcome = if estimated {
             Outcome::Estimated {
@@ -399,11 +441,11 @@ impl ChatService {
         let session = self.sessions.resolve(request.session_id.clone()).await;
         // Cut short (client gone, upstream cut): the tokens streamed so far are estimated and
         // settled, so closing streams early is no way around a budget.
-        let in_flight = self.admit(&mut request, session.as_deref(), true).await?;
+        let mut in_flight = self.admit(&mut request, session.as_deref(), true).await?;
         let history_trimmed = in_flight.history_trimmed();
         let upstream = {
-            let (messages, cap) = (&request.messages, in_flight.output_cap());
-            self.with_failover(&request.model, |i, model| async move {
+            let messages = &request.messages;
+            let attempt = |i, model: String, cap| async move {
                 match i {
                     0 => {
                         let model = &model;
@@ -417,13 +459,14 @@ impl ChatService {
                         Ok(f.openai.stream(&f.key, &model, messages, cap).await?)
                     }
                 }
-            })
-            .await
+            };
+            self.with_failover(&request.model, session.as_deref(), &mut in_flight, attempt)
+                .await
         };
-        let upstream = match upstream {
+        let (upstream, answered) = match upstream {
             Ok((upstream, answered)) => {
                 self.answered_by(&mut request, answered);
-                upstream
+                (upstream, answered)
             }
             Err(e) => {
                 in_flight.failed(&e).await;
@@ -465,6 +508,7 @@ impl ChatService {
             match usage {
                 Some(usage) => {
                     in_flight.settle(&usage).await;
+                    this.count_answer(answered, &usage);
                     this.books
                         .record(Outcome::Answered {
                             request: &request,
@@ -534,17 +578,22 @@ impl ChatService {
     async fn with_failover<T, F, Fut>(
         &self,
         model: &str,
+        session: Option<&str>,
+        in_flight: &mut InFlight,
         attempt: F,
     ) -> Result<(T, usize), ChatError>
     where
-        F: Fn(usize, String) -> Fut,
+        F: Fn(usize, String, Option<u32>) -> Fut,
         Fut: Future<Output = Result<T, ChatError>>,
     {
         if self.fallbacks.is_empty() {
-            return Ok((attempt(0, model.to_string()).await?, 0));
+            let answer = attempt(0, model.to_string(), in_flight.output_cap()).await?;
+            return Ok((answer, 0));
         }
         let started = tokio::time::Instant::now();
         let mut last = None;
+        // The last attempt may have been billed: the next one needs a reservation of its own.
+        let mut reserve_again = false;
         for i in 0..=self.fallbacks.len() {
             let (name, breaker, asked) = match i {
                 0 => ("primary", &self.breaker, model),
@@ -559,14 +608,21 @@ impl ChatService {
             if !breaker.admit() {
                 continue;
             }
-            match attempt(i, asked.to_string()).await {
+            if std::mem::take(&mut reserve_again) {
+                in_flight
+                    .reserve_again(&self.guardrails, session, asked)
+                    .await?;
+            }
+            match attempt(i, asked.to_string(), in_flight.output_cap()).await {
                 Ok(answer) => {
                     breaker.succeeded();
                     return Ok((answer, i));
                 }
                 Err(ChatError::Upstream(e)) if e.failover => {
                     breaker.failed();
+                    self.counts_of(i).failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(upstream = name, error = %e, "upstream failed; trying the next one");
+                    reserve_again = !e.unprocessed;
                     last = Some(ChatError::Upstream(e));
                 }
                 // No key for the primary: the fallbacks have their own.
@@ -615,6 +671,52 @@ impl ChatService {
             }
             other => Ok(other?),
         }
+    }
+
+    fn counts_of(&self, upstream: usize) -> &UpstreamCounts {
+        match upstream.checked_sub(1) {
+            None => &self.counts,
+            Some(i) => &self.fallbacks[i].counts,
+        }
+    }
+
+    /// A chat answered by `upstream` (0: the primary) used `usage`.
+    fn count_answer(&self, upstream: usize, usage: &TokenUsage) {
+        if self.fallbacks.is_empty() {
+            return;
+        }
+        let counts = self.counts_of(upstream);
+        counts.answered.fetch_add(1, Ordering::Relaxed);
+        counts
+            .prompt
+            .fetch_add(usage.prompt_tokens, Ordering::Relaxed);
+        counts
+            .completion
+            .fetch_add(usage.completion_tokens, Ordering::Relaxed);
+    }
+
+    /// `by_upstream` for `/api/openai/usage`: only with fallbacks.
+    pub fn upstream_report(&self) -> Option<IndexMap<String, UpstreamUsage>> {
+        if self.fallbacks.is_empty() {
+            return None;
+        }
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let all = std::iter::once(("primary", &self.counts))
+            .chain(self.fallbacks.iter().map(|f| (f.name.as_str(), &f.counts)));
+        Some(
+            all.map(|(name, c)| {
+                (
+                    name.to_string(),
+                    UpstreamUsage {
+                        request_count: get(&c.answered),
+                        failures: get(&c.failures),
+                        prompt_tokens: get(&c.prompt),
+                        completion_tokens: get(&c.completion),
+                    },
+                )
+            })
+            .collect(),
+        )
     }
 
     /// With fallbacks: each upstream's name and breaker state, the primary first (empty without).

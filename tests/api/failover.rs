@@ -166,6 +166,21 @@ async fn the_breaker_opens_skips_probes_and_closes() {
         metrics.contains("upstream_state{upstream=\"primary\"} 2"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("upstream_requests_total{upstream=\"primary\",outcome=\"failed\"} 3"),
+        "{metrics}"
+    );
+    let usage: Value = app.get("/api/openai/usage").await.json().await.unwrap();
+    assert_eq!(
+        usage["by_upstream"]["second"]["request_count"], 4,
+        "{usage}"
+    );
+    assert_eq!(usage["by_upstream"]["primary"]["failures"], 3);
+    assert_eq!(usage["by_upstream"]["primary"]["request_count"], 0);
+    assert_eq!(
+        usage["by_model"]["gpt-4o-mini"]["request_count"], 4,
+        "priced by the model that answered"
+    );
 
     app.openai
         .set_default(Reply::text("the primary is back", 5, 3));
@@ -274,4 +289,48 @@ async fn without_fallbacks_nothing_changes() {
     assert_eq!(response.status(), 502);
     let ready: Value = app.get("/api/ready").await.json().await.unwrap();
     assert!(ready["checks"].get("upstreams").is_none(), "{ready}");
+    let usage: Value = app.get("/api/openai/usage").await.json().await.unwrap();
+    assert!(usage.get("by_upstream").is_none(), "{usage}");
+}
+
+/// A chat reserves once; an attempt that may have been billed (here a 5xx) keeps its reservation
+/// and the fallback's attempt reserves its own. 50 concurrent chats, the primary failing half:
+/// spend never passes the cap, and never falls below what the upstreams billed.
+#[tokio::test]
+async fn budgets_hold_with_failover() {
+    use crate::mock_openai::Counted;
+    const CAP: u64 = 20_000;
+    let Pair { app, fallback } = pair(|c, openai| {
+        c.guardrails.budget.daily_tokens = Some(CAP);
+        c.openai.max_output_tokens = Some(300);
+        c.openai.max_retries = 0;
+        // The mocks count prompts with tiktoken in a debug build: no timeouts here.
+        c.openai.timeout = Duration::from_secs(20);
+        c.openai.breaker.failures = 1_000;
+        openai.set_default(Reply::Counted(Counted::long(200)));
+        for _ in 0..25 {
+            openai.enqueue(Reply::status(500, "down"));
+            openai.enqueue(Reply::Counted(Counted::long(200)));
+        }
+    })
+    .await;
+    fallback.set_default(Reply::Counted(Counted::long(200)));
+    let answers = futures_util::future::join_all(
+        (0..50).map(|i| app.post_chat(&json!({"message": format!("chat {i}")}))),
+    )
+    .await;
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(fallback.request_count() > 0, "the fallback answered some");
+    let usage: Value = app.get("/api/openai/usage").await.json().await.unwrap();
+    let spent = usage["budget"]["spent"]["daily_tokens"].as_u64().unwrap();
+    let billed = app.openai.billed() + fallback.billed();
+    assert!(spent <= CAP, "spent {spent} of {CAP}");
+    assert!(
+        spent >= billed,
+        "spent {spent} covers what was billed, {billed}"
+    );
 }

@@ -64,6 +64,16 @@ impl Admission {
         self.prompt_tokens
     }
 
+    pub fn is_stream(&self) -> bool {
+        self.streamed_bytes.is_some()
+    }
+
+    /// The call may have been billed whole and another attempt follows: this reservation stays
+    /// as it is.
+    pub fn keep(mut self) {
+        self.reservation = None;
+    }
+
     /// The answer streamed so far has `bytes` bytes of text.
     pub fn streamed(&mut self, bytes: usize) {
         if let Some(seen) = &mut self.streamed_bytes {

@@ -295,6 +295,20 @@ impl Guardrails {
         Ok(dropped)
     }
 
+    /// Another attempt of an admitted chat (a fallback after an attempt that may have been
+    /// billed): the same prompt, reserved again under `model`.
+    pub async fn admit_again(
+        &self,
+        session: Option<&str>,
+        model: &str,
+        prompt_tokens: u64,
+        stream: bool,
+    ) -> Result<Admission, GuardrailError> {
+        let prompt = self.budgets.any().then_some(prompt_tokens);
+        let cap = self.limits.output_cap.map(u64::from);
+        self.admit(session, model, prompt, cap, stream).await
+    }
+
     /// `GET /api/openai/test` (it spends money too): reserved and settled like a chat, with a
     /// small output cap of its own.
     pub async fn admit_test(

@@ -153,6 +153,7 @@ impl UsageStats {
             test_usage,
             estimated_usage,
             budget: None,
+            by_upstream: None,
         }
     }
 }
@@ -191,6 +192,21 @@ pub struct UsageReport {
     /// Only when a budget is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetReport>,
+    /// Only with fallback upstreams: this replica's chats by the upstream that answered them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<std::collections::BTreeMap<String, UpstreamUsage>>)]
+    pub by_upstream: Option<IndexMap<String, UpstreamUsage>>,
+}
+
+/// One upstream's share (`by_upstream`), since start-up, on this replica.
+#[derive(Debug, Clone, Default, Serialize, ToSchema)]
+pub struct UpstreamUsage {
+    /// Chats it answered.
+    pub request_count: u64,
+    /// Attempts that failed over to the next upstream (or ended the chat).
+    pub failures: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 /// The key in use: its 7-character prefix only (`null` for a key of 7 characters or fewer).
