@@ -726,6 +726,35 @@ pub fn run() {
         );
     }
 
+    // --- a fallback upstream configured, the primary healthy ----------------------------------
+    {
+        let mock = start_self(&["mock".into(), free_port().to_string(), "0".into()]);
+        let second = start_self(&["mock".into(), free_port().to_string(), "0".into()]);
+        let upstream = format!("{}/v1", mock.url());
+        let fallback = format!("{}/v1", second.url());
+        let n = if quick { 50 } else { 300 };
+        let single = instructions_per_chat(&upstream, tmp.path(), &[], chat_body, n);
+        let with_fallback = instructions_per_chat(
+            &upstream,
+            tmp.path(),
+            &[
+                ("OPENAI_FALLBACK_BASE_URL", &fallback),
+                ("OPENAI_FALLBACK_API_KEY", "sk-bench-fallback-0123456789"),
+            ],
+            chat_body,
+            n,
+        );
+        let more = with_fallback / single - 1.0;
+        row(
+            "10. a fallback upstream configured, the primary healthy: instructions per chat",
+            format!(
+                "{with_fallback:.0} against {single:.0} with one upstream ({:+.2} %)",
+                more * 100.0
+            ),
+            verdict(more <= 0.02, "within 2 %"),
+        );
+    }
+
     // --- 10,000 concurrent slow chats ---------------------------------------------------------
     // Over HTTP/2 to the upstream (the mock speaks h2c), then over HTTP/1.1 for reference.
     let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);

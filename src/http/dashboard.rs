@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::clock::timestamp;
 use crate::http::guards::AdminAccess;
-use crate::http::health::PapitaCheck;
+use crate::http::health::{PapitaCheck, UpstreamState};
 use crate::services::guardrails::RefusalCounts;
 use crate::services::sessions::RecentSession;
 use crate::state::AppState;
@@ -42,6 +42,9 @@ pub struct DashboardAnswer {
     pub session_log: SessionLogState,
     /// Streamed replies open now.
     pub streams_open: i64,
+    /// Only with fallback upstreams: each one's circuit breaker, the primary first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<UpstreamState>,
 }
 
 /// The session log's counters and health.
@@ -100,6 +103,12 @@ pub(super) async fn dashboard(
         papita: super::health::papita_check(&state),
         session_log,
         streams_open: state.metrics.streams_open.get(),
+        upstreams: state
+            .chat
+            .upstream_states()
+            .into_iter()
+            .map(|(name, state)| UpstreamState { name, state })
+            .collect(),
     };
     Json(answer)
 }

@@ -130,6 +130,39 @@ async fn the_docs_page_lists_every_route_in_a_browser() {
     }
 }
 
+/// With a fallback, the health card shows each upstream's breaker: here the primary's is open.
+#[tokio::test]
+async fn the_dashboard_shows_the_upstreams_breakers() {
+    let fallback = crate::mock_openai::MockOpenAi::start().await;
+    let base = fallback.base_url();
+    let app = spawn_app_with(|c, openai, _| {
+        openai.set_default(Reply::status(500, "down"));
+        c.openai.max_retries = 0;
+        c.openai.fallbacks = vec![al_chat::config::FallbackSettings {
+            name: "second".into(),
+            base_url: base,
+            api_key: None,
+            kind: al_chat::config::ApiKind::OpenAi,
+            api_version: None,
+            model_map: Default::default(),
+        }];
+        c.openai.breaker.failures = 1;
+    })
+    .await;
+    let answered = app.post_json("/api/chat", &json!({"message": "hi"})).await;
+    assert_eq!(answered.status(), 200, "the fallback answered");
+    let seen = browse("dashboard", &app.url, None).await;
+    let health = seen["health"].as_str().unwrap();
+    assert!(
+        health.contains("upstream primary") && health.contains("open"),
+        "{health}"
+    );
+    assert!(
+        health.contains("upstream second") && health.contains("closed"),
+        "{health}"
+    );
+}
+
 #[tokio::test]
 async fn the_dashboard_draws_the_figures_of_the_usage_endpoint() {
     let app = spawn_app_with(|c, _, _| {

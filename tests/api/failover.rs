@@ -181,6 +181,15 @@ async fn the_breaker_opens_skips_probes_and_closes() {
         usage["by_model"]["gpt-4o-mini"]["request_count"], 4,
         "priced by the model that answered"
     );
+    crate::helpers::eventually("the Papita records", || app.papita.record_count() == 4).await;
+    assert!(
+        app.papita
+            .records()
+            .iter()
+            .all(|r| r["model"] == "gpt-4o-mini"),
+        "{:?}",
+        app.papita.records()
+    );
 
     app.openai
         .set_default(Reply::text("the primary is back", 5, 3));

@@ -149,6 +149,12 @@ function draw(usage, board) {
     ["session log", log.status + (log.reason ? ` (${log.reason})` : ""), statusClass(log.status)],
     ["lines written / dropped", `${count(log.written)} / ${count(log.dropped)}`],
     ["streams open", count(board.streams_open)],
+    // With fallback upstreams: each one's circuit breaker (Docs/RESILIENCE.md).
+    ...(board.upstreams || []).map((u) => [
+      `upstream ${u.name}`,
+      u.state.replace("_", "-"),
+      u.state === "closed" ? "ok" : u.state === "half_open" ? "warn" : "bad",
+    ]),
   ]);
   fillList("refusals", Object.entries(board.refusals).map(([k, v]) => [k.replaceAll("_", " "), count(v)]));
   drawSessions(board.recent_sessions);
