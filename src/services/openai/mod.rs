@@ -3,6 +3,7 @@
 //! client, with our timeouts and our error classification (contract §6).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_openai::types::chat::{
@@ -183,10 +184,11 @@ impl OpenAiService {
         }
     }
 
-    /// Where a chat with `model` goes: OpenAI's one URL, or Azure's deployment URL.
-    fn url_for(&self, model: &str) -> Result<reqwest::Url, UpstreamError> {
+    /// Where a chat with `model` goes: OpenAI's one URL (borrowed: the request clones it once),
+    /// or Azure's deployment URL.
+    fn url_for(&self, model: &str) -> Result<std::borrow::Cow<'_, reqwest::Url>, UpstreamError> {
         match self.kind {
-            ApiKind::OpenAi => Ok(self.completions_url.clone()),
+            ApiKind::OpenAi => Ok(std::borrow::Cow::Borrowed(&self.completions_url)),
             ApiKind::Azure => {
                 let mut url =
                     reqwest::Url::parse(&self.base_url).expect("base URLs are checked at start-up");
@@ -196,7 +198,7 @@ impl OpenAiService {
                     .extend(["openai", "deployments", model, "chat", "completions"]);
                 url.query_pairs_mut()
                     .append_pair("api-version", &self.api_version);
-                Ok(url)
+                Ok(std::borrow::Cow::Owned(url))
             }
         }
     }
@@ -237,27 +239,32 @@ impl OpenAiService {
         let authorization = self.authorization(key)?;
         let url = self.url_for(model)?;
         let body = serialize(&self.build_request(model, messages, false, cap))?;
-        // One deadline for the whole answer; what fails before the response head may be
-        // answered by another upstream, what fails after it may not.
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let response = tokio::time::timeout_at(
-            deadline,
-            self.transport
-                .send(|| self.post(&url, &authorization, &body)),
-        )
-        .await
-        .map_err(|_| before_head(timed_out("no answer", self.timeout)))?
-        .map_err(|e| classify(e, key, &self.base_url, true))?;
-        let answer = async {
+        // One timer for the whole answer (a second one cost 1 % of a chat's instructions); what
+        // fails before the response head may be answered by another upstream, what fails after
+        // it may not.
+        let head = AtomicBool::new(false);
+        let exchange = async {
+            let response = self
+                .transport
+                .send(|| self.post(&url, &authorization, &body))
+                .await?;
+            head.store(true, Ordering::Relaxed);
             let bytes = read_capped(response).await?;
             serde_json::from_slice::<CreateChatCompletionResponse>(&bytes).map_err(|e| {
                 CallError::Malformed(format!("malformed answer from the OpenAI server: {e}"))
             })
         };
-        let response = tokio::time::timeout_at(deadline, answer)
-            .await
-            .map_err(|_| timed_out("no complete answer", self.timeout))?
-            .map_err(|e| classify(e, key, &self.base_url, false))?;
+        let outcome = tokio::time::timeout(self.timeout, exchange).await;
+        let head_pending = !head.load(Ordering::Relaxed);
+        let response = outcome
+            .map_err(|_| {
+                if head_pending {
+                    before_head(timed_out("no answer", self.timeout))
+                } else {
+                    timed_out("no complete answer", self.timeout)
+                }
+            })?
+            .map_err(|e| classify(e, key, &self.base_url, head_pending))?;
         let usage = response.usage.map(TokenUsage::from);
         let choice = response.choices.into_iter().next().ok_or_else(|| {
             UpstreamError::new(UpstreamKind::Unavailable, "the answer had no choices")
