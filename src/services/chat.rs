@@ -341,23 +341,16 @@ impl ChatService {
         let upstream_started = started.map(|_| Instant::now());
         let completion = {
             let messages = &request.messages;
-            let attempt = |i, model: String, cap| async move {
-                match i {
-                    0 => {
-                        let model = &model;
-                        self.with_key(|key| async move {
-                            self.openai.complete(&key, model, messages, cap).await
-                        })
-                        .await
-                    }
-                    _ => {
-                        let f = &self.fallbacks[i - 1];
-                        Ok(f.openai.complete(&f.key, &model, messages, cap).await?)
-                    }
-                }
-            };
-            self.with_failover(&request.model, session.as_deref(), &mut in_flight, attempt)
-                .await
+            let (model, session) = (&request.model, session.as_deref());
+            self.with_failover(
+                model,
+                session,
+                &mut in_flight,
+                |openai, key, model, cap| async move {
+                    openai.complete(&key, &model, messages, cap).await
+                },
+            )
+            .await
         };
         let upstream = upstream_started.map(|t| t.elapsed());
         if let (Some(metrics), Some(upstream)) = (&self.metrics, upstream) {
@@ -445,23 +438,16 @@ impl ChatService {
         let history_trimmed = in_flight.history_trimmed();
         let upstream = {
             let messages = &request.messages;
-            let attempt = |i, model: String, cap| async move {
-                match i {
-                    0 => {
-                        let model = &model;
-                        self.with_key(|key| async move {
-                            self.openai.stream(&key, model, messages, cap).await
-                        })
-                        .await
-                    }
-                    _ => {
-                        let f = &self.fallbacks[i - 1];
-                        Ok(f.openai.stream(&f.key, &model, messages, cap).await?)
-                    }
-                }
-            };
-            self.with_failover(&request.model, session.as_deref(), &mut in_flight, attempt)
-                .await
+            let (model, session) = (&request.model, session.as_deref());
+            self.with_failover(
+                model,
+                session,
+                &mut in_flight,
+                |openai, key, model, cap| async move {
+                    openai.stream(&key, &model, messages, cap).await
+                },
+            )
+            .await
         };
         let (upstream, answered) = match upstream {
             Ok((upstream, answered)) => {
@@ -570,24 +556,38 @@ impl ChatService {
         result
     }
 
-    /// Runs `attempt(i, model)` on the primary (`i == 0`) and, when it fails in a way another
-    /// upstream can fix (`UpstreamError::failover`), on each fallback in turn (`i` is its place
-    /// plus one), asking each for its own name of `model`. Upstreams whose breaker is open are
-    /// skipped with no wait; no new upstream is tried once `OPENAI_RETRY_BUDGET_SECS` has
-    /// passed. Returns the answer and who gave it. Without fallbacks: the primary, as before.
-    async fn with_failover<T, F, Fut>(
-        &self,
+    /// Runs `attempt(client, key, model, cap)` on the primary and, when it fails in a way
+    /// another upstream can fix (`UpstreamError::failover`), on each fallback in turn, with that
+    /// upstream's client, key and name of `model`. Upstreams whose breaker is open are skipped
+    /// with no wait; no new upstream is tried once `OPENAI_RETRY_BUDGET_SECS` has passed.
+    /// Returns the answer and who gave it (0: the primary; a fallback's place plus one).
+    /// Without fallbacks: the primary, as before.
+    async fn with_failover<'a, T, F, Fut>(
+        &'a self,
         model: &str,
         session: Option<&str>,
         in_flight: &mut InFlight,
         attempt: F,
     ) -> Result<(T, usize), ChatError>
     where
-        F: Fn(usize, String, Option<u32>) -> Fut,
-        Fut: Future<Output = Result<T, ChatError>>,
+        F: Fn(&'a OpenAiService, ApiKey, String, Option<u32>) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
     {
+        // The primary's key comes from the credential provider (again after a 401); each
+        // fallback's is its own.
+        let attempt = &attempt;
+        let call = move |i: usize, asked: String, cap: Option<u32>| async move {
+            match i.checked_sub(1).map(|f| &self.fallbacks[f]) {
+                None => {
+                    let asked = &asked;
+                    self.with_key(|key| attempt(&self.openai, key, asked.clone(), cap))
+                        .await
+                }
+                Some(f) => Ok(attempt(&f.openai, f.key.clone(), asked, cap).await?),
+            }
+        };
         if self.fallbacks.is_empty() {
-            let answer = attempt(0, model.to_string(), in_flight.output_cap()).await?;
+            let answer = call(0, model.to_string(), in_flight.output_cap()).await?;
             return Ok((answer, 0));
         }
         let started = tokio::time::Instant::now();
@@ -613,7 +613,7 @@ impl ChatService {
                     .reserve_again(&self.guardrails, session, asked)
                     .await?;
             }
-            match attempt(i, asked.to_string(), in_flight.output_cap()).await {
+            match call(i, asked.to_string(), in_flight.output_cap()).await {
                 Ok(answer) => {
                     breaker.succeeded();
                     return Ok((answer, i));
