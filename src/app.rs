@@ -23,15 +23,18 @@ use crate::server;
 use crate::services::bookkeeping::Bookkeeping;
 use crate::services::breaker::Breaker;
 use crate::services::chat::{ChatService, Fallback, Upstream, UpstreamCounts};
+use crate::services::consumers::{ConsumerStore, Consumers, MemoryConsumerStore};
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::{
     BudgetStore, Budgets, CallLimits, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
     RateLimitStore,
 };
+use crate::services::identity::Verifier;
 use crate::services::openai::OpenAiService;
 use crate::services::papita::{PapitaClient, UsageReporter};
 use crate::services::redis::{
-    Redis, RedisBudgetStore, RedisRateLimits, RedisSessionStore, RedisUsageStore,
+    Redis, RedisBudgetStore, RedisConsumerStore, RedisRateLimits, RedisSessionStore,
+    RedisUsageStore,
 };
 use crate::services::session_log::entries;
 use crate::services::session_log::{self, SessionLog};
@@ -196,8 +199,27 @@ impl Application {
             redis.as_ref(),
             background.clone(),
         ));
+        let consumer_store: Arc<dyn ConsumerStore> = {
+            let local = MemoryConsumerStore::new(config.guardrails.quota_max_tracked);
+            match &redis {
+                Some(shared) => Arc::new(RedisConsumerStore::new(
+                    shared.clone(),
+                    local,
+                    config.guardrails.quota_max_tracked,
+                )),
+                None => Arc::new(local),
+            }
+        };
+        let consumers = Arc::new(Consumers::new(
+            consumer_store,
+            config.pricing.clone(),
+            clock.clone(),
+            guardrails.budgets(),
+            config.guardrails.budget.quota,
+        ));
         let books = Arc::new(Bookkeeping::new(
             usage.clone(),
+            consumers.clone(),
             papita.clone(),
             session_log.clone(),
             clock.clone(),
@@ -240,6 +262,7 @@ impl Application {
             guardrails,
             credentials,
             usage,
+            consumers,
             sessions,
             papita,
             session_log,
@@ -328,8 +351,10 @@ fn guardrails(
         &config.openai.model,
         &config.pricing.models(),
     );
-    // Session counters are bounded like the sessions themselves; day counters apart.
-    let budget_store = MemoryBudgetStore::new(config.sessions_max.get());
+    // Session counters are bounded like the sessions themselves, quota counters by
+    // `QUOTA_MAX_TRACKED`; day counters apart.
+    let budget_store =
+        MemoryBudgetStore::new(config.sessions_max.get(), settings.quota_max_tracked);
     let (rate, budget_store): (Arc<dyn RateLimitStore>, Arc<dyn BudgetStore>) = match shared {
         Some(shared) => (
             Arc::new(RedisRateLimits::new(shared.clone(), &settings.rate)),
@@ -340,7 +365,17 @@ fn guardrails(
             Arc::new(budget_store),
         ),
     };
-    let budgets = Budgets::new(budget_store, settings.budget, config.pricing.clone(), clock);
+    let budgets = Budgets::new(
+        budget_store,
+        settings.budget,
+        config.pricing.clone(),
+        clock.clone(),
+    );
+    // The key was checked when the configuration was read.
+    let verifier = settings
+        .jwt
+        .as_ref()
+        .and_then(|key| Verifier::new(key).ok());
     Guardrails::new(
         models,
         rate,
@@ -354,6 +389,8 @@ fn guardrails(
         },
         config.pricing.clone(),
         tasks,
+        verifier,
+        clock,
     )
 }
 

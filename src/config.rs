@@ -231,9 +231,39 @@ pub const VARS: &[Var] = &[
         help: "tokens per session per local day (unset: no limit)",
     },
     Var {
+        name: "QUOTA_USER_DAILY_TOKENS",
+        default: "",
+        help: "tokens per signed-in username per local day (unset: no quota)",
+    },
+    Var {
+        name: "QUOTA_GUEST_DAILY_TOKENS",
+        default: "",
+        help: "tokens per guest per local day; a guest is its client address, as for rate limits (unset: no quota)",
+    },
+    Var {
+        name: "QUOTA_CLIENT_DAILY_TOKENS",
+        default: "",
+        help: "tokens per client address per local day, whoever it claims to be (unset: no quota)",
+    },
+    Var {
+        name: "QUOTA_MAX_TRACKED",
+        default: "100000",
+        help: "users and addresses whose quota counters and daily usage are kept in memory (oldest forgotten first)",
+    },
+    Var {
+        name: "AUTH_JWT_SECRET",
+        default: "",
+        help: "HS256 secret shared with the site: /api/chat and /api/session/* then need Authorization: Bearer <jwt> (unset: the body's username is taken unverified)",
+    },
+    Var {
+        name: "AUTH_JWT_PUBLIC_KEY",
+        default: "",
+        help: "instead of a secret: the site's RS256 (RSA) or ES256 (P-256) public key, PEM text or a path to a .pem file",
+    },
+    Var {
         name: "OPENAI_MAX_OUTPUT_TOKENS",
         default: "",
-        help: "the most tokens an answer may have, sent upstream with every call (unset: 1000 when a budget is set, else nothing is sent, as in Flask)",
+        help: "the most tokens an answer may have, sent upstream with every call (unset: 1000 when a budget or quota is set, else nothing is sent, as in Flask)",
     },
     Var {
         name: "BUDGET_ESTIMATE_OUTPUT_TOKENS",
@@ -555,19 +585,55 @@ pub struct GuardrailSettings {
     pub history_trim: bool,
     /// `Debug` shows `[REDACTED]`: a `Config` printed in a log or a panic never carries it.
     pub admin_token: Option<SecretString>,
+    /// Users and addresses whose quota counters and usage are kept in memory.
+    pub quota_max_tracked: usize,
+    /// `AUTH_JWT_*`: chats and sessions need a token signed by the site.
+    pub jwt: Option<JwtKey>,
 }
 
+/// Budgets (the company's money) and quotas (each visitor's fair share), reserved together.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BudgetLimits {
     pub daily_usd: Option<f64>,
     pub daily_tokens: Option<u64>,
     pub session_tokens: Option<u64>,
+    pub quota: QuotaLimits,
+}
+
+/// Daily token quotas (`QUOTA_*_DAILY_TOKENS`); `None`: no quota.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuotaLimits {
+    /// Per signed-in username.
+    pub user: Option<u64>,
+    /// Per guest, keyed by client address.
+    pub guest: Option<u64>,
+    /// Per client address, whoever it claims to be.
+    pub client: Option<u64>,
+}
+
+impl QuotaLimits {
+    pub fn any(&self) -> bool {
+        self.user.is_some() || self.guest.is_some() || self.client.is_some()
+    }
 }
 
 impl BudgetLimits {
+    /// Any budget or quota: every call is then reserved, and carries an output cap.
     pub fn any(&self) -> bool {
-        self.daily_usd.is_some() || self.daily_tokens.is_some() || self.session_tokens.is_some()
+        self.daily_usd.is_some()
+            || self.daily_tokens.is_some()
+            || self.session_tokens.is_some()
+            || self.quota.any()
     }
+}
+
+/// The key that verifies the site's tokens (`AUTH_JWT_*`); `Debug` never shows a secret.
+#[derive(Debug, Clone)]
+pub enum JwtKey {
+    /// `AUTH_JWT_SECRET`: HS256.
+    Secret(SecretString),
+    /// `AUTH_JWT_PUBLIC_KEY`: RS256 or ES256, by the key's kind (PEM text).
+    PublicPem(String),
 }
 
 /// Per-client rate limits (`RATE_LIMIT_*`); `None`: no limit.
@@ -672,6 +738,7 @@ impl Config {
     /// The output cap sent with every call: `OPENAI_MAX_OUTPUT_TOKENS`, else 1000 when a budget
     /// is set (a reservation must bound the answer), else none (as Flask sent none).
     pub fn output_cap(&self) -> Option<u32> {
+        // `budget.any()` counts the quotas too: "with any budget or quota set" (contract §13).
         self.openai.max_output_tokens.or(self
             .guardrails
             .budget
@@ -997,11 +1064,72 @@ fn guardrail_settings(src: &Source) -> Result<GuardrailSettings, ConfigError> {
             session_tokens: src
                 .optional::<NonZeroU64>("BUDGET_SESSION_TOKENS")?
                 .map(NonZeroU64::get),
+            quota: QuotaLimits {
+                user: src
+                    .optional::<NonZeroU64>("QUOTA_USER_DAILY_TOKENS")?
+                    .map(NonZeroU64::get),
+                guest: src
+                    .optional::<NonZeroU64>("QUOTA_GUEST_DAILY_TOKENS")?
+                    .map(NonZeroU64::get),
+                client: src
+                    .optional::<NonZeroU64>("QUOTA_CLIENT_DAILY_TOKENS")?
+                    .map(NonZeroU64::get),
+            },
         },
+        quota_max_tracked: src.positive::<NonZeroUsize>("QUOTA_MAX_TRACKED")?.get(),
+        jwt: jwt_key(src)?,
         max_input_chars: src.positive::<NonZeroUsize>("MAX_INPUT_CHARS")?.get(),
         history_trim: src.choice("HISTORY_TRIM", &[("auto", true), ("off", false)])?,
         admin_token: src.raw("ADMIN_TOKEN").map(|t| SecretString::from(t.trim())),
     })
+}
+
+/// `AUTH_JWT_SECRET` or `AUTH_JWT_PUBLIC_KEY` (not both), checked here: a key that cannot verify
+/// anything stops the start, not every chat.
+fn jwt_key(src: &Source) -> Result<Option<JwtKey>, ConfigError> {
+    let secret = src.raw("AUTH_JWT_SECRET");
+    let public = src.raw("AUTH_JWT_PUBLIC_KEY").map(|k| k.trim().to_string());
+    let key = match (secret, public) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "AUTH_JWT_PUBLIC_KEY",
+                "(set)",
+                "set AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY, not both",
+            ));
+        }
+        (Some(secret), None) => {
+            if secret.len() < 32 {
+                return Err(invalid(
+                    "AUTH_JWT_SECRET",
+                    "[REDACTED]",
+                    "an HS256 secret needs at least 32 bytes (openssl rand -base64 48)",
+                ));
+            }
+            JwtKey::Secret(SecretString::from(secret))
+        }
+        (None, Some(public)) if public.starts_with("-----BEGIN") => JwtKey::PublicPem(public),
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(pem) => JwtKey::PublicPem(pem),
+            Err(e) => {
+                return Err(invalid(
+                    "AUTH_JWT_PUBLIC_KEY",
+                    &path,
+                    &format!("neither PEM text nor a readable file: {e}"),
+                ));
+            }
+        },
+    };
+    crate::services::identity::Verifier::new(&key)
+        .map_err(|reason| invalid(jwt_setting(&key), "[REDACTED]", &reason))?;
+    Ok(Some(key))
+}
+
+fn jwt_setting(key: &JwtKey) -> &'static str {
+    match key {
+        JwtKey::Secret(_) => "AUTH_JWT_SECRET",
+        JwtKey::PublicPem(_) => "AUTH_JWT_PUBLIC_KEY",
+    }
 }
 
 /// `STATE_URL` and its settings; `None` when unset. Errors name the URL without its password.

@@ -8,6 +8,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::services::chat::ChatService;
+use crate::services::consumers::Consumers;
 use crate::services::credentials::CredentialProvider;
 use crate::services::guardrails::Guardrails;
 use crate::services::papita::UsageReporter;
@@ -28,6 +29,8 @@ pub struct Services {
     /// For `/api/openai/info` and `/api/health` (which report the key without calling OpenAI).
     pub credentials: Arc<CredentialProvider>,
     pub(crate) usage: Arc<UsageStats>,
+    /// Today's usage per user and guest (the dashboard, `/api/openai/usage?username=`).
+    pub(crate) consumers: Arc<Consumers>,
     pub sessions: Arc<Sessions>,
     pub papita: UsageReporter,
     pub session_log: SessionLog,

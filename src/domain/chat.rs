@@ -116,11 +116,14 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// Who is chatting (for the Papita usage record).
+/// Who is chatting (for the Papita usage record, the quotas and the consumers' table): as the
+/// body claims, or as the site's token proves (`AUTH_JWT_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserIdentity {
     pub username: String,
     pub is_guest: bool,
+    /// Proven by the site's token (`AUTH_JWT_*`), not just claimed by the body.
+    pub verified: bool,
 }
 
 /// A chat request that is valid: at least one message, a model, a user.
@@ -137,6 +140,9 @@ pub struct ChatRequest {
     pub size: InputSize,
     /// All of them: what is sent upstream.
     pub input_chars: usize,
+    /// The client's address as rate limits key it (an IPv6 client by its network), set by the
+    /// HTTP layer: what a guest's and an address's quota count against.
+    pub client: Option<std::net::IpAddr>,
 }
 
 /// How many characters each part of a chat's input has.
@@ -237,10 +243,12 @@ impl ChatRequest {
             Some(name) if name != "guest" => UserIdentity {
                 username: name,
                 is_guest: body.is_guest.unwrap_or(true),
+                verified: false,
             },
             _ => UserIdentity {
                 username: "guest".into(),
                 is_guest: true,
+                verified: false,
             },
         };
         let session_id = header_session.or_else(|| client_session_id(body.session_id.as_deref()));
@@ -253,6 +261,7 @@ impl ChatRequest {
             stream: body.stream.unwrap_or(false),
             size,
             input_chars,
+            client: None,
         })
     }
 }
@@ -401,7 +410,8 @@ mod tests {
             req.user,
             UserIdentity {
                 username: "guest".into(),
-                is_guest: true
+                is_guest: true,
+                verified: false,
             }
         );
         let req = parse(serde_json::json!({"message": "m", "username": "ana", "isGuest": false}))
@@ -410,7 +420,8 @@ mod tests {
             req.user,
             UserIdentity {
                 username: "ana".into(),
-                is_guest: false
+                is_guest: false,
+                verified: false,
             }
         );
         let req = parse(serde_json::json!({"message": "m", "username": "ana"})).unwrap();

@@ -3,6 +3,7 @@
 
 pub mod api_key;
 pub mod chat;
+pub mod consumer;
 pub mod identifier;
 pub mod input_error;
 pub mod pricing;
@@ -12,5 +13,6 @@ pub mod usage;
 
 pub use api_key::ApiKey;
 pub use chat::{ChatBody, ChatMessage, ChatRequest, Role, UserIdentity};
+pub use consumer::Consumer;
 pub use input_error::InputError;
 pub use usage::TokenUsage;

@@ -14,7 +14,7 @@ use crate::domain::session_id::SessionHeader;
 use crate::domain::{ChatBody, ChatRequest};
 use crate::http::error::{ApiError, ErrorBody, Result};
 use crate::http::extract::JsonBody;
-use crate::http::guards::{ChatRoute, RateChecked};
+use crate::http::guards::{ChatRoute, RateChecked, Verified};
 use crate::server::CutAt;
 use crate::services::chat::StreamEvent;
 use crate::state::AppState;
@@ -37,19 +37,20 @@ pub fn router() -> OpenApiRouter<AppState> {
                 (String = "text/event-stream"),
             )),
         (status = 400, description = "Bad input, a model off the allow-list, or OpenAI refused the request", body = super::error::ErrorBody),
-        (status = 401, description = "OpenAI rejected the key", body = super::error::ErrorBody),
+        (status = 401, description = "OpenAI rejected the key; or, with AUTH_JWT_* set, the sign-in token is missing or not valid", body = super::error::ErrorBody),
         (status = 408, description = "The body or the answer took too long", body = super::error::ErrorBody),
         (status = 413, description = "Body or input too large", body = super::error::ErrorBody),
         (status = 415, description = "Not JSON", body = super::error::ErrorBody),
-        (status = 429, description = "Rate limit, budget, or OpenAI's rate limit (Retry-After)", body = super::error::ErrorBody),
+        (status = 429, description = "Rate limit, budget, a daily quota (\"You have used today's allowance…\"), or OpenAI's rate limit (Retry-After)", body = super::error::ErrorBody),
         (status = 502, description = "OpenAI failed", body = super::error::ErrorBody),
         (status = 503, description = "No OpenAI key configured", body = super::error::ErrorBody),
         (status = 504, description = "OpenAI too slow", body = super::error::ErrorBody),
     ))]
 pub(super) async fn post_chat(
     State(state): State<AppState>,
-    // The rate check runs on the head, before the body is read.
-    _rate: RateChecked<ChatRoute>,
+    // The rate check and the identity's run on the head, before the body is read.
+    RateChecked(client, _): RateChecked<ChatRoute>,
+    Verified(verified): Verified,
     headers: HeaderMap,
     JsonBody(body): JsonBody<ChatBody>,
 ) -> Result<Response> {
@@ -62,7 +63,11 @@ pub(super) async fn post_chat(
         name: SESSION_HEADER,
         value,
     });
-    let request = ChatRequest::parse(body, session_header, &state.config.openai.model)?;
+    let mut request = ChatRequest::parse(body, session_header, &state.config.openai.model)?;
+    request.client = Some(state.guardrails.client_key(client));
+    if let Some(user) = verified {
+        request.user = user;
+    }
     if !request.stream {
         return Ok(Json(state.chat.complete(request).await?).into_response());
     }

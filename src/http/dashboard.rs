@@ -1,5 +1,5 @@
 //! `GET /api/dashboard`: what the dashboard page shows besides `/api/openai/usage` (chats per
-//! minute, the latest sessions, guardrail refusals, Papita and session-log health), in one
+//! minute, the latest sessions, guardrail refusals, today's top consumers, Papita and session-log health), in one
 //! answer so a refresh is two requests. Behind `ADMIN_TOKEN` when it is set.
 
 use axum::Json;
@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::clock::timestamp;
 use crate::http::guards::AdminAccess;
 use crate::http::health::{PapitaCheck, UpstreamState};
+use crate::services::consumers::ConsumerUsage;
 use crate::services::guardrails::RefusalCounts;
 use crate::services::sessions::RecentSession;
 use crate::state::AppState;
@@ -42,6 +43,9 @@ pub struct DashboardAnswer {
     pub session_log: SessionLogState,
     /// Streamed replies open now.
     pub streams_open: i64,
+    /// Today's top consumers by tokens (at most 20): users by name, guests by masked address,
+    /// with the quota each has left.
+    pub consumers: Vec<ConsumerUsage>,
     /// Only with fallback upstreams: each one's circuit breaker, the primary first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<UpstreamState>,
@@ -103,6 +107,7 @@ pub(super) async fn dashboard(
         papita: super::health::papita_check(&state),
         session_log,
         streams_open: state.metrics.streams_open.get(),
+        consumers: state.consumers.top().await,
         upstreams: state
             .chat
             .upstream_states()

@@ -132,6 +132,7 @@ impl ApiError {
                 GuardrailError::InputTooLarge(_) | GuardrailError::TooLongForModel { .. },
             ) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Guardrail(GuardrailError::StateUnavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Guardrail(GuardrailError::Unauthorized(_)) => StatusCode::UNAUTHORIZED,
             Self::Guardrail(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::AdminTokenRequired => StatusCode::UNAUTHORIZED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -221,7 +222,10 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
         }
-        if matches!(self, Self::AdminTokenRequired) {
+        if matches!(
+            self,
+            Self::AdminTokenRequired | Self::Guardrail(GuardrailError::Unauthorized(_))
+        ) {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

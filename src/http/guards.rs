@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 
+use crate::domain::UserIdentity;
 use crate::http::error::ApiError;
 use crate::services::guardrails::Limited;
 use crate::state::AppState;
@@ -99,7 +100,7 @@ impl RateLimitedRoute for SessionRoute {
 /// The client, once its per-minute allowance for `R` had room. An extractor of the request head:
 /// placed before the body's, a refused client costs no body read and no JSON parse (a chat body
 /// may be 16 MB).
-pub struct RateChecked<R>(PhantomData<R>);
+pub struct RateChecked<R>(pub IpAddr, pub PhantomData<R>);
 
 impl<R: RateLimitedRoute + Send> FromRequestParts<AppState> for RateChecked<R> {
     type Rejection = ApiError;
@@ -107,7 +108,25 @@ impl<R: RateLimitedRoute + Send> FromRequestParts<AppState> for RateChecked<R> {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let ClientAddr(client) = ClientAddr::from_request_parts(parts, state).await?;
         state.guardrails.check_rate(R::WHAT, client).await?;
-        Ok(Self(PhantomData))
+        Ok(Self(client, PhantomData))
+    }
+}
+
+/// With `AUTH_JWT_*` set: who the request's bearer token, signed by the site, says is chatting
+/// (401 JSON when it is missing or not valid). Without: `None`, and the body's fields count.
+/// An extractor of the head, after the rate check (guessing tokens costs the allowance).
+pub struct Verified(pub Option<UserIdentity>);
+
+impl FromRequestParts<AppState> for Verified {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let authorization = parts.headers.get(header::AUTHORIZATION);
+        Ok(Self(
+            state
+                .guardrails
+                .verify(authorization.map(|v| v.as_bytes()))?,
+        ))
     }
 }
 

@@ -61,7 +61,10 @@ pub fn router(state: AppState) -> Router {
             config.request_timeout,
         ));
 
-    let (routes, document) = api().split_for_parts();
+    let (routes, mut document) = api().split_for_parts();
+    if let Some(algorithm) = state.guardrails.identity_algorithm() {
+        openapi::require_site_token(&mut document, algorithm);
+    }
     let routes = routes
         .merge(openapi::router(document))
         .fallback(fallback::not_found)

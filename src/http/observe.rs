@@ -73,8 +73,10 @@ async fn snapshot(state: &AppState) -> Snapshot {
             ("model", refusals.model),
             ("rate_limit", refusals.rate_limit),
             ("budget", refusals.budget),
+            ("quota", refusals.quota),
             ("input_too_large", refusals.input_too_large),
             ("admin_token", refusals.admin_token),
+            ("auth_token", refusals.auth_token),
         ],
         session_log: vec![
             ("written", state.session_log.written()),

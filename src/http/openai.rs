@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::config::without_credentials;
+use crate::domain::identifier::check_optional;
 use crate::domain::session_id::client_session_id;
-use crate::http::error::{ApiError, log_upstream_failure};
-use crate::http::guards::{AdminAccess, RateChecked, TestRoute};
+use crate::http::error::{ApiError, Result, log_upstream_failure};
+use crate::http::guards::{AdminAccess, AdminView, RateChecked, TestRoute};
 use crate::services::chat::{ChatError, ReplyUsage};
 use crate::services::credentials::Credentials;
 use crate::services::usage::{AccountInfo, ActiveAccount, NoAccount, UsageReport};
@@ -165,15 +166,33 @@ pub(super) async fn test(
 #[derive(Deserialize)]
 pub(super) struct UsageQuery {
     session_id: Option<String>,
+    username: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/openai/usage", tag = "openai",
-    params(("session_id" = Option<String>, Query, description = "Only this session's chats")),
-    responses((status = 200, description = "Usage and cost since start-up", body = UsageReport)))]
+    params(
+        ("session_id" = Option<String>, Query, description = "Only this session's chats"),
+        ("username" = Option<String>, Query, description = "Adds `user`: this user's usage today and quota left (behind ADMIN_TOKEN when set)"),
+    ),
+    responses(
+        (status = 200, description = "Usage and cost since start-up", body = UsageReport),
+        (status = 400, description = "A username over 128 bytes or with control characters", body = super::error::ErrorBody),
+        (status = 401, description = "username= without the admin token, when ADMIN_TOKEN is set", body = super::error::ErrorBody),
+    ))]
 pub(super) async fn usage(
     State(state): State<AppState>,
+    AdminView(admin): AdminView,
     Query(query): Query<UsageQuery>,
-) -> Json<UsageReport> {
+) -> Result<Json<UsageReport>> {
+    // One user's usage is the operator's to see; the totals stay open (the website reads them).
+    let user = match query.username.as_deref() {
+        Some(_) if !admin => return Err(ApiError::AdminTokenRequired),
+        Some(name) => {
+            check_optional("username", Some(name))?;
+            Some(state.consumers.user(name).await)
+        }
+        None => None,
+    };
     let credentials = state.credentials.get().await;
     let account_info = match credentials.usable_key() {
         Some(key) => AccountInfo::Active(ActiveAccount {
@@ -187,5 +206,6 @@ pub(super) async fn usage(
     let mut report = state.usage.report(session.as_deref(), account_info).await;
     report.budget = state.guardrails.budget_report().await;
     report.by_upstream = state.chat.upstream_report();
-    Json(report)
+    report.user = user;
+    Ok(Json(report))
 }

@@ -61,6 +61,33 @@ impl Modify for ServedBySwaggerUi {
     }
 }
 
+/// With `AUTH_JWT_*` set: the bearer scheme, required by the chat and the session routes (the
+/// ones that take the site's token).
+pub fn require_site_token(document: &mut utoipa::openapi::OpenApi, algorithm: &str) {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    const SCHEME: &str = "site_token";
+    let scheme = HttpBuilder::new()
+        .scheme(HttpAuthScheme::Bearer)
+        .bearer_format("JWT")
+        .description(Some(format!(
+            "A token the site signs ({algorithm}) with sub (the username), guest (bool) and exp; see Docs/SECURITY.md"
+        )))
+        .build();
+    document
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(SCHEME, SecurityScheme::Http(scheme));
+    for (path, item) in document.paths.paths.iter_mut() {
+        if path == "/api/chat" || path.starts_with("/api/session/") {
+            if let Some(post) = item.post.as_mut() {
+                post.security = Some(vec![SecurityRequirement::new(SCHEME, Vec::<String>::new())]);
+            }
+        }
+    }
+}
+
 /// `/docs` and `/api/openapi.json`, serving `document` (the whole API's, from `http::api`).
 pub fn router(document: utoipa::openapi::OpenApi) -> Router<AppState> {
     let ui: Router<AppState> = SwaggerUi::new("/docs")

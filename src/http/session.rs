@@ -10,7 +10,7 @@ use crate::domain::identifier::check_optional;
 use crate::domain::session_id::client_session_id;
 use crate::http::error::{ApiError, Result};
 use crate::http::extract::JsonBody;
-use crate::http::guards::{RateChecked, SessionRoute};
+use crate::http::guards::{RateChecked, SessionRoute, Verified};
 use crate::state::AppState;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -24,6 +24,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(post, path = "/api/session/start", tag = "sessions",
     responses(
         (status = 200, description = "Started; its line is on disk", body = SessionStarted),
+        (status = 401, description = "AUTH_JWT_* is set and the sign-in token is missing or not valid", body = super::error::ErrorBody),
         (status = 429, description = "RATE_LIMIT_SESSION_PER_MIN (Retry-After)", body = super::error::ErrorBody),
         (status = 500, description = "The session log cannot be written", body = super::error::ErrorBody),
         (status = 507, description = "The log folder's disk is nearly full (LOG_MIN_FREE_MB); nothing was written", body = super::error::ErrorBody),
@@ -31,6 +32,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub(super) async fn start(
     State(state): State<AppState>,
     _rate: RateChecked<SessionRoute>,
+    _identity: Verified,
 ) -> Result<Json<SessionStarted>> {
     let started = state.sessions.start().await?;
     Ok(Json(SessionStarted {
@@ -72,6 +74,7 @@ pub struct SessionStopped {
     responses(
         (status = 200, description = "Stopped (or saved); its line is on disk", body = SessionStopped),
         (status = 400, description = "No session to stop, metrics not an object, or a session_id over 128 bytes or with control characters", body = super::error::ErrorBody),
+        (status = 401, description = "AUTH_JWT_* is set and the sign-in token is missing or not valid", body = super::error::ErrorBody),
         (status = 413, description = "metrics larger than SESSION_METRICS_MAX_BYTES as JSON; nothing was written", body = super::error::ErrorBody),
         (status = 415, description = "Not JSON", body = super::error::ErrorBody),
         (status = 429, description = "RATE_LIMIT_SESSION_PER_MIN (Retry-After)", body = super::error::ErrorBody),
@@ -81,6 +84,7 @@ pub struct SessionStopped {
 pub(super) async fn stop(
     State(state): State<AppState>,
     _rate: RateChecked<SessionRoute>,
+    _identity: Verified,
     JsonBody(body): JsonBody<StopBody>,
 ) -> Result<Json<SessionStopped>> {
     check_optional("session_id", body.session_id.as_deref())?;

@@ -1,5 +1,5 @@
-//! What a finished call leaves behind, in one place: usage statistics, chats per minute, the
-//! Papita usage record and the session's `chat_usage` line. `ChatService` calls `record` once
+//! What a finished call leaves behind, in one place: usage statistics, its consumer's figures,
+//! chats per minute, the Papita usage record and the session's `chat_usage` line. `ChatService` calls `record` once
 //! per call, however it ended; nothing here waits on the network or the disk.
 
 use std::sync::Arc;
@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
-use crate::domain::{ChatRequest, TokenUsage};
+use crate::domain::{ChatRequest, Consumer, TokenUsage};
+use crate::services::consumers::Consumers;
 use crate::services::papita::{UsageRecord, UsageReporter};
 use crate::services::session_log::{SessionLog, entries};
 use crate::services::usage::{ChatsPerMinute, UsageKind, UsageStats};
@@ -31,6 +32,7 @@ pub enum Outcome<'a> {
     /// `estimated_usage`.
     Estimated {
         session: Option<&'a str>,
+        consumer: &'a Consumer,
         model: &'a str,
         usage: &'a TokenUsage,
     },
@@ -38,6 +40,7 @@ pub enum Outcome<'a> {
 
 pub struct Bookkeeping {
     usage: Arc<UsageStats>,
+    consumers: Arc<Consumers>,
     papita: UsageReporter,
     session_log: SessionLog,
     clock: Arc<dyn Clock>,
@@ -50,6 +53,7 @@ pub struct Bookkeeping {
 impl Bookkeeping {
     pub fn new(
         usage: Arc<UsageStats>,
+        consumers: Arc<Consumers>,
         papita: UsageReporter,
         session_log: SessionLog,
         clock: Arc<dyn Clock>,
@@ -57,6 +61,7 @@ impl Bookkeeping {
     ) -> Self {
         Self {
             usage,
+            consumers,
             papita,
             session_log,
             clock,
@@ -87,12 +92,15 @@ impl Bookkeeping {
             }
             Outcome::Estimated {
                 session,
+                consumer,
                 model,
                 usage,
             } => {
                 self.usage
                     .record_kind(UsageKind::Estimated, session, model, usage)
                     .await;
+                // What a cut stream cost counts against its consumer, as against its quota.
+                self.consumers.record(consumer, model, usage).await;
             }
         }
     }
@@ -101,6 +109,7 @@ impl Bookkeeping {
     pub fn record_estimate_later(
         self: &Arc<Self>,
         session: Option<String>,
+        consumer: Consumer,
         model: String,
         usage: TokenUsage,
     ) {
@@ -109,6 +118,7 @@ impl Bookkeeping {
             books
                 .record(Outcome::Estimated {
                     session: session.as_deref(),
+                    consumer: &consumer,
                     model: &model,
                     usage: &usage,
                 })
@@ -124,6 +134,10 @@ impl Bookkeeping {
         history_trimmed: usize,
     ) {
         self.usage.record(session, &request.model, usage).await;
+        let consumer = Consumer::of(&request.user, request.client);
+        self.consumers
+            .record(&consumer, &request.model, usage)
+            .await;
         let now = self.clock.now();
         self.chats_per_minute
             .record(now.timestamp().div_euclid(60) as u64);
@@ -144,6 +158,7 @@ impl Bookkeeping {
                 &request.model,
                 usage,
                 history_trimmed,
+                &request.user,
                 &now,
             ));
         }

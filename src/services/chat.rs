@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use indexmap::IndexMap;
 
 use crate::config::ModelMap;
-use crate::domain::{ApiKey, ChatMessage, ChatRequest, Role, TokenUsage};
+use crate::domain::{ApiKey, ChatMessage, ChatRequest, Consumer, Role, TokenUsage};
 use crate::metrics::Metrics;
 use crate::services::bookkeeping::{Bookkeeping, Outcome};
 use crate::services::breaker::{Breaker, BreakerState};
@@ -117,6 +117,7 @@ struct InFlight {
 struct Estimate {
     books: Arc<Bookkeeping>,
     session: Option<String>,
+    consumer: Consumer,
     model: String,
 }
 
@@ -144,17 +145,16 @@ impl InFlight {
     async fn reserve_again(
         &mut self,
         guardrails: &Guardrails,
-        session: Option<&str>,
         model: &str,
     ) -> Result<(), ChatError> {
         let Some(previous) = self.admission.take() else {
             return Ok(());
         };
         let (prompt, trimmed) = (previous.prompt_tokens(), previous.history_trimmed);
-        let stream = previous.is_stream();
+        let (stream, accounts) = (previous.is_stream(), previous.accounts().clone());
         previous.keep();
         let mut next = guardrails
-            .admit_again(session, model, prompt, stream)
+            .admit_again(accounts, model, prompt, stream)
             .await?;
         next.history_trimmed = trimmed;
         self.admission = Some(next);
@@ -199,12 +199,14 @@ impl InFlight {
         if let Some(Estimate {
             books,
             session,
+            consumer,
             model,
         }) = self.estimate.take()
         {
             books
                 .record(Outcome::Estimated {
                     session: session.as_deref(),
+                    consumer: &consumer,
                     model: &model,
                     usage: &estimate,
                 })
@@ -220,6 +222,7 @@ impl Drop for InFlight {
         if let (Some(admission), Some(estimate)) = (&self.admission, self.estimate.take()) {
             estimate.books.record_estimate_later(
                 estimate.session,
+                estimate.consumer,
                 estimate.model,
                 admission.estimate(),
             );
@@ -323,6 +326,7 @@ impl ChatService {
             estimate: stream.then(|| Estimate {
                 books: self.books.clone(),
                 session: session.map(str::to_string),
+                consumer: Consumer::of(&request.user, request.client),
                 model: request.model.clone(),
             }),
         })
@@ -341,10 +345,8 @@ impl ChatService {
         let upstream_started = started.map(|_| Instant::now());
         let completion = {
             let messages = &request.messages;
-            let (model, session) = (&request.model, session.as_deref());
             self.with_failover(
-                model,
-                session,
+                &request.model,
                 &mut in_flight,
                 |openai, key, model, cap| async move {
                     openai.complete(&key, &model, messages, cap).await
@@ -377,9 +379,11 @@ impl ChatService {
         in_flight.settle(&usage).await;
         self.count_answer(answered, &usage);
         let session = session.as_deref();
-        let outcome = if estimated {
+        let consumer = estimated.then(|| Consumer::of(&request.user, request.client));
+        let outcome = if let Some(consumer) = &consumer {
             Outcome::Estimated {
                 session,
+                consumer,
                 model: &request.model,
                 usage: &usage,
             }
@@ -438,10 +442,8 @@ impl ChatService {
         let history_trimmed = in_flight.history_trimmed();
         let upstream = {
             let messages = &request.messages;
-            let (model, session) = (&request.model, session.as_deref());
             self.with_failover(
-                model,
-                session,
+                &request.model,
                 &mut in_flight,
                 |openai, key, model, cap| async move {
                     openai.stream(&key, &model, messages, cap).await
@@ -565,7 +567,6 @@ impl ChatService {
     async fn with_failover<'a, T, F, Fut>(
         &'a self,
         model: &str,
-        session: Option<&str>,
         in_flight: &mut InFlight,
         attempt: F,
     ) -> Result<(T, usize), ChatError>
@@ -609,9 +610,7 @@ impl ChatService {
                 continue;
             }
             if std::mem::take(&mut reserve_again) {
-                in_flight
-                    .reserve_again(&self.guardrails, session, asked)
-                    .await?;
+                in_flight.reserve_again(&self.guardrails, asked).await?;
             }
             match call(i, asked.to_string(), in_flight.output_cap()).await {
                 Ok(answer) => {

@@ -6,8 +6,10 @@
 pub(crate) mod bookkeeping;
 pub(crate) mod breaker;
 pub(crate) mod chat;
+pub(crate) mod consumers;
 pub mod credentials;
 pub(crate) mod guardrails;
+pub mod identity;
 pub(crate) mod openai;
 pub mod papita;
 

@@ -16,11 +16,13 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
-use super::budget::{Budgets, Reservation};
+use super::budget::{Accounts, Budgets, Reservation};
 use crate::domain::TokenUsage;
 
 pub struct Admission {
     budgets: Arc<Budgets>,
+    /// Whom the call is charged to (a failover's next attempt is charged to the same).
+    accounts: Accounts,
     /// `None` once settled, or when no budget is set (nothing to settle).
     reservation: Option<Reservation>,
     tasks: TaskTracker,
@@ -36,6 +38,7 @@ pub struct Admission {
 impl Admission {
     pub(super) fn new(
         budgets: Arc<Budgets>,
+        accounts: Accounts,
         reservation: Reservation,
         tasks: TaskTracker,
         prompt_tokens: u64,
@@ -44,6 +47,7 @@ impl Admission {
     ) -> Self {
         Self {
             budgets,
+            accounts,
             reservation: Some(reservation).filter(|r| !r.is_empty()),
             tasks,
             prompt_tokens,
@@ -62,6 +66,11 @@ impl Admission {
     /// The prompt's tokens, as counted before the call (0 when nothing needed counting).
     pub fn prompt_tokens(&self) -> u64 {
         self.prompt_tokens
+    }
+
+    /// Whom the call is charged to.
+    pub fn accounts(&self) -> &Accounts {
+        &self.accounts
     }
 
     pub fn is_stream(&self) -> bool {

@@ -14,8 +14,9 @@ use indexmap::IndexMap;
 
 use crate::clock::{Clock, timestamp};
 use crate::config::BudgetLimits;
-use crate::domain::TokenUsage;
 use crate::domain::pricing::PriceTable;
+use crate::domain::{TokenUsage, UserIdentity};
+use std::net::IpAddr;
 
 /// One counter to charge: `fixed` (the prompt) plus `per_output` for each answer token granted,
 /// and the most it may reach.
@@ -68,9 +69,22 @@ pub trait BudgetStore: Send + Sync {
     fn spent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, f64>;
 }
 
-/// Whether a counter is a session's (bounded on its own) or a day's (never evicted).
-pub fn is_session_key(key: &str) -> bool {
-    key.contains("|session|")
+/// What a counter belongs to, by the word after its date (`{date}|{word}|…`): the day's own
+/// (never evicted), a session's, or one user's or address's quota (each bounded on its own, so
+/// nothing a client sends pushes out a day's counter or another kind's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyClass {
+    Day,
+    Session,
+    Consumer,
+}
+
+pub fn key_class(key: &str) -> KeyClass {
+    match key.split('|').nth(1) {
+        Some("session") => KeyClass::Session,
+        Some("user" | "guest" | "client") => KeyClass::Consumer,
+        _ => KeyClass::Day,
+    }
 }
 
 /// Answer tokens that fit: the largest `n <= max_output` with `spent + fixed + per_output * n <=
@@ -102,35 +116,41 @@ const TOLERANCE: f64 = 1e-9;
 /// Days' counters kept (two a day at most: `usd` and `tokens`); yesterday's go first.
 const DAILY_KEYS: usize = 8;
 
-/// The in-process store. Day counters and session counters are kept apart: sessions are bounded
-/// (oldest forgotten past `max_sessions`), and nothing a client sends can push out a day's
-/// counter.
+/// The in-process store. Day counters, session counters and quota counters are kept apart:
+/// sessions are bounded (oldest forgotten past `max_sessions`), quotas likewise
+/// (`QUOTA_MAX_TRACKED`), and nothing a client sends can push out a day's counter or a counter
+/// of another kind.
 pub struct MemoryBudgetStore {
     counters: Mutex<Counters>,
     max_sessions: usize,
+    max_consumers: usize,
 }
 
 #[derive(Default)]
 struct Counters {
     daily: IndexMap<String, f64>,
     sessions: IndexMap<String, f64>,
+    consumers: IndexMap<String, f64>,
 }
 
 impl Counters {
-    fn get(&self, key: &str) -> f64 {
-        let map = if is_session_key(key) {
-            &self.sessions
-        } else {
-            &self.daily
-        };
-        map.get(key).copied().unwrap_or(0.0)
+    fn map(&self, key: &str) -> &IndexMap<String, f64> {
+        match key_class(key) {
+            KeyClass::Day => &self.daily,
+            KeyClass::Session => &self.sessions,
+            KeyClass::Consumer => &self.consumers,
+        }
     }
 
-    fn add(&mut self, key: &str, amount: f64, max_sessions: usize) {
-        let (map, max) = if is_session_key(key) {
-            (&mut self.sessions, max_sessions)
-        } else {
-            (&mut self.daily, DAILY_KEYS)
+    fn get(&self, key: &str) -> f64 {
+        self.map(key).get(key).copied().unwrap_or(0.0)
+    }
+
+    fn add(&mut self, key: &str, amount: f64, bounds: (usize, usize)) {
+        let (map, max) = match key_class(key) {
+            KeyClass::Day => (&mut self.daily, DAILY_KEYS),
+            KeyClass::Session => (&mut self.sessions, bounds.0),
+            KeyClass::Consumer => (&mut self.consumers, bounds.1),
         };
         match map.get_mut(key) {
             Some(value) => *value = (*value + amount).max(0.0),
@@ -145,11 +165,16 @@ impl Counters {
 }
 
 impl MemoryBudgetStore {
-    pub fn new(max_sessions: usize) -> Self {
+    pub fn new(max_sessions: usize, max_consumers: usize) -> Self {
         Self {
             counters: Mutex::default(),
             max_sessions: max_sessions.max(1),
+            max_consumers: max_consumers.max(1),
         }
+    }
+
+    fn bounds(&self) -> (usize, usize) {
+        (self.max_sessions, self.max_consumers)
     }
 
     /// `reserve`, at once.
@@ -166,7 +191,7 @@ impl MemoryBudgetStore {
             counters.add(
                 &c.key,
                 c.fixed + c.per_output * output as f64,
-                self.max_sessions,
+                self.bounds(),
             );
         }
         Ok(Granted {
@@ -178,7 +203,7 @@ impl MemoryBudgetStore {
     pub fn adjust_now(&self, changes: &[(Arc<str>, f64)]) {
         let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         for (key, delta) in changes {
-            counters.add(key, *delta, self.max_sessions);
+            counters.add(key, *delta, self.bounds());
         }
     }
 
@@ -214,6 +239,8 @@ impl BudgetStore for MemoryBudgetStore {
 #[derive(Debug, Clone)]
 pub enum BudgetDenied {
     Spent(BudgetSpent),
+    /// A user's, guest's or address's daily quota.
+    Quota(QuotaSpent),
     /// The shared store is down and `STATE_UNAVAILABLE=refuse`.
     Unavailable,
 }
@@ -227,7 +254,40 @@ pub struct BudgetSpent {
     pub retry_after: Duration,
 }
 
-/// One day's counter keys (`{date}|usd`, `{date}|tokens`; a session's is `{date}|session|{id}`).
+/// A daily quota that does not fit this chat: the sentence the chat window shows.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "You have used today's allowance of {limit} tokens ({whose}); it resets at {resets_at}. Try again then."
+)]
+pub struct QuotaSpent {
+    pub limit: u64,
+    pub whose: &'static str,
+    pub resets_at: String,
+    pub retry_after: Duration,
+}
+
+/// Whom a call is charged to besides the whole service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Payer<'a> {
+    pub session: Option<&'a str>,
+    /// Who is chatting (verified, or as the body claims).
+    pub user: Option<&'a UserIdentity>,
+    /// The client's address as rate limits key it (an IPv6 client by its network).
+    pub client: Option<IpAddr>,
+}
+
+/// A call's counters besides the day's, made once per call (and kept for a failover's second
+/// reservation): only those whose limit is set.
+#[derive(Debug, Clone, Default)]
+pub struct Accounts {
+    session: Option<Arc<str>>,
+    user: Option<Arc<str>>,
+    guest: Option<Arc<str>>,
+    client: Option<Arc<str>>,
+}
+
+/// One day's counter keys (`{date}|usd`, `{date}|tokens`; a session's is `{date}|session|{id}`,
+/// a quota's `{date}|user|{name}`, `{date}|guest|{address}`, `{date}|client|{address}`).
 #[derive(Clone)]
 struct DayKeys {
     date: chrono::NaiveDate,
@@ -256,10 +316,21 @@ pub struct Reservation {
     pub output: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// What a counter counts, and which limit it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unit {
     Usd,
     Tokens,
+    SessionTokens,
+    UserTokens,
+    GuestTokens,
+    ClientTokens,
+}
+
+impl Unit {
+    fn is_usd(self) -> bool {
+        self == Self::Usd
+    }
 }
 
 impl Reservation {
@@ -289,11 +360,42 @@ impl Budgets {
         self.limits.any()
     }
 
+    /// The counters `payer` is charged to today, for the limits that are set.
+    pub fn accounts(&self, payer: Payer<'_>) -> Accounts {
+        let limits = &self.limits;
+        if limits.session_tokens.is_none() && !limits.quota.any() {
+            return Accounts::default();
+        }
+        let day = self.keys().day;
+        let key = |kind: &str, id: &dyn std::fmt::Display| -> Arc<str> {
+            format!("{day}|{kind}|{id}").into()
+        };
+        let user = payer.user.filter(|u| !u.is_guest);
+        let guest = payer.user.is_some_and(|u| u.is_guest);
+        Accounts {
+            session: payer
+                .session
+                .filter(|_| limits.session_tokens.is_some())
+                .map(|id| key("session", &id)),
+            user: user
+                .filter(|_| limits.quota.user.is_some())
+                .map(|u| key("user", &u.username)),
+            guest: payer
+                .client
+                .filter(|_| guest && limits.quota.guest.is_some())
+                .map(|ip| key("guest", &ip)),
+            client: payer
+                .client
+                .filter(|_| limits.quota.client.is_some())
+                .map(|ip| key("client", &ip)),
+        }
+    }
+
     /// Reserves `prompt_tokens` plus the most answer tokens up to `max_output` that every budget
-    /// has room for; refused only when not even `min_output` fits.
+    /// and quota has room for; refused only when not even `min_output` fits.
     pub async fn reserve(
         &self,
-        session: Option<&str>,
+        accounts: &Accounts,
         model: &str,
         prompt_tokens: u64,
         min_output: u64,
@@ -313,23 +415,28 @@ impl Budgets {
             });
             units.push(Unit::Usd);
         }
-        if let Some(cap) = self.limits.daily_tokens {
-            charges.push(Charge {
-                key: keys.tokens.clone(),
-                fixed: tokens,
-                per_output: 1.0,
-                cap: cap as f64,
-            });
-            units.push(Unit::Tokens);
-        }
-        if let (Some(cap), Some(id)) = (self.limits.session_tokens, session) {
-            charges.push(Charge {
-                key: format!("{}|session|{id}", keys.day).into(),
-                fixed: tokens,
-                per_output: 1.0,
-                cap: cap as f64,
-            });
-            units.push(Unit::Tokens);
+        let quota = &self.limits.quota;
+        let token_limits = [
+            (Some(&keys.tokens), self.limits.daily_tokens, Unit::Tokens),
+            (
+                accounts.session.as_ref(),
+                self.limits.session_tokens,
+                Unit::SessionTokens,
+            ),
+            (accounts.user.as_ref(), quota.user, Unit::UserTokens),
+            (accounts.guest.as_ref(), quota.guest, Unit::GuestTokens),
+            (accounts.client.as_ref(), quota.client, Unit::ClientTokens),
+        ];
+        for (key, cap, unit) in token_limits {
+            if let (Some(key), Some(cap)) = (key, cap) {
+                charges.push(Charge {
+                    key: key.clone(),
+                    fixed: tokens,
+                    per_output: 1.0,
+                    cap: cap as f64,
+                });
+                units.push(unit);
+            }
         }
         if charges.is_empty() {
             return Ok(Reservation {
@@ -349,9 +456,7 @@ impl Budgets {
                 place: granted.place,
                 output: granted.output,
             }),
-            Err(BudgetRefusal::Over(i)) => {
-                Err(BudgetDenied::Spent(self.spent_error(&charges[i].key)))
-            }
+            Err(BudgetRefusal::Over(i)) => Err(self.refusal(units[i])),
             Err(BudgetRefusal::Unavailable) => Err(BudgetDenied::Unavailable),
         }
     }
@@ -369,19 +474,13 @@ impl Budgets {
         if reservation.changes.is_empty() {
             return;
         }
-        let priced = reservation
-            .changes
-            .iter()
-            .any(|(_, _, unit)| matches!(unit, Unit::Usd));
+        let priced = reservation.changes.iter().any(|(_, _, unit)| unit.is_usd());
         let used = self.amounts(&reservation.model, actual, priced);
         let changes: Vec<(Arc<str>, f64)> = reservation
             .changes
             .into_iter()
             .map(|(key, reserved, unit)| {
-                let real = match unit {
-                    Unit::Usd => used.0,
-                    Unit::Tokens => used.1,
-                };
+                let real = if unit.is_usd() { used.0 } else { used.1 };
                 (key, real - reserved)
             })
             .collect();
@@ -432,32 +531,52 @@ impl Budgets {
         (cost.prompt + cost.completion, tokens)
     }
 
-    fn spent_error(&self, key: &str) -> BudgetSpent {
-        let which = if key.ends_with("|usd") {
-            format!(
-                "daily budget of ${:.2} (BUDGET_DAILY_USD)",
-                self.limits.daily_usd.unwrap_or_default()
-            )
-        } else if key.contains("|session|") {
-            format!(
-                "session's budget of {} tokens (BUDGET_SESSION_TOKENS)",
-                self.limits.session_tokens.unwrap_or_default()
-            )
-        } else {
-            format!(
-                "daily budget of {} tokens (BUDGET_DAILY_TOKENS)",
-                self.limits.daily_tokens.unwrap_or_default()
-            )
-        };
+    /// The refusal for the limit `unit` that had no room: a budget's, or a quota's sentence.
+    fn refusal(&self, unit: Unit) -> BudgetDenied {
+        let limits = &self.limits;
         let midnight = self.next_midnight();
-        let wait = (midnight - self.clock.now())
+        let retry_after = (midnight - self.clock.now())
             .to_std()
             .unwrap_or(Duration::from_secs(1));
-        BudgetSpent {
+        let resets_at = timestamp(&midnight);
+        let quota = |limit: Option<u64>, whose| {
+            BudgetDenied::Quota(QuotaSpent {
+                limit: limit.unwrap_or_default(),
+                whose,
+                resets_at: resets_at.clone(),
+                retry_after,
+            })
+        };
+        let which = match unit {
+            Unit::UserTokens => return quota(limits.quota.user, "per user"),
+            Unit::GuestTokens => return quota(limits.quota.guest, "per guest"),
+            Unit::ClientTokens => return quota(limits.quota.client, "per address"),
+            Unit::Usd => format!(
+                "daily budget of ${:.2} (BUDGET_DAILY_USD)",
+                limits.daily_usd.unwrap_or_default()
+            ),
+            Unit::SessionTokens => format!(
+                "session's budget of {} tokens (BUDGET_SESSION_TOKENS)",
+                limits.session_tokens.unwrap_or_default()
+            ),
+            Unit::Tokens => format!(
+                "daily budget of {} tokens (BUDGET_DAILY_TOKENS)",
+                limits.daily_tokens.unwrap_or_default()
+            ),
+        };
+        BudgetDenied::Spent(BudgetSpent {
             which,
-            resets_at: timestamp(&midnight),
-            retry_after: wait,
-        }
+            resets_at,
+            retry_after,
+        })
+    }
+
+    /// Tokens left today of a `limit` quota counted under `consumer` (`Consumer::key`: the
+    /// counter's key without its date). Chats in progress hold their reservation.
+    pub async fn quota_left(&self, consumer: &str, limit: u64) -> u64 {
+        let key = format!("{}|{consumer}", self.keys().day);
+        let spent = self.store.spent(&key).await;
+        (limit as f64 - spent).max(0.0).round() as u64
     }
 
     /// Today's counter keys, made once a day: formatting the date per chat cost more than the
@@ -544,7 +663,7 @@ mod tests {
     /// day's cap holds.
     #[test]
     fn twenty_thousand_sessions_cannot_evict_the_day() {
-        let store = MemoryBudgetStore::new(100);
+        let store = MemoryBudgetStore::new(100, 100);
         let mut granted = 0;
         for i in 0..20_000 {
             let charges = [

@@ -17,16 +17,19 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use budget::{
-    BudgetDenied, BudgetRefusal, BudgetReport, BudgetSpent, BudgetStore, Budgets, Charge,
-    MemoryBudgetStore, Reservation,
+    Accounts, BudgetDenied, BudgetRefusal, BudgetReport, BudgetSpent, BudgetStore, Budgets, Charge,
+    MemoryBudgetStore, Payer, QuotaSpent, Reservation,
 };
 pub use models::ModelPolicy;
 pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
+use crate::clock::Clock;
 use crate::config::RateLimits;
+use crate::domain::UserIdentity;
 use crate::domain::pricing::PriceTable;
 use crate::domain::tokens::{PER_REPLY, TokenCounter, prompt_upper_bound};
 use crate::domain::{ChatMessage, ChatRequest, InputError, Role};
+use crate::services::identity::{AuthError, Verifier};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use tokio_util::task::TaskTracker;
@@ -62,6 +65,12 @@ pub enum GuardrailError {
     },
     #[error(transparent)]
     Budget(#[from] BudgetSpent),
+    /// A user's, guest's or address's daily quota (429).
+    #[error(transparent)]
+    Quota(#[from] QuotaSpent),
+    /// `AUTH_JWT_*` is set and the request's token is missing or not valid (401).
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
     /// Past `MAX_INPUT_CHARS`: the sentence names the part to shorten (413).
     #[error(transparent)]
     InputTooLarge(InputError),
@@ -89,9 +98,11 @@ impl GuardrailError {
         match self {
             Self::ModelNotAllowed { .. }
             | Self::InputTooLarge(_)
-            | Self::TooLongForModel { .. } => None,
+            | Self::TooLongForModel { .. }
+            | Self::Unauthorized(_) => None,
             Self::RateLimited { retry_after, .. } => Some(*retry_after),
             Self::Budget(b) => Some(b.retry_after),
+            Self::Quota(q) => Some(q.retry_after),
             Self::StateUnavailable => Some(Duration::from_secs(2)),
         }
     }
@@ -108,8 +119,10 @@ struct Refusals {
     model: AtomicU64,
     rate_limit: AtomicU64,
     budget: AtomicU64,
+    quota: AtomicU64,
     input_too_large: AtomicU64,
     admin_token: AtomicU64,
+    auth_token: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,8 +130,10 @@ pub struct RefusalCounts {
     pub model: u64,
     pub rate_limit: u64,
     pub budget: u64,
+    pub quota: u64,
     pub input_too_large: u64,
     pub admin_token: u64,
+    pub auth_token: u64,
 }
 
 impl Refusals {
@@ -128,8 +143,10 @@ impl Refusals {
             model: get(&self.model),
             rate_limit: get(&self.rate_limit),
             budget: get(&self.budget),
+            quota: get(&self.quota),
             input_too_large: get(&self.input_too_large),
             admin_token: get(&self.admin_token),
+            auth_token: get(&self.auth_token),
         }
     }
 }
@@ -147,6 +164,9 @@ pub struct Guardrails {
     refusals: Refusals,
     /// Where an admission dropped unsettled settles (the application's background tasks).
     tasks: TaskTracker,
+    /// `AUTH_JWT_*`: who is chatting is what the site signed.
+    verifier: Option<Verifier>,
+    clock: Arc<dyn Clock>,
 }
 
 /// What one call may be: its input (`MAX_INPUT_CHARS`), its output cap (`Config::output_cap`)
@@ -176,6 +196,8 @@ impl Guardrails {
         limits: CallLimits,
         pricing: PriceTable,
         tasks: TaskTracker,
+        verifier: Option<Verifier>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             models,
@@ -187,7 +209,42 @@ impl Guardrails {
             tokens: Arc::default(),
             refusals: Refusals::default(),
             tasks,
+            verifier,
+            clock,
         }
+    }
+
+    /// The algorithm the site's tokens must be signed with, when `AUTH_JWT_*` is set.
+    pub fn identity_algorithm(&self) -> Option<&'static str> {
+        self.verifier.as_ref().map(Verifier::algorithm)
+    }
+
+    /// With `AUTH_JWT_*` set: the identity the request's `Authorization` header proves, or the
+    /// 401. Without: `None` (the body's fields count, unverified).
+    pub fn verify(
+        &self,
+        authorization: Option<&[u8]>,
+    ) -> Result<Option<UserIdentity>, GuardrailError> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(None);
+        };
+        verifier
+            .verify(authorization, self.clock.now().timestamp())
+            .map(Some)
+            .map_err(|e| {
+                self.refusals.auth_token.fetch_add(1, Ordering::Relaxed);
+                e.into()
+            })
+    }
+
+    /// The budget and quota counters (the consumers' table reads what quota is left).
+    pub fn budgets(&self) -> Arc<Budgets> {
+        self.budgets.clone()
+    }
+
+    /// The key a client's rate limits and quotas count against (`rate_key`).
+    pub fn client_key(&self, client: IpAddr) -> IpAddr {
+        rate_key(client, self.rate_limits.ipv6_prefix)
     }
 
     /// Refusals since start-up, by guardrail (`/metrics`, `/api/dashboard`).
@@ -214,6 +271,11 @@ impl Guardrails {
         request: &mut ChatRequest,
         session: Option<&str>,
     ) -> Result<Admission, GuardrailError> {
+        let accounts = self.budgets.accounts(Payer {
+            session,
+            user: Some(&request.user),
+            client: request.client,
+        });
         if let Err(e) = request.check_size(self.limits.max_input_chars) {
             self.refusals
                 .input_too_large
@@ -238,7 +300,7 @@ impl Guardrails {
             (true, None) => Some(PER_REPLY + self.count_each(request).await.iter().sum::<u64>()),
         };
         let mut admission = self
-            .admit(session, &request.model, prompt, cap, request.stream)
+            .admit(accounts, &request.model, prompt, cap, request.stream)
             .await?;
         admission.history_trimmed = trimmed;
         Ok(admission)
@@ -299,14 +361,14 @@ impl Guardrails {
     /// billed): the same prompt, reserved again under `model`.
     pub async fn admit_again(
         &self,
-        session: Option<&str>,
+        accounts: Accounts,
         model: &str,
         prompt_tokens: u64,
         stream: bool,
     ) -> Result<Admission, GuardrailError> {
         let prompt = self.budgets.any().then_some(prompt_tokens);
         let cap = self.limits.output_cap.map(u64::from);
-        self.admit(session, model, prompt, cap, stream).await
+        self.admit(accounts, model, prompt, cap, stream).await
     }
 
     /// `GET /api/openai/test` (it spends money too): reserved and settled like a chat, with a
@@ -320,15 +382,21 @@ impl Guardrails {
             .budgets
             .any()
             .then(|| self.count_prompt(model, messages));
-        self.admit(None, model, prompt, Some(TEST_OUTPUT_TOKENS), false)
-            .await
+        self.admit(
+            Accounts::default(),
+            model,
+            prompt,
+            Some(TEST_OUTPUT_TOKENS),
+            false,
+        )
+        .await
     }
 
     /// The budget reservation of `prompt` tokens (counted when a budget is set) plus the most
     /// answer tokens up to `cap` that every budget has room for.
     async fn admit(
         &self,
-        session: Option<&str>,
+        accounts: Accounts,
         model: &str,
         prompt: Option<u64>,
         cap: Option<u64>,
@@ -341,7 +409,7 @@ impl Guardrails {
                 let min = u64::from(self.limits.min_output);
                 (
                     prompt,
-                    self.reserve(session, model, prompt, min, max).await?,
+                    self.reserve(&accounts, model, prompt, min, max).await?,
                 )
             }
             None => (0, Reservation::default()),
@@ -353,6 +421,7 @@ impl Guardrails {
         };
         Ok(Admission::new(
             self.budgets.clone(),
+            accounts,
             reservation,
             self.tasks.clone(),
             prompt_tokens,
@@ -445,18 +514,22 @@ impl Guardrails {
     /// Reserves a call's spend (see `budget.rs`).
     async fn reserve(
         &self,
-        session: Option<&str>,
+        accounts: &Accounts,
         model: &str,
         prompt_tokens: u64,
         min_output: u64,
         max_output: u64,
     ) -> Result<Reservation, GuardrailError> {
         self.budgets
-            .reserve(session, model, prompt_tokens, min_output, max_output)
+            .reserve(accounts, model, prompt_tokens, min_output, max_output)
             .await
             .map_err(|denied| match denied {
                 BudgetDenied::Spent(spent) => {
                     self.refusals.budget.fetch_add(1, Ordering::Relaxed);
+                    spent.into()
+                }
+                BudgetDenied::Quota(spent) => {
+                    self.refusals.quota.fetch_add(1, Ordering::Relaxed);
                     spent.into()
                 }
                 BudgetDenied::Unavailable => GuardrailError::StateUnavailable,

@@ -12,6 +12,7 @@
 //! its own module and in Docs/SCALING.md.
 
 mod budget;
+mod consumers;
 mod rate;
 mod sessions;
 mod usage;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use budget::RedisBudgetStore;
+pub use consumers::RedisConsumerStore;
 pub use rate::RedisRateLimits;
 pub use sessions::RedisSessionStore;
 pub use usage::RedisUsageStore;

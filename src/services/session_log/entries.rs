@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::Line;
 use crate::clock::{date, timestamp};
-use crate::domain::TokenUsage;
+use crate::domain::{TokenUsage, UserIdentity};
 
 #[derive(Serialize)]
 struct ProjectInit {
@@ -55,6 +55,11 @@ struct ChatUsage<'a> {
     /// Only when history turns were dropped to fit the model's window (`HISTORY_TRIM`).
     #[serde(skip_serializing_if = "is_zero")]
     history_trimmed: usize,
+    /// Only with a verified identity (`AUTH_JWT_*`): who chatted, as the site's token says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_guest: Option<bool>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -122,14 +127,18 @@ pub fn chat_usage(
     model: &str,
     usage: &TokenUsage,
     history_trimmed: usize,
+    user: &UserIdentity,
     at: &DateTime<Local>,
 ) -> Line {
+    let verified = user.verified;
     let value = ChatUsage {
         model,
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         total_tokens: usage.total_tokens,
         history_trimmed,
+        username: verified.then_some(user.username.as_str()),
+        is_guest: verified.then_some(user.is_guest),
     };
     Line::new(
         date(at),

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use crate::domain::TokenUsage;
 use crate::domain::pricing::PriceTable;
+use crate::services::consumers::ConsumerUsage;
 use crate::services::guardrails::BudgetReport;
 
 pub use activity::ChatsPerMinute;
@@ -154,6 +155,7 @@ impl UsageStats {
             estimated_usage,
             budget: None,
             by_upstream: None,
+            user: None,
         }
     }
 }
@@ -196,6 +198,9 @@ pub struct UsageReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<std::collections::BTreeMap<String, UpstreamUsage>>)]
     pub by_upstream: Option<IndexMap<String, UpstreamUsage>>,
+    /// Only with `?username=`: that user's usage today (behind `ADMIN_TOKEN` when set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<ConsumerUsage>,
 }
 
 /// One upstream's share (`by_upstream`), since start-up, on this replica.
