@@ -28,6 +28,7 @@ mod papita_client;
 mod papita_spool;
 mod papita_usage;
 mod ports;
+mod quotas;
 mod redis_server;
 mod session_log;
 mod sessions;
