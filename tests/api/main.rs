@@ -23,6 +23,7 @@ mod faults;
 mod guardrails;
 mod health;
 mod http_errors;
+mod identity;
 mod openai_routes;
 mod papita_client;
 mod papita_spool;
