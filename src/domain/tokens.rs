@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Deserialize;
 use tiktoken_rs::CoreBPE;
@@ -35,6 +36,9 @@ pub enum Tokenizer {
     /// No known encoding: UTF-8 bytes, an upper bound.
     Bytes,
 }
+
+static O200K_LOADED: AtomicBool = AtomicBool::new(false);
+static CL100K_LOADED: AtomicBool = AtomicBool::new(false);
 
 impl Tokenizer {
     /// The encoding of OpenAI's model families; `Bytes` for anything else.
@@ -67,10 +71,24 @@ impl Tokenizer {
     }
 
     fn encoding(self) -> Option<&'static CoreBPE> {
+        let (encoding, loaded) = match self {
+            Self::O200kBase => (tiktoken_rs::o200k_base_singleton(), &O200K_LOADED),
+            Self::Cl100kBase => (tiktoken_rs::cl100k_base_singleton(), &CL100K_LOADED),
+            Self::Bytes => return None,
+        };
+        loaded.store(true, Ordering::Relaxed);
+        Some(encoding)
+    }
+
+    /// Whether counting needs no encoding loaded first. The first use of an encoding builds it
+    /// (tens of milliseconds in a release build, far longer in a debug one); done on an async
+    /// worker, that stalls every request sharing the worker, long enough for a Redis call to
+    /// time out and the shared state to be declared down.
+    pub fn is_ready(self) -> bool {
         match self {
-            Self::O200kBase => Some(tiktoken_rs::o200k_base_singleton()),
-            Self::Cl100kBase => Some(tiktoken_rs::cl100k_base_singleton()),
-            Self::Bytes => None,
+            Self::O200kBase => O200K_LOADED.load(Ordering::Relaxed),
+            Self::Cl100kBase => CL100K_LOADED.load(Ordering::Relaxed),
+            Self::Bytes => true,
         }
     }
 

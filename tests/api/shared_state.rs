@@ -505,3 +505,46 @@ async fn a_high_limit_leased_in_blocks_is_never_exceeded_across_replicas() {
         .unwrap();
     assert!(counted >= 1000 && counted % 10 == 0, "{counted}");
 }
+
+/// Quotas and the consumers' figures are shared by the replicas on Redis: 30 chats of one user
+/// spread over two replicas stay within one quota, and either replica reports the same exact
+/// figures (issue 28).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_quota_and_the_top_consumers_are_shared_by_two_replicas() {
+    const QUOTA: u64 = 3_000;
+    let redis = RedisServer::start().await;
+    let apps = replicas(2, &redis.url(), |c, openai, _| {
+        c.guardrails.budget.quota.user = Some(QUOTA);
+        openai.set_default(crate::mock_openai::Reply::Counted(
+            crate::mock_openai::Counted::long(700),
+        ));
+    })
+    .await;
+    let body = json!({"message": "a story", "username": "alice", "isGuest": false});
+    let chats = (0..30).map(|i| apps[i % 2].post_chat(&body));
+    let responses = futures_util::future::join_all(chats).await;
+    let ok = responses.iter().filter(|r| r.status() == 200).count();
+    let refused = responses.iter().filter(|r| r.status() == 429).count();
+    assert_eq!(ok + refused, 30);
+    let billed: u64 = apps.iter().map(|a| a.openai.billed()).sum();
+    assert!(
+        billed <= QUOTA,
+        "billed {billed} of one quota {QUOTA}; {}",
+        crate::helpers::captured_logs()
+            .lines()
+            .filter(|l| l.contains("edis"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(ok >= 3, "{ok}");
+    for app in &apps {
+        let seen = usage(app, "?username=alice").await;
+        assert_eq!(seen["user"]["tokens"], billed, "{seen}");
+        assert_eq!(seen["user"]["requests"], ok as u64);
+        assert_eq!(seen["user"]["quota_left"], QUOTA - billed);
+        let board: Value = app.get("/api/dashboard").await.json().await.unwrap();
+        assert_eq!(board["consumers"][0]["name"], "alice", "{board}");
+        assert_eq!(board["consumers"][0]["tokens"], billed);
+    }
+}

@@ -430,12 +430,13 @@ impl Guardrails {
         ))
     }
 
-    /// Each message's tokens with its overhead. A large prompt is counted on a blocking thread,
-    /// so counting it never holds up the requests that share this one.
+    /// Each message's tokens with its overhead. A large prompt, or the first with an encoding
+    /// not yet loaded, is counted on a blocking thread, so counting it never holds up the
+    /// requests that share this one.
     async fn count_each(&self, request: &mut ChatRequest) -> Vec<u64> {
         let tokenizer = self.pricing.tokenizer(&request.model);
         let bytes: usize = request.messages.iter().map(|m| m.content.len()).sum();
-        if bytes <= COUNT_INLINE_BYTES {
+        if bytes <= COUNT_INLINE_BYTES && tokenizer.is_ready() {
             return self.tokens.per_message(tokenizer, &request.messages);
         }
         let (tokens, messages) = (self.tokens.clone(), std::mem::take(&mut request.messages));
