@@ -29,7 +29,7 @@ use crate::services::guardrails::{
     BudgetStore, Budgets, CallLimits, Guardrails, MemoryBudgetStore, MemoryRateLimits, ModelPolicy,
     RateLimitStore,
 };
-use crate::services::identity::Verifier;
+use crate::services::identity::{SiteIdentity, Verifier};
 use crate::services::openai::OpenAiService;
 use crate::services::papita::{PapitaClient, UsageReporter};
 use crate::services::redis::{
@@ -372,11 +372,12 @@ fn guardrails(
         clock.clone(),
     );
     // The key was checked when the configuration was read.
-    let verifier = settings
+    let identity = settings
         .jwt
         .as_ref()
-        .and_then(|key| Verifier::new(key).ok());
-    Guardrails::new(
+        .and_then(|key| Verifier::new(key).ok())
+        .map(|verifier| SiteIdentity::new(verifier, clock.clone()));
+    let guardrails = Guardrails::new(
         models,
         rate,
         settings.rate,
@@ -389,9 +390,11 @@ fn guardrails(
         },
         config.pricing.clone(),
         tasks,
-        verifier,
-        clock,
-    )
+    );
+    match identity {
+        Some(identity) => guardrails.with_identity(identity),
+        None => guardrails,
+    }
 }
 
 /// The session starts still within `SESSION_MAX_AGE_HOURS`, read once from the log files of the

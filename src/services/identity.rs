@@ -13,6 +13,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use crate::clock::Clock;
 use crate::config::JwtKey;
 use crate::domain::UserIdentity;
 use crate::domain::identifier::check_optional;
@@ -53,6 +56,28 @@ struct Claims {
     /// Seconds since the epoch (NumericDate may have a fraction).
     exp: Option<f64>,
     nbf: Option<f64>,
+}
+
+/// The verifier with the clock it checks `exp` and `nbf` against.
+pub struct SiteIdentity {
+    verifier: Verifier,
+    clock: Arc<dyn Clock>,
+}
+
+impl SiteIdentity {
+    pub fn new(verifier: Verifier, clock: Arc<dyn Clock>) -> Self {
+        Self { verifier, clock }
+    }
+
+    pub fn algorithm(&self) -> &'static str {
+        self.verifier.algorithm()
+    }
+
+    /// The identity an `Authorization` header's value proves, now.
+    pub fn verify(&self, authorization: Option<&[u8]>) -> Result<UserIdentity, AuthError> {
+        self.verifier
+            .verify(authorization, self.clock.now().timestamp())
+    }
 }
 
 pub struct Verifier {

@@ -168,6 +168,7 @@ async fn the_dashboard_draws_the_figures_of_the_usage_endpoint() {
     let app = spawn_app_with(|c, _, _| {
         c.guardrails.admin_token = Some("dash-token".into());
         c.guardrails.budget.daily_usd = Some(5.0);
+        c.guardrails.budget.quota.user = Some(10_000);
     })
     .await;
     app.openai.enqueue(Reply::text("one", 1000, 400));
@@ -176,10 +177,14 @@ async fn the_dashboard_draws_the_figures_of_the_usage_endpoint() {
     let id = app.start_session_id().await;
     chat(
         &app,
-        json!({"message": "a", "model": "gpt-4o-mini", "sessionId": id}),
+        json!({"message": "a", "model": "gpt-4o-mini", "sessionId": id, "username": "ana", "isGuest": false}),
     )
     .await;
-    chat(&app, json!({"message": "b", "model": "gpt-4o-mini"})).await;
+    chat(
+        &app,
+        json!({"message": "b", "model": "gpt-4o-mini", "username": "ana", "isGuest": false}),
+    )
+    .await;
     chat(&app, json!({"message": "c", "sessionId": id})).await;
     let stopped = app
         .post_json("/api/session/stop", &json!({"session_id": id}))
@@ -248,6 +253,35 @@ async fn the_dashboard_draws_the_figures_of_the_usage_endpoint() {
     assert_eq!(row[0], id.as_str());
     assert!(row[3].as_str().unwrap().ends_with(" s"), "{row:?}");
     assert!(seen["health"].as_str().unwrap().contains("Papita"));
+    // Today's top consumers: ana (two chats, 3,500 tokens) before the guest at 127.0.0.1.
+    let board: Value = app
+        .client
+        .get(format!("{}/api/dashboard", app.url))
+        .bearer_auth("dash-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let consumers = seen["consumers"].as_array().unwrap();
+    assert_eq!(consumers.len(), 2, "{consumers:?}");
+    assert_eq!(
+        consumers[0],
+        json!([
+            "ana",
+            "3,500",
+            "2",
+            format!(
+                "${:.4}",
+                board["consumers"][0]["cost_usd"].as_f64().unwrap()
+            ),
+            "6,500"
+        ])
+    );
+    assert_eq!(consumers[1][0], "guest 127.0.0.*");
+    assert_eq!(consumers[1][1], "350");
+    assert_eq!(consumers[1][4], "no quota");
     assert_eq!(
         seen["refreshedInPlace"], true,
         "refreshed without reloading"

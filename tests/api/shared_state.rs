@@ -455,8 +455,9 @@ async fn every_key_carries_the_prefix_and_per_session_and_daily_keys_expire() {
         } else if key.starts_with("site-a:usage:applied:") {
             // The marker of a chunk handed over: kept only long enough to spot a retry.
             assert!((1..=900).contains(&ttl), "{key}: {ttl}");
-        } else if key.starts_with("site-a:budget:") {
-            // Daily counters (a session's cap is per day too): gone the day after.
+        } else if key.starts_with("site-a:budget:") || key.starts_with("site-a:consumers:") {
+            // Daily counters (a session's cap is per day too) and the day's consumers: gone
+            // the day after.
             assert!((1..=2 * 24 * 3600).contains(&ttl), "{key} expires: {ttl}");
         } else {
             // Sessions, their ledgers, the fallback pointers, id counters, rate counters.
@@ -468,6 +469,7 @@ async fn every_key_carries_the_prefix_and_per_session_and_daily_keys_expire() {
     }
     assert!(keys.iter().any(|k| k.starts_with("site-a:budget:")));
     assert!(keys.iter().any(|k| k.starts_with("site-a:rate:chat:")));
+    assert!(keys.iter().any(|k| k.starts_with("site-a:consumers:")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

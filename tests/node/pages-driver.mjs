@@ -69,6 +69,8 @@ const scenarios = {
       },
       sessions: [...document.querySelectorAll("#sessions tbody tr")].map((tr) =>
         [...tr.cells].map((c) => c.textContent)),
+      consumers: [...document.querySelectorAll("#consumers tbody tr")].map((tr) =>
+        [...tr.cells].map((c) => c.textContent)),
       health: document.getElementById("health").textContent,
       refusals: document.getElementById("refusals").textContent,
       tokenStored: sessionStorage.getItem("al-chat-admin-token") !== null,

@@ -127,6 +127,25 @@ function drawSessions(sessions) {
   }
 }
 
+function drawConsumers(consumers) {
+  const body = $("consumers").tBodies[0];
+  body.replaceChildren();
+  if (consumers.length === 0) {
+    const cell = body.insertRow().insertCell();
+    cell.colSpan = 5;
+    cell.textContent = "No chats today yet.";
+    return;
+  }
+  for (const c of consumers) {
+    const row = body.insertRow();
+    const who = c.kind === "guest" ? `guest ${c.name}` : c.name;
+    const left = c.quota_left == null ? "no quota" : count(c.quota_left);
+    for (const text of [who, count(c.tokens), count(c.requests), usd(c.cost_usd), left]) {
+      row.insertCell().textContent = text;
+    }
+  }
+}
+
 function draw(usage, board) {
   $("total-requests").textContent = count(usage.request_count);
   $("total-tokens").textContent = count(usage.total_tokens);
@@ -158,6 +177,7 @@ function draw(usage, board) {
   ]);
   fillList("refusals", Object.entries(board.refusals).map(([k, v]) => [k.replaceAll("_", " "), count(v)]));
   drawSessions(board.recent_sessions);
+  drawConsumers(board.consumers || []);
   $("updated").textContent = `Last update ${board.timestamp.slice(11, 19)}.`;
 }
 

@@ -23,13 +23,12 @@ pub use budget::{
 pub use models::ModelPolicy;
 pub use rate::{Limited, MemoryRateLimits, RateLimitStore, RateRefusal};
 
-use crate::clock::Clock;
 use crate::config::RateLimits;
 use crate::domain::UserIdentity;
 use crate::domain::pricing::PriceTable;
 use crate::domain::tokens::{PER_REPLY, TokenCounter, prompt_upper_bound};
 use crate::domain::{ChatMessage, ChatRequest, InputError, Role};
-use crate::services::identity::{AuthError, Verifier};
+use crate::services::identity::{AuthError, SiteIdentity};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use tokio_util::task::TaskTracker;
@@ -165,8 +164,7 @@ pub struct Guardrails {
     /// Where an admission dropped unsettled settles (the application's background tasks).
     tasks: TaskTracker,
     /// `AUTH_JWT_*`: who is chatting is what the site signed.
-    verifier: Option<Verifier>,
-    clock: Arc<dyn Clock>,
+    identity: Option<SiteIdentity>,
 }
 
 /// What one call may be: its input (`MAX_INPUT_CHARS`), its output cap (`Config::output_cap`)
@@ -196,8 +194,6 @@ impl Guardrails {
         limits: CallLimits,
         pricing: PriceTable,
         tasks: TaskTracker,
-        verifier: Option<Verifier>,
-        clock: Arc<dyn Clock>,
     ) -> Self {
         Self {
             models,
@@ -209,14 +205,19 @@ impl Guardrails {
             tokens: Arc::default(),
             refusals: Refusals::default(),
             tasks,
-            verifier,
-            clock,
+            identity: None,
         }
+    }
+
+    /// Chats and sessions need the site's token (`AUTH_JWT_*`).
+    pub fn with_identity(mut self, identity: SiteIdentity) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     /// The algorithm the site's tokens must be signed with, when `AUTH_JWT_*` is set.
     pub fn identity_algorithm(&self) -> Option<&'static str> {
-        self.verifier.as_ref().map(Verifier::algorithm)
+        self.identity.as_ref().map(SiteIdentity::algorithm)
     }
 
     /// With `AUTH_JWT_*` set: the identity the request's `Authorization` header proves, or the
@@ -225,16 +226,13 @@ impl Guardrails {
         &self,
         authorization: Option<&[u8]>,
     ) -> Result<Option<UserIdentity>, GuardrailError> {
-        let Some(verifier) = &self.verifier else {
+        let Some(identity) = &self.identity else {
             return Ok(None);
         };
-        verifier
-            .verify(authorization, self.clock.now().timestamp())
-            .map(Some)
-            .map_err(|e| {
-                self.refusals.auth_token.fetch_add(1, Ordering::Relaxed);
-                e.into()
-            })
+        identity.verify(authorization).map(Some).map_err(|e| {
+            self.refusals.auth_token.fetch_add(1, Ordering::Relaxed);
+            e.into()
+        })
     }
 
     /// The budget and quota counters (the consumers' table reads what quota is left).
