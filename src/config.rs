@@ -1375,6 +1375,16 @@ mod tests {
         );
         let budgeted = build(&[("BUDGET_DAILY_TOKENS", "5000")], &[]).unwrap();
         assert_eq!(budgeted.output_cap(), Some(BUDGETED_OUTPUT_TOKENS));
+        // "With any budget or quota set, every upstream call carries an output cap."
+        for quota in [
+            "QUOTA_USER_DAILY_TOKENS",
+            "QUOTA_GUEST_DAILY_TOKENS",
+            "QUOTA_CLIENT_DAILY_TOKENS",
+        ] {
+            let quoted = build(&[(quota, "5000")], &[]).unwrap();
+            assert_eq!(quoted.output_cap(), Some(BUDGETED_OUTPUT_TOKENS), "{quota}");
+            assert!(build(&[(quota, "0")], &[]).is_err(), "{quota}=0");
+        }
         let former = build(&[("BUDGET_ESTIMATE_OUTPUT_TOKENS", "77")], &[]).unwrap();
         assert_eq!(former.output_cap(), Some(77));
         let both = build(

@@ -76,39 +76,69 @@ async fn outcomes(answers: Vec<reqwest::Response>) -> (usize, usize) {
     (ok, refused)
 }
 
-/// 50 concurrent chats of one user against a quota that fits a few: spend never passes the
-/// quota, what was counted is what was billed, whole and streamed.
+/// Which quota a concurrency run sets, and who sends its chats.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    User,
+    Guest,
+    Client,
+}
+
+/// 50 concurrent chats against each kind of quota, set to fit a few: spend never passes the
+/// quota, and what was counted (the consumers' figures, the quota left) is what was billed,
+/// whole and streamed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_quota_holds_exactly_under_50_concurrent_chats_whole_and_streamed() {
+async fn each_quota_holds_exactly_under_50_concurrent_chats_whole_and_streamed() {
     const QUOTA: u64 = 3_000;
-    for stream in [false, true] {
-        let app = spawn_app_with(|c, openai, _| {
-            c.guardrails.budget.quota.user = Some(QUOTA);
-            openai.set_default(Reply::Counted(Counted::long(700)));
-        })
-        .await;
-        let body =
-            json!({"message": "a story", "username": "alice", "isGuest": false, "stream": stream});
-        let answers = join_all((0..50).map(|_| app.post_chat(&body))).await;
-        let (ok, refused) = outcomes(answers).await;
-        assert_eq!(ok + refused, 50);
-        assert!(ok >= 3, "stream {stream}: {ok} answered");
-        let billed = app.openai.billed();
-        assert!(
-            billed <= QUOTA,
-            "stream {stream}: billed {billed} of {QUOTA}"
-        );
-        let alice = user_usage(&app, "alice").await;
-        assert_eq!(alice["tokens"], billed, "stream {stream}: {alice}");
-        assert_eq!(alice["requests"], ok as u64);
-        assert_eq!(alice["quota_left"], QUOTA - billed);
-        // Every call was capped: with a quota there is always an output cap.
-        assert!(
-            app.openai
-                .requests()
-                .iter()
-                .all(|r| crate::mock_openai::sent_cap(&r.body).is_some())
-        );
+    for kind in [Kind::User, Kind::Guest, Kind::Client] {
+        for stream in [false, true] {
+            let app = spawn_app_with(|c, openai, _| {
+                let quota = &mut c.guardrails.budget.quota;
+                match kind {
+                    Kind::User => quota.user = Some(QUOTA),
+                    Kind::Guest => quota.guest = Some(QUOTA),
+                    Kind::Client => quota.client = Some(QUOTA),
+                }
+                openai.set_default(Reply::Counted(Counted::long(700)));
+            })
+            .await;
+            let body = |i: usize| match kind {
+                Kind::User => {
+                    json!({"message": "a story", "username": "alice", "isGuest": false, "stream": stream})
+                }
+                Kind::Guest => {
+                    json!({"message": "a story", "username": format!("g{i}"), "isGuest": true, "stream": stream})
+                }
+                // One address, five claimed names.
+                Kind::Client => {
+                    json!({"message": "a story", "username": format!("u{}", i % 5), "isGuest": false, "stream": stream})
+                }
+            };
+            let answers = join_all((0..50).map(|i| app.post_chat(&body(i)))).await;
+            let (ok, refused) = outcomes(answers).await;
+            let run = format!("{kind:?} quota, stream {stream}");
+            assert_eq!(ok + refused, 50, "{run}");
+            assert!(ok >= 3, "{run}: {ok} answered");
+            let billed = app.openai.billed();
+            assert!(billed <= QUOTA, "{run}: billed {billed} of {QUOTA}");
+            let consumers = dashboard(&app).await["consumers"].clone();
+            let rows = consumers.as_array().unwrap();
+            let sum = |field: &str| rows.iter().map(|c| c[field].as_u64().unwrap()).sum::<u64>();
+            assert_eq!(sum("tokens"), billed, "{run}: {consumers}");
+            assert_eq!(sum("requests"), ok as u64, "{run}: {consumers}");
+            if !matches!(kind, Kind::Client) {
+                assert_eq!(rows.len(), 1, "{run}: {consumers}");
+                assert_eq!(rows[0]["quota_left"], QUOTA - billed, "{run}");
+            }
+            // Every call was capped: with a quota there is always an output cap.
+            assert!(
+                app.openai
+                    .requests()
+                    .iter()
+                    .all(|r| crate::mock_openai::sent_cap(&r.body).is_some()),
+                "{run}"
+            );
+        }
     }
 }
 

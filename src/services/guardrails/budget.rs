@@ -685,6 +685,40 @@ mod tests {
         assert!(store.counters.lock().unwrap().sessions.len() <= 100);
     }
 
+    /// 20,000 invented usernames through a store that keeps 100 quota counters: neither the
+    /// day's counter nor a session's is pushed out, and the quota counters stay bounded.
+    #[test]
+    fn twenty_thousand_usernames_evict_only_the_oldest_quota_counters() {
+        let store = MemoryBudgetStore::new(100, 100);
+        store.adjust_now(&[("2026-12-07|session|s1".into(), 5.0)]);
+        for i in 0..20_000 {
+            let charges = [
+                tokens("2026-12-07|tokens", 1.0, 1e12),
+                tokens(&format!("2026-12-07|user|u{i}"), 1.0, 1_000.0),
+            ];
+            store.reserve_now(&charges, 0, 0).unwrap();
+        }
+        assert_eq!(store.spent_now("2026-12-07|tokens"), 20_000.0);
+        assert_eq!(store.spent_now("2026-12-07|session|s1"), 5.0);
+        let counters = store.counters.lock().unwrap();
+        assert_eq!(counters.consumers.len(), 100);
+        assert!(counters.consumers.contains_key("2026-12-07|user|u19999"));
+        assert!(!counters.consumers.contains_key("2026-12-07|user|u0"));
+    }
+
+    #[test]
+    fn counters_are_classed_by_the_word_after_the_date() {
+        assert_eq!(key_class("2026-12-07|tokens"), KeyClass::Day);
+        assert_eq!(key_class("2026-12-07|usd"), KeyClass::Day);
+        assert_eq!(key_class("2026-12-07|session|a|user|b"), KeyClass::Session);
+        assert_eq!(key_class("2026-12-07|user|x|session|y"), KeyClass::Consumer);
+        assert_eq!(
+            key_class("2026-12-07|guest|203.0.113.9"),
+            KeyClass::Consumer
+        );
+        assert_eq!(key_class("2026-12-07|client|::1"), KeyClass::Consumer);
+    }
+
     #[test]
     fn the_answer_gets_the_room_left_and_at_least_the_minimum() {
         let c = [tokens("d", 100.0, 1_000.0)];
