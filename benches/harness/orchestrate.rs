@@ -199,6 +199,11 @@ fn chat_with_history(turns: usize, turn_bytes: usize) -> String {
 
 /// Sends `body` to `url` `n` times, one after another on one connection; the statuses seen.
 fn send_chats(url: &str, body: &str, n: usize) -> Vec<u16> {
+    send_chats_as(url, body, n, None)
+}
+
+/// `send_chats` with `Authorization: Bearer <bearer>` (a site token, `AUTH_JWT_*`).
+fn send_chats_as(url: &str, body: &str, n: usize, bearer: Option<&str>) -> Vec<u16> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -207,12 +212,14 @@ fn send_chats(url: &str, body: &str, n: usize) -> Vec<u16> {
         let client = reqwest::Client::new();
         let mut statuses = Vec::with_capacity(n);
         for _ in 0..n {
-            let sent = client
+            let mut request = client
                 .post(url)
                 .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await;
+                .body(body.to_string());
+            if let Some(token) = bearer {
+                request = request.bearer_auth(token);
+            }
+            let sent = request.send().await;
             statuses.push(sent.map_or(0, |r| r.status().as_u16()));
         }
         statuses
@@ -229,6 +236,18 @@ fn instructions_per_chat(
     extra: &[(&str, &str)],
     body: &str,
     n: usize,
+) -> f64 {
+    instructions_per_chat_as(upstream, dir, extra, body, n, None)
+}
+
+/// `instructions_per_chat` with every chat carrying `bearer` (a site token).
+fn instructions_per_chat_as(
+    upstream: &str,
+    dir: &Path,
+    extra: &[(&str, &str)],
+    body: &str,
+    n: usize,
+    bearer: Option<&str>,
 ) -> f64 {
     let papita = start_self(&["mock".into(), free_port().to_string(), "0".into()]);
     let port = free_port();
@@ -255,7 +274,11 @@ fn instructions_per_chat(
     let al_chat = Server { child, port };
     wait_listening(port);
     let url = format!("{}/api/chat", al_chat.url());
-    assert_eq!(send_chats(&url, body, 1), [200], "the first chat");
+    assert_eq!(
+        send_chats_as(&url, body, 1, bearer),
+        [200],
+        "the first chat"
+    );
     let control = |flag: &str| {
         // vgdb finds the process by a file named after its USER and HOST: give it the same
         // (cleared) environment the service runs with.
@@ -271,7 +294,7 @@ fn instructions_per_chat(
         assert!(status.success(), "callgrind_control {flag}");
     };
     control("-z");
-    let statuses = send_chats(&url, body, n);
+    let statuses = send_chats_as(&url, body, n, bearer);
     assert!(
         statuses.iter().all(|s| *s == 200),
         "every chat answered: {statuses:?}"
@@ -697,6 +720,31 @@ pub fn run() {
                 more * 100.0
             ),
             verdict(more <= 0.05, "at most 5 % more"),
+        );
+        // User quotas and a verified identity on top of the budget: a site token (HS256) on
+        // every chat, checked, and the user's quota counter reserved with the day's.
+        let secret = "bench-secret-of-at-least-thirty-two-bytes!";
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"sub": "bench", "guest": false, "exp": 4_102_444_800u64}),
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("a token");
+        let quota = [
+            ("BUDGET_DAILY_TOKENS", "1000000000"),
+            ("QUOTA_USER_DAILY_TOKENS", "1000000000"),
+            ("AUTH_JWT_SECRET", secret),
+        ];
+        let verified =
+            instructions_per_chat_as(&upstream, tmp.path(), &quota, &typical, n, Some(&token));
+        let more = verified / budgeted - 1.0;
+        row(
+            "11. the budget of row 9 plus user quotas and a site token (JWT, HS256) on every chat: instructions per chat",
+            format!(
+                "{verified:.0} against {budgeted:.0} with the budget alone ({:+.1} %)",
+                more * 100.0
+            ),
+            verdict(more <= 0.05, "within 5 % of row 9"),
         );
         let long = chat_with_history(100, 1_000);
         let long_plain = instructions_per_chat(&upstream, tmp.path(), &[], &long, n / 5);
