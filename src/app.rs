@@ -199,16 +199,15 @@ impl Application {
             redis.as_ref(),
             background.clone(),
         ));
-        let consumer_store: Arc<dyn ConsumerStore> = {
-            let local = MemoryConsumerStore::new(config.guardrails.quota_max_tracked);
-            match &redis {
-                Some(shared) => Arc::new(RedisConsumerStore::new(
-                    shared.clone(),
-                    local,
-                    config.guardrails.quota_max_tracked,
-                )),
-                None => Arc::new(local),
-            }
+        let tracked = config.guardrails.quota_max_tracked;
+        let consumer_store: Arc<dyn ConsumerStore> = match &redis {
+            Some(shared) => Arc::new(RedisConsumerStore::new(
+                shared.clone(),
+                tracked,
+                &background,
+                shutdown.clone(),
+            )),
+            None => Arc::new(MemoryConsumerStore::new(tracked)),
         };
         let consumers = Arc::new(Consumers::new(
             consumer_store,

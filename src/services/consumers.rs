@@ -89,6 +89,13 @@ impl MemoryConsumerStore {
         rows.into_iter().map(|(k, t)| (k.clone(), *t)).collect()
     }
 
+    /// Everything held, and the day it is of, leaving the store empty (a batch for Redis).
+    pub fn take(&self) -> (String, Vec<(String, ConsumerTally)>) {
+        let mut guard = self.day.lock().unwrap_or_else(|e| e.into_inner());
+        let rows = std::mem::take(&mut guard.1).into_iter().collect();
+        (guard.0.clone(), rows)
+    }
+
     pub fn one_now(&self, day: &str, key: &str) -> ConsumerTally {
         let guard = self.day.lock().unwrap_or_else(|e| e.into_inner());
         match guard.0 == day {

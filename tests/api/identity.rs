@@ -320,4 +320,17 @@ fn a_key_that_cannot_verify_stops_the_start_without_showing_it() {
     .to_string();
     assert!(both.contains("not both"), "{both}");
     assert!(load(&[("AUTH_JWT_PUBLIC_KEY", ES_PUBLIC)]).is_ok());
+    // A path to a .pem file works as well as the text.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.pem");
+    std::fs::write(&path, RS_PUBLIC).unwrap();
+    let from_file = load(&[("AUTH_JWT_PUBLIC_KEY", path.to_str().unwrap())]).unwrap();
+    assert!(matches!(from_file.guardrails.jwt, Some(JwtKey::PublicPem(pem)) if pem == RS_PUBLIC));
+    let missing = load(&[("AUTH_JWT_PUBLIC_KEY", "/nonexistent/site.pem")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("neither PEM text nor a readable file"),
+        "{missing}"
+    );
 }
