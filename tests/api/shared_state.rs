@@ -310,6 +310,20 @@ async fn redis_killed_mid_run_fails_no_chat_hangs_no_request_and_state_resumes()
     )
     .await;
     assert_eq!(usage(&apps[1], "").await["total_tokens"], 300);
+    // So are today's consumers (handed over in batches, retried with their op): the guest at
+    // 127.0.0.1 made all 30 chats, counted once each.
+    let board = |app: &TestApp| {
+        let request = app.get("/api/dashboard");
+        async move { request.await.json::<Value>().await.unwrap()["consumers"].clone() }
+    };
+    eventually_seeing(
+        "both replicas to show the guest's 30 chats",
+        Duration::from_secs(5),
+        || async { (board(&apps[0]).await, board(&apps[1]).await) },
+        |(a, b)| a[0]["requests"] == 30 && a == b,
+    )
+    .await;
+    assert_eq!(board(&apps[0]).await[0]["tokens"], 300);
     assert_eq!(
         ready(&apps[1]).await["checks"]["shared_state"]["status"],
         "ok"
