@@ -254,16 +254,7 @@ async fn the_dashboard_draws_the_figures_of_the_usage_endpoint() {
     assert!(row[3].as_str().unwrap().ends_with(" s"), "{row:?}");
     assert!(seen["health"].as_str().unwrap().contains("Papita"));
     // Today's top consumers: ana (two chats, 3,500 tokens) before the guest at 127.0.0.1.
-    let board: Value = app
-        .client
-        .get(format!("{}/api/dashboard", app.url))
-        .bearer_auth("dash-token")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let board = app.get_json("/api/dashboard", Some("dash-token")).await;
     let consumers = seen["consumers"].as_array().unwrap();
     assert_eq!(consumers.len(), 2, "{consumers:?}");
     assert_eq!(

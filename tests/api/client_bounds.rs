@@ -342,16 +342,7 @@ async fn ready_shows_paths_and_hosts_only_with_the_admin_token() {
     let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["status"], "ready");
     assert_eq!(body["checks"]["session_log"], json!({"status": "ok"}));
-    let operator: Value = app
-        .client
-        .get(format!("{}/api/ready", app.url))
-        .bearer_auth("t0ken")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let operator = app.get_json("/api/ready", Some("t0ken")).await;
     assert_eq!(operator["checks"]["session_log"]["dir"], dir.as_str());
 }
 

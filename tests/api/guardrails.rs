@@ -7,21 +7,13 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, error_of, eventually, local, manual_clock, spawn_app, spawn_app_with,
+    TestApp, error_of, eventually, local, manual_clock, retry_after, spawn_app, spawn_app_with,
     spawn_app_with_clock,
 };
 use crate::mock_openai::{Counted, Reply, StreamScript};
 
 async fn usage(app: &TestApp) -> Value {
     app.get("/api/openai/usage").await.json().await.unwrap()
-}
-
-fn retry_after(r: &reqwest::Response) -> u64 {
-    r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test]

@@ -190,6 +190,28 @@ impl TestApp {
         read_log(&self.log_dir, date)
     }
 
+    /// The first `chat_usage` line of today's log, once it is written.
+    pub async fn first_chat_usage_line(&self) -> Value {
+        let date = chrono::Local::now().format("%Y-%m-%d").to_string();
+        let find = || {
+            self.log_lines(&date)
+                .into_iter()
+                .find(|l| l["metric_name"] == "chat_usage")
+        };
+        eventually("a chat_usage line", || find().is_some()).await;
+        find().unwrap_or_default()
+    }
+
+    /// `GET path` as JSON, with `Authorization: Bearer <token>` when one is given.
+    pub async fn get_json(&self, path: &str, token: Option<&str>) -> Value {
+        let mut request = self.client.get(format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("request sent");
+        response.json().await.expect("a JSON answer")
+    }
+
     /// Stops the app as SIGTERM would, and waits until it has exited.
     pub async fn shutdown(&mut self) {
         self.trigger_shutdown();
@@ -253,6 +275,15 @@ pub async fn eventually_within(what: &str, within: Duration, mut check: impl FnM
         poll.tick().await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// A response's `Retry-After`, in seconds.
+pub fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// Polls the async `probe` until `done` holds of what it returned, and returns that. Fails after

@@ -210,35 +210,16 @@ async fn the_token_wins_over_the_body_in_the_log_the_papita_record_and_the_quota
     assert_eq!(record["username"], "alice", "{record}");
     assert_eq!(record["isGuest"], false, "{record}");
 
-    let date = chrono::Local::now().format("%Y-%m-%d").to_string();
-    eventually("the chat_usage line", || {
-        app.log_lines(&date)
-            .iter()
-            .any(|l| l["metric_name"] == "chat_usage")
-    })
-    .await;
-    let line = app
-        .log_lines(&date)
-        .into_iter()
-        .find(|l| l["metric_name"] == "chat_usage")
-        .unwrap();
+    let line = app.first_chat_usage_line().await;
     assert_eq!(line["metric_value"]["username"], "alice", "{line}");
     assert_eq!(line["metric_value"]["is_guest"], false, "{line}");
 
-    let usage: Value = app
-        .get("/api/openai/usage?username=alice")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let usage = app.get_json("/api/openai/usage?username=alice", None).await;
     assert_eq!(usage["user"]["tokens"], 18);
     assert_eq!(usage["user"]["quota_left"], 100_000 - 18);
-    let mallory: Value = app
-        .get("/api/openai/usage?username=mallory")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let mallory = app
+        .get_json("/api/openai/usage?username=mallory", None)
+        .await;
     assert_eq!(
         mallory["user"]["requests"], 0,
         "the body's claim counted nothing"
@@ -253,31 +234,20 @@ async fn without_a_key_nothing_needs_a_token_and_the_log_is_unchanged() {
     let session = app.start_session_id().await;
     let body = json!({"message": "hi", "username": "ana", "isGuest": false, "sessionId": session});
     assert_eq!(chat_with(&app, None, &body).await.0, 200);
-    let date = chrono::Local::now().format("%Y-%m-%d").to_string();
-    eventually("the chat_usage line", || {
-        app.log_lines(&date)
-            .iter()
-            .any(|l| l["metric_name"] == "chat_usage")
-    })
-    .await;
-    let line = app
-        .log_lines(&date)
-        .into_iter()
-        .find(|l| l["metric_name"] == "chat_usage")
-        .unwrap();
+    let line = app.first_chat_usage_line().await;
     assert_eq!(
         line["metric_value"],
         json!({"model": "gpt-3.5-turbo", "prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18})
     );
     // The OpenAPI document has no bearer scheme for chats.
-    let doc: Value = app.get("/api/openapi.json").await.json().await.unwrap();
+    let doc = app.get_json("/api/openapi.json", None).await;
     assert!(doc["paths"]["/api/chat"]["post"].get("security").is_none());
 }
 
 #[tokio::test]
 async fn the_openapi_document_names_the_bearer_scheme_when_identity_is_on() {
     let app = spawn_app_with(|c, _, _| with_secret(c)).await;
-    let doc: Value = app.get("/api/openapi.json").await.json().await.unwrap();
+    let doc = app.get_json("/api/openapi.json", None).await;
     let scheme = &doc["components"]["securitySchemes"]["site_token"];
     assert_eq!(scheme["scheme"], "bearer", "{scheme}");
     assert_eq!(scheme["bearerFormat"], "JWT");

@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, error_of, local, manual_clock, spawn_app_with, spawn_app_with_clock,
+    TestApp, error_of, local, manual_clock, retry_after, spawn_app_with, spawn_app_with_clock,
 };
 use crate::mock_openai::{Counted, Reply, StreamScript};
 
@@ -28,25 +28,12 @@ fn chat_from(
 
 /// `GET /api/openai/usage?username=`'s `user`.
 async fn user_usage(app: &TestApp, username: &str) -> Value {
-    let report: Value = app
-        .get(&format!("/api/openai/usage?username={username}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    report["user"].clone()
+    let path = format!("/api/openai/usage?username={username}");
+    app.get_json(&path, None).await["user"].clone()
 }
 
 async fn dashboard(app: &TestApp) -> Value {
-    app.get("/api/dashboard").await.json().await.unwrap()
-}
-
-fn retry_after(r: &reqwest::Response) -> u64 {
-    r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
+    app.get_json("/api/dashboard", None).await
 }
 
 /// Whether every answer was a 200 or a quota's 429 (a stream refused before it opens is a 429
@@ -279,16 +266,7 @@ async fn the_dashboard_lists_the_top_20_consumers_and_one_users_usage_needs_the_
             assert_eq!(app.post_chat(&body).await.status(), 200);
         }
     }
-    let board: Value = app
-        .client
-        .get(format!("{}/api/dashboard", app.url))
-        .bearer_auth("adm1n")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let board = app.get_json("/api/dashboard", Some("adm1n")).await;
     let consumers = board["consumers"].as_array().unwrap();
     assert_eq!(consumers.len(), 20);
     let tokens: Vec<u64> = consumers
@@ -303,16 +281,9 @@ async fn the_dashboard_lists_the_top_20_consumers_and_one_users_usage_needs_the_
 
     let open = app.get("/api/openai/usage?username=user2").await;
     assert_eq!(open.status(), 401, "one user's usage is the operator's");
-    let seen: Value = app
-        .client
-        .get(format!("{}/api/openai/usage?username=user2", app.url))
-        .bearer_auth("adm1n")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let seen = app
+        .get_json("/api/openai/usage?username=user2", Some("adm1n"))
+        .await;
     assert_eq!(seen["user"]["name"], "user2");
     assert_eq!(seen["user"]["tokens"], 45_000);
     assert_eq!(seen["user"]["requests"], 3);

@@ -4,7 +4,7 @@
 //! (the top stays exact).
 //!
 //! A chat never waits on Redis for this: its figures go into a local buffer, handed over in one
-//! script call per batch (at most `BATCH_WINDOW` after the first chat of the batch), as usage
+//! script call per batch (`Batcher`: at most 10 ms after the first chat of the batch), as usage
 //! figures are. A batch whose call failed (perhaps after Redis ran it) is retried with the same
 //! `op`, which Redis remembers having applied, so nothing counts twice. While Redis is down the
 //! buffer holds this replica's figures (bounded like the in-process store) and reads fall back
@@ -12,15 +12,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::Script;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Redis;
+use super::{Batched, Batcher, Redis, spawn_flusher};
 use crate::services::consumers::{ConsumerStore, ConsumerTally, MemoryConsumerStore};
 
 /// KEYS: the `op` marker, tokens (sorted set), requests, cost (hashes). ARGV: TTL, most members
@@ -46,8 +44,6 @@ return 1
 ";
 
 const TTL_SECS: u64 = 2 * 24 * 3600;
-/// A batch's first chat waits at most this long to reach Redis.
-const BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// Consumers sent in one script call at most.
 const ROWS_PER_CALL: usize = 256;
 /// How long Redis remembers an applied batch (a retry comes within seconds of it answering).
@@ -70,7 +66,7 @@ pub struct RedisConsumerStore {
     max: usize,
     nonce: u64,
     next_op: AtomicU64,
-    wake: Notify,
+    batcher: Batcher,
 }
 
 impl RedisConsumerStore {
@@ -92,28 +88,9 @@ impl RedisConsumerStore {
                 std::collections::hash_map::RandomState::new().hash_one(std::process::id())
             },
             next_op: AtomicU64::new(0),
-            wake: Notify::new(),
+            batcher: Batcher::default(),
         });
-        let mut up = store.state.watch();
-        let flusher = store.clone();
-        background.spawn(async move {
-            loop {
-                let stopping = tokio::select! {
-                    () = stop.cancelled() => true,
-                    changed = up.changed() => changed.is_err(),
-                    () = async {
-                        flusher.wake.notified().await;
-                        tokio::time::sleep(BATCH_WINDOW).await;
-                    } => false,
-                };
-                if *up.borrow_and_update() || stopping {
-                    flusher.flush().await;
-                }
-                if stopping {
-                    return;
-                }
-            }
-        });
+        spawn_flusher(store.clone(), background, stop);
         store
     }
 
@@ -182,10 +159,24 @@ impl RedisConsumerStore {
     }
 }
 
+impl Batched for RedisConsumerStore {
+    fn batcher(&self) -> &Batcher {
+        &self.batcher
+    }
+
+    fn redis(&self) -> &Arc<Redis> {
+        &self.state
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        RedisConsumerStore::flush(self).boxed()
+    }
+}
+
 impl ConsumerStore for Arc<RedisConsumerStore> {
     fn record<'a>(&'a self, day: &'a str, key: &'a str, tally: ConsumerTally) -> BoxFuture<'a, ()> {
         self.pending.record_now(day, key, tally);
-        self.wake.notify_one();
+        self.batcher.poke();
         futures_util::future::ready(()).boxed()
     }
 

@@ -38,6 +38,64 @@ pub use usage::RedisUsageStore;
 use crate::config::{RedisSettings, WhenStateUnavailable, without_credentials};
 
 /// How often a probe tries Redis while it is down.
+/// How long the first record of a batch waits for others before the batch goes to Redis.
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
+
+/// What a store that hands its local buffer to Redis in batches shares: `poke` after each
+/// record; `spawn_flusher` runs the store's `flush` `BATCH_WINDOW` after the first poke of a
+/// batch, whenever Redis comes back, and once more at shutdown. So a burst of chats costs Redis
+/// a few calls, not one each, and a chat never waits on Redis for it.
+#[derive(Default)]
+pub(crate) struct Batcher {
+    wake: tokio::sync::Notify,
+    /// A batch is scheduled (the flusher was woken and has not taken the buffer yet).
+    scheduled: AtomicBool,
+}
+
+impl Batcher {
+    pub(crate) fn poke(&self) {
+        if !self.scheduled.swap(true, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// A store with a `Batcher`.
+pub(crate) trait Batched: Send + Sync + 'static {
+    fn batcher(&self) -> &Batcher;
+    fn redis(&self) -> &Arc<Redis>;
+    /// Hands the buffer to Redis (what fails is kept for the next call).
+    fn flush(&self) -> futures_util::future::BoxFuture<'_, ()>;
+}
+
+/// The flusher of `store`, on `background`; it hands over what is left when `stop` fires.
+pub(crate) fn spawn_flusher<T: Batched>(
+    store: Arc<T>,
+    background: &TaskTracker,
+    stop: CancellationToken,
+) {
+    let mut up = store.redis().watch();
+    background.spawn(async move {
+        loop {
+            let stopping = tokio::select! {
+                () = stop.cancelled() => true,
+                changed = up.changed() => changed.is_err(),
+                () = async {
+                    store.batcher().wake.notified().await;
+                    tokio::time::sleep(BATCH_WINDOW).await;
+                } => false,
+            };
+            store.batcher().scheduled.store(false, Ordering::Release);
+            if *up.borrow_and_update() || stopping {
+                store.flush().await;
+            }
+            if stopping {
+                return;
+            }
+        }
+    });
+}
+
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Slow answers in a row that mark Redis down (a refused or dropped connection does at once):
 /// one slow answer under a burst falls back for that call only.

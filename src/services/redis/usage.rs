@@ -20,16 +20,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::Script;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Redis;
+use super::{Batched, Batcher, Redis, spawn_flusher};
 use crate::domain::TokenUsage;
 use crate::domain::pricing::Cost;
 use crate::services::usage::{
@@ -73,9 +71,6 @@ end
 return 1
 ";
 
-/// How long the first chat of a batch waits for others before the batch goes to Redis.
-const BATCH_WINDOW: Duration = Duration::from_millis(10);
-
 /// Ledgers whose last figures are kept for answering while Redis is down, at most.
 const MAX_REMEMBERED: usize = 1024;
 
@@ -92,9 +87,7 @@ pub struct RedisUsageStore {
     /// This process's ops: `{nonce}-{counter}`.
     nonce: u64,
     next_op: std::sync::atomic::AtomicU64,
-    /// A batch is scheduled (the flusher was woken and has not taken the buffer yet).
-    scheduled: AtomicBool,
-    wake: Notify,
+    batcher: Batcher,
 }
 
 /// Rows sent in one script call at most.
@@ -147,31 +140,10 @@ impl RedisUsageStore {
                 std::collections::hash_map::RandomState::new().hash_one(std::process::id())
             },
             next_op: std::sync::atomic::AtomicU64::new(0),
-            scheduled: AtomicBool::new(false),
-            wake: Notify::new(),
+            batcher: Batcher::default(),
         });
-        let mut up = store.state.watch();
         // The store lives as long as the application; the flusher ends at shutdown.
-        let flusher = store.clone();
-        background.spawn(async move {
-            loop {
-                let stopping = tokio::select! {
-                    () = stop.cancelled() => true,
-                    changed = up.changed() => changed.is_err(),
-                    () = async {
-                        flusher.wake.notified().await;
-                        tokio::time::sleep(BATCH_WINDOW).await;
-                    } => false,
-                };
-                flusher.scheduled.store(false, Ordering::Release);
-                if *up.borrow_and_update() || stopping {
-                    flusher.flush_pending().await;
-                }
-                if stopping {
-                    return;
-                }
-            }
-        });
+        spawn_flusher(store.clone(), background, stop);
         store
     }
 
@@ -380,6 +352,20 @@ fn parse(fields: Vec<(String, String)>, order: Vec<(String, u64)>) -> Figures {
     Figures { rows, latest_model }
 }
 
+impl Batched for RedisUsageStore {
+    fn batcher(&self) -> &Batcher {
+        &self.batcher
+    }
+
+    fn redis(&self) -> &Arc<Redis> {
+        &self.state
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        self.flush_pending().boxed()
+    }
+}
+
 impl UsageStore for Arc<RedisUsageStore> {
     fn record<'a>(
         &'a self,
@@ -394,9 +380,7 @@ impl UsageStore for Arc<RedisUsageStore> {
             self.pending
                 .record(kind, session_id, model, usage, cost)
                 .await;
-            if !self.scheduled.swap(true, Ordering::AcqRel) {
-                self.wake.notify_one();
-            }
+            self.batcher.poke();
         }
         .boxed()
     }
