@@ -402,3 +402,64 @@ async fn a_page_from_another_origin_starts_a_session_and_chats() {
     }
     assert_eq!(app.openai.request_count(), 1);
 }
+
+/// A site token for the identity scenarios: HS256 with `SITE_SECRET`, for `sub`, valid 5 min.
+fn site_token(sub: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": sub, "exp": chrono::Utc::now().timestamp() + 300}),
+        &jsonwebtoken::EncodingKey::from_secret(SITE_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+const SITE_SECRET: &str = "a-secret-of-at-least-thirty-two-bytes-for-pages";
+
+fn with_site_identity(c: &mut al_chat::Config) {
+    c.guardrails.jwt = Some(al_chat::config::JwtKey::Secret(SITE_SECRET.into()));
+}
+
+/// With identity on, the site's page on another origin sends its token with every call, as
+/// `Docs/SECURITY.md` shows: the preflight lets `Authorization` through and the chat is the
+/// token's user's.
+#[tokio::test]
+async fn a_page_from_another_origin_sends_the_site_token() {
+    let app = spawn_app_with(|c, _, _| with_site_identity(c)).await;
+    app.openai.enqueue(Reply::text("Hi, ana!", 5, 3));
+    let token = site_token("ana");
+    let seen = browse("cors", &app.url, Some(&token)).await;
+    assert_eq!(seen["error"], Value::Null, "{seen}");
+    assert_eq!(seen["startStatus"], 200, "{seen}");
+    assert_eq!(seen["chatStatus"], 200, "{seen}");
+    assert_eq!(seen["message"], "Hi, ana!");
+    crate::helpers::eventually("the Papita record", || app.papita.records().len() == 1).await;
+    assert_eq!(app.papita.records()[0]["username"], "ana");
+    // Without the token the same page is refused.
+    let refused = browse("cors", &app.url, None).await;
+    assert_eq!(refused["startStatus"], 401, "{refused}");
+}
+
+/// The playground asks for the site token after a 401 and chats with it.
+#[tokio::test]
+async fn the_playground_asks_for_the_site_token_when_identity_is_on() {
+    let app = spawn_app_with(|c, openai, _| {
+        with_site_identity(c);
+        openai.set_default(Reply::text("Hello, operator", 5, 3));
+    })
+    .await;
+    let token = site_token("operator");
+    let seen = browse("playground-token", &app.url, Some(&token)).await;
+    assert_eq!(seen["askedBefore"], false, "{seen}");
+    assert!(
+        seen["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Sign-in required"),
+        "{seen}"
+    );
+    assert_eq!(seen["asked"], true, "{seen}");
+    assert_eq!(seen["reply"], "Hello, operator", "{seen}");
+    assert_eq!(seen["errorHidden"], true, "{seen}");
+    assert_eq!(seen["tokenKept"], true, "{seen}");
+    assert_eq!(seen["consoleErrors"], json!([]), "{seen}");
+}

@@ -134,6 +134,31 @@ const scenarios = {
     };
   },
 
+  // With AUTH_JWT_* set: the first chat is refused, the page asks for the site token (ARG), and the
+  // chat sent again with it streams.
+  async "playground-token"() {
+    const page = await open(`${base}/playground`);
+    await page.waitForSelector("body[data-ready=true]", { timeout: 10000 });
+    const askedBefore = await page.isVisible("#site-token");
+    await page.fill("#message", "Hello");
+    await page.click("#send");
+    await page.waitForSelector("#error:not([hidden])", { timeout: 10000 });
+    const error = await page.$eval("#error", (e) => e.textContent);
+    const asked = await page.isVisible("#site-token");
+    await page.fill("#site-token", arg);
+    await page.fill("#message", "Hello again");
+    await page.click("#send");
+    await page.waitForSelector(".turn.assistant[data-state=done]", { timeout: 10000 });
+    return {
+      askedBefore,
+      error,
+      asked,
+      reply: await page.$eval(".turn.assistant .text", (t) => t.textContent),
+      errorHidden: await page.$eval("#error", (e) => e.hidden),
+      tokenKept: await page.evaluate(() => sessionStorage.getItem("al-chat-site-token") !== null),
+    };
+  },
+
   // An error the API gives, shown as its sentence.
   async "playground-error"() {
     const page = await open(`${base}/playground`);
@@ -151,12 +176,15 @@ const scenarios = {
       res.end(`<!doctype html><title>site</title><script>
         window.results = (async () => {
           const api = ${JSON.stringify(base)};
+          // With a site token (ARG), both calls carry it, as ChatWindow.js would.
+          const token = ${JSON.stringify(arg ?? null)};
+          const auth = token ? { Authorization: "Bearer " + token } : {};
           const started = await fetch(api + "/api/session/start", {
-            method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
+            method: "POST", headers: { "Content-Type": "application/json", ...auth }, body: "{}" });
           const start = await started.json();
           const chatted = await fetch(api + "/api/chat", {
             method: "POST",
-            headers: { "Content-Type": "application/json", "X-Session-ID": start.session_id },
+            headers: { "Content-Type": "application/json", "X-Session-ID": start.session_id, ...auth },
             body: JSON.stringify({ message: "Hello from the site", sessionId: start.session_id }),
           });
           const chat = await chatted.json();

@@ -6,6 +6,15 @@ const $ = (id) => document.getElementById(id);
 let prices = new Map();
 let history = [];
 let controller = null;
+// With AUTH_JWT_* set, chats need a token the site signed: asked for after the first 401, kept in
+// this tab only.
+const SITE_TOKEN_KEY = "al-chat-site-token";
+
+function siteToken() {
+  const typed = $("site-token").value.trim();
+  if (typed) sessionStorage.setItem(SITE_TOKEN_KEY, typed);
+  return typed || sessionStorage.getItem(SITE_TOKEN_KEY) || undefined;
+}
 
 function turn(who, text) {
   const div = document.createElement("div");
@@ -73,6 +82,7 @@ async function send(event) {
   try {
     const done = await streamChat("", { message, model, history }, {
       signal: controller.signal,
+      token: siteToken(),
       onDelta: (piece) => {
         text.textContent += piece;
       },
@@ -95,6 +105,11 @@ async function send(event) {
     } else {
       reply.remove();
       showError(e.message);
+      if (e.status === 401) {
+        sessionStorage.removeItem(SITE_TOKEN_KEY);
+        $("site-token-row").hidden = false;
+        $("site-token").focus();
+      }
     }
   } finally {
     controller = null;

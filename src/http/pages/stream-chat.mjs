@@ -1,11 +1,13 @@
 // Streams one chat reply from the AL-Chat service (Docs/STREAMING.md).
 // baseUrl: "" on the site's own pages, or e.g. "http://localhost:5000".
 // onDelta(text) gets each piece as it arrives; signal (an AbortSignal) stops the reply, and the
-// service then closes its OpenAI request. Resolves with {message, usage, timestamp}; rejects with
-// an Error whose message is the sentence the service gave.
-export async function streamChat(baseUrl, body, { onDelta = () => {}, signal, sessionId } = {}) {
+// service then closes its OpenAI request. token: the site's signed token, when the service has
+// AUTH_JWT_* set (Docs/SECURITY.md). Resolves with {message, usage, timestamp}; rejects with an
+// Error whose message is the sentence the service gave and whose status is the HTTP status.
+export async function streamChat(baseUrl, body, { onDelta = () => {}, signal, sessionId, token } = {}) {
   const headers = { "Content-Type": "application/json" };
   if (sessionId) headers["X-Session-ID"] = sessionId;
+  if (token) headers.Authorization = `Bearer ${token}`;
   const response = await fetch(`${baseUrl}/api/chat`, {
     method: "POST",
     headers,
@@ -21,7 +23,7 @@ export async function streamChat(baseUrl, body, { onDelta = () => {}, signal, se
     } catch {
       // Not JSON: keep the status sentence.
     }
-    throw new Error(message);
+    throw Object.assign(new Error(message), { status: response.status });
   }
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
