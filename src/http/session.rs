@@ -32,9 +32,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub(super) async fn start(
     State(state): State<AppState>,
     _rate: RateChecked<SessionRoute>,
-    _identity: Verified,
+    Verified(verified): Verified,
 ) -> Result<Json<SessionStarted>> {
-    let started = state.sessions.start().await?;
+    let started = state.sessions.start(verified.as_ref()).await?;
     Ok(Json(SessionStarted {
         session_id: started.session_id,
         timestamp: started.timestamp,

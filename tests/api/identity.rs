@@ -201,6 +201,15 @@ async fn the_token_wins_over_the_body_in_the_log_the_papita_record_and_the_quota
         .await
         .unwrap();
     let session = started["session_id"].as_str().unwrap().to_string();
+    // The start line says who started it, as the token says.
+    let date = chrono::Local::now().format("%Y-%m-%d").to_string();
+    let start_line = app
+        .log_lines(&date)
+        .into_iter()
+        .find(|l| l["event"] == "session_start" && l["session_id"] == session.as_str())
+        .expect("the start line is on disk when the start answers");
+    assert_eq!(start_line["username"], "alice", "{start_line}");
+    assert_eq!(start_line["is_guest"], false, "{start_line}");
     let body =
         json!({"message": "hi", "username": "mallory", "isGuest": true, "sessionId": session});
     assert_eq!(chat_with(&app, Some(&token), &body).await.0, 200);

@@ -117,6 +117,7 @@ async fn shutdown_writes_the_session_log_and_joins_its_writer() {
         .session_log
         .append_durable(al_chat::services::session_log::entries::session_start(
             "session_late",
+            None,
             &chrono::Local::now(),
         ))
         .await;

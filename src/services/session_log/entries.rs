@@ -23,6 +23,11 @@ struct SessionStart<'a> {
     session_id: &'a str,
     timestamp: String,
     date: String,
+    /// Only with a verified identity (`AUTH_JWT_*`): who started it, as the site's token says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_guest: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -90,7 +95,12 @@ pub fn project_init(at: &DateTime<Local>) -> Line {
     )
 }
 
-pub fn session_start(session_id: &str, at: &DateTime<Local>) -> Line {
+/// `verified`: the site's token's user (`AUTH_JWT_*`), written only then.
+pub fn session_start(
+    session_id: &str,
+    verified: Option<&UserIdentity>,
+    at: &DateTime<Local>,
+) -> Line {
     Line::new(
         date(at),
         &SessionStart {
@@ -98,6 +108,8 @@ pub fn session_start(session_id: &str, at: &DateTime<Local>) -> Line {
             session_id,
             timestamp: timestamp(at),
             date: date(at),
+            username: verified.map(|u| u.username.as_str()),
+            is_guest: verified.map(|u| u.is_guest),
         },
     )
 }

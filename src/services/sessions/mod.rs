@@ -16,6 +16,7 @@ use chrono::{DateTime, Local, NaiveDateTime, TimeZone};
 use serde_json::{Map, Value};
 
 use crate::clock::{Clock, timestamp};
+use crate::domain::UserIdentity;
 use crate::services::session_log::{LowDisk, SessionLog, entries};
 
 pub use recent::{RecentSession, RecentSessions};
@@ -85,14 +86,15 @@ impl Sessions {
     }
 
     /// Starts a session: answers only once its `session_start` line is on disk. If the line
-    /// cannot be written the session is forgotten again (never half-started).
-    pub async fn start(&self) -> Result<Started, SessionError> {
+    /// cannot be written the session is forgotten again (never half-started). `verified`: who
+    /// started it, when the site's token says (written in the line).
+    pub async fn start(&self, verified: Option<&UserIdentity>) -> Result<Started, SessionError> {
         self.room()?;
         let now = self.clock.now();
         let id = self.store.reserve(now).await;
         match self
             .log
-            .append_durable(entries::session_start(&id, &now))
+            .append_durable(entries::session_start(&id, verified, &now))
             .await
         {
             Ok(()) => {
