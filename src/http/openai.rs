@@ -189,7 +189,7 @@ pub(super) async fn usage(
         Some(_) if !admin => return Err(ApiError::AdminTokenRequired),
         Some(name) => {
             check_optional("username", Some(name))?;
-            Some(state.consumers.user(name).await)
+            state.consumers.user(name).await
         }
         None => None,
     };

@@ -197,38 +197,42 @@ impl Consumers {
     pub async fn top(&self) -> Vec<ConsumerUsage> {
         let day = self.today();
         let rows = self.store.top(&day, TOP).await;
-        let mut out = Vec::with_capacity(rows.len());
-        for (key, tally) in rows {
-            out.push(self.row(&key, tally).await);
-        }
-        out
+        self.rows(rows).await
     }
 
-    /// One signed-in user's figures today.
-    pub async fn user(&self, username: &str) -> ConsumerUsage {
+    /// One signed-in user's figures today (always a row: zeros for a user not seen today).
+    pub async fn user(&self, username: &str) -> Option<ConsumerUsage> {
         let key = Consumer::User(username.to_string()).key();
         let tally = self.store.one(&self.today(), &key).await;
-        self.row(&key, tally).await
+        self.rows(vec![(key, tally)]).await.pop()
     }
 
-    async fn row(&self, key: &str, tally: ConsumerTally) -> ConsumerUsage {
-        let (kind, name) = Consumer::label(key);
-        let limit = match kind {
+    /// The answer's rows, with the quota each has left (read in one look).
+    async fn rows(&self, rows: Vec<(String, ConsumerTally)>) -> Vec<ConsumerUsage> {
+        let limit = |kind: &str| match kind {
             "user" => self.quota.user,
             _ => self.quota.guest,
         };
-        let quota_left = match limit {
-            Some(limit) => Some(self.budgets.quota_left(key, limit).await),
-            None => None,
-        };
-        ConsumerUsage {
-            kind,
-            name,
-            tokens: tally.tokens,
-            requests: tally.requests,
-            cost_usd: (tally.cost_usd * 10_000.0).round() / 10_000.0,
-            quota_left,
-        }
+        let labelled: Vec<_> = rows
+            .iter()
+            .map(|(key, tally)| (key, Consumer::label(key), tally))
+            .collect();
+        let quotas: Vec<(&str, u64)> = labelled
+            .iter()
+            .filter_map(|(key, (kind, _), _)| Some((key.as_str(), limit(kind)?)))
+            .collect();
+        let mut left = self.budgets.quotas_left(&quotas).await.into_iter();
+        labelled
+            .into_iter()
+            .map(|(_, (kind, name), tally)| ConsumerUsage {
+                kind,
+                name,
+                tokens: tally.tokens,
+                requests: tally.requests,
+                cost_usd: (tally.cost_usd * 10_000.0).round() / 10_000.0,
+                quota_left: limit(kind).and_then(|_| left.next()),
+            })
+            .collect()
     }
 }
 

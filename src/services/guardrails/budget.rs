@@ -67,6 +67,8 @@ pub trait BudgetStore: Send + Sync {
     fn adjust<'a>(&'a self, changes: &'a [(Arc<str>, f64)], place: Place) -> BoxFuture<'a, ()>;
     /// A counter's value.
     fn spent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, f64>;
+    /// Several counters' values, in one look (one round trip on Redis).
+    fn spent_all<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Vec<f64>>;
 }
 
 /// What a counter belongs to, by the word after its date (`{date}|{word}|…`): the day's own
@@ -207,6 +209,11 @@ impl MemoryBudgetStore {
         }
     }
 
+    pub fn spent_all_now(&self, keys: &[String]) -> Vec<f64> {
+        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter().map(|k| counters.get(k)).collect()
+    }
+
     pub fn spent_now(&self, key: &str) -> f64 {
         self.counters
             .lock()
@@ -232,6 +239,10 @@ impl BudgetStore for MemoryBudgetStore {
 
     fn spent<'a>(&'a self, key: &'a str) -> BoxFuture<'a, f64> {
         ready(self.spent_now(key)).boxed()
+    }
+
+    fn spent_all<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Vec<f64>> {
+        ready(self.spent_all_now(keys)).boxed()
     }
 }
 
@@ -571,12 +582,20 @@ impl Budgets {
         })
     }
 
-    /// Tokens left today of a `limit` quota counted under `consumer` (`Consumer::key`: the
-    /// counter's key without its date). Chats in progress hold their reservation.
-    pub async fn quota_left(&self, consumer: &str, limit: u64) -> u64 {
-        let key = format!("{}|{consumer}", self.keys().day);
-        let spent = self.store.spent(&key).await;
-        (limit as f64 - spent).max(0.0).round() as u64
+    /// Tokens left today of each `(consumer, limit)` quota (`Consumer::key`: the counter's key
+    /// without its date), read in one look. Chats in progress hold their reservation.
+    pub async fn quotas_left(&self, quotas: &[(&str, u64)]) -> Vec<u64> {
+        let day = self.keys().day;
+        let keys: Vec<String> = quotas
+            .iter()
+            .map(|(consumer, _)| format!("{day}|{consumer}"))
+            .collect();
+        let spent = self.store.spent_all(&keys).await;
+        quotas
+            .iter()
+            .zip(spent)
+            .map(|((_, limit), spent)| (*limit as f64 - spent).max(0.0).round() as u64)
+            .collect()
     }
 
     /// Today's counter keys, made once a day: formatting the date per chat cost more than the

@@ -173,4 +173,27 @@ impl BudgetStore for RedisBudgetStore {
         }
         .boxed()
     }
+
+    fn spent_all<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Vec<f64>> {
+        async move {
+            if keys.is_empty() {
+                return Vec::new();
+            }
+            let redis_keys: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+            let shared = self
+                .state
+                .call("budget spent", |mut conn| async move {
+                    redis::cmd("MGET")
+                        .arg(redis_keys)
+                        .query_async::<Vec<Option<f64>>>(&mut conn)
+                        .await
+                })
+                .await;
+            match shared {
+                Ok(spent) => spent.into_iter().map(|s| s.unwrap_or(0.0)).collect(),
+                Err(_) => self.local.spent_all_now(keys),
+            }
+        }
+        .boxed()
+    }
 }
