@@ -75,7 +75,6 @@ pub struct SiteIdentity {
 const REMEMBERED_TOKENS: usize = 4_096;
 
 /// A token whose signature and claims passed: who it names and when it is valid.
-#[derive(Clone)]
 struct Checked {
     user: UserIdentity,
     exp: f64,
@@ -115,9 +114,9 @@ impl SiteIdentity {
             .and_then(bearer)
             .ok_or(AuthError::Missing)?;
         let now = self.clock.now().timestamp();
-        let remembered = self.lock().get(token).cloned();
-        if let Some(checked) = remembered {
-            return checked.at(now);
+        let remembered = self.lock().get(token).map(|checked| checked.at(now));
+        if let Some(answer) = remembered {
+            return answer;
         }
         let checked = self.verifier.check(token)?;
         let user = checked.at(now)?;
