@@ -620,10 +620,12 @@ impl QuotaLimits {
 impl BudgetLimits {
     /// Any budget or quota: every call is then reserved, and carries an output cap.
     pub fn any(&self) -> bool {
-        self.daily_usd.is_some()
-            || self.daily_tokens.is_some()
-            || self.session_tokens.is_some()
-            || self.quota.any()
+        self.any_budget() || self.quota.any()
+    }
+
+    /// Any budget (the company's money; `budget` in `/api/openai/usage`).
+    pub fn any_budget(&self) -> bool {
+        self.daily_usd.is_some() || self.daily_tokens.is_some() || self.session_tokens.is_some()
     }
 }
 

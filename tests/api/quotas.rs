@@ -161,6 +161,9 @@ async fn one_users_quota_does_not_touch_anothers() {
     assert_eq!(user_usage(&app, "alice").await["quota_left"], 0);
     assert_eq!(user_usage(&app, "bob").await["quota_left"], 0);
     assert_eq!(user_usage(&app, "carol").await["quota_left"], 1_000);
+    // Quotas are not budgets: the usage answer has no `budget` without one.
+    let usage = app.get_json("/api/openai/usage", None).await;
+    assert!(usage.get("budget").is_none(), "{usage}");
 }
 
 /// A guest is keyed by its address: two guests behind one address share one quota whatever

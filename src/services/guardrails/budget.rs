@@ -3,7 +3,8 @@
 //! nothing, and settles to what it really used afterwards. So fifty parallel chats against a
 //! budget that fits ten let ten through, not fifty (the overshoot gateways report when every
 //! request passes the check before any spend is recorded). Budgets reset at local midnight: the
-//! counters are keyed by the local date.
+//! counters are keyed by the local date. Quotas (`QUOTA_*_DAILY_TOKENS`) are counters of the same
+//! kind, keyed by user, guest address or address, reserved in the same step as the budgets.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -500,7 +501,7 @@ impl Budgets {
 
     /// `budget` for `/api/openai/usage`, when any budget is set.
     pub async fn report(&self) -> Option<BudgetReport> {
-        if !self.limits.any() {
+        if !self.limits.any_budget() {
             return None;
         }
         let keys = self.keys();

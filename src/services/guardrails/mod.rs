@@ -1,6 +1,7 @@
-//! Guardrails for a public chat endpoint (contract §12): which models, how often per client, how
-//! much per day and per session. Every one is off or permissive by default, so the website works
-//! unchanged. Counters live behind store traits (`RateLimitStore`, `BudgetStore`), so a shared
+//! Guardrails for a public chat endpoint (contract §12, §13): which models, how often per client,
+//! how much per day and per session, each user's, guest's and address's fair share (quotas), and,
+//! with `AUTH_JWT_*`, who is chatting as the site's token proves. Every one is off or permissive
+//! by default, so the website works unchanged. Counters live behind store traits (`RateLimitStore`, `BudgetStore`), so a shared
 //! store can enforce them across replicas.
 
 mod admission;
