@@ -55,6 +55,8 @@ impl MemoryConsumerStore {
         let mut guard = self.day.lock().unwrap_or_else(|e| e.into_inner());
         let (today, map) = &mut *guard;
         if today != day {
+            // A new day: the table shows today only, so yesterday's rows go (on Redis, rows of
+            // yesterday not yet handed over at midnight are among them; quotas are unaffected).
             *today = day.to_string();
             map.clear();
         }
