@@ -313,3 +313,36 @@ fn a_key_that_cannot_verify_stops_the_start_without_showing_it() {
         "{missing}"
     );
 }
+
+/// A token with `"guest": true` makes a guest of whoever the body claims to be: charged to the
+/// guest quota of its address (shared with other guests there), recorded as a guest.
+#[tokio::test]
+async fn a_guest_token_is_a_guest_whatever_the_body_claims() {
+    let app = spawn_app_with(|c, openai, _| {
+        with_secret(c);
+        c.guardrails.budget.quota.guest = Some(1_000);
+        c.guardrails.budget.quota.user = Some(1_000_000);
+        openai.set_default(Reply::Counted(crate::mock_openai::Counted::long(2_000)));
+    })
+    .await;
+    let guest = |sub: &str| hs256(&json!({"sub": sub, "guest": true, "exp": now() + 300}));
+    let body = json!({"message": "hi", "username": "ana", "isGuest": false});
+    assert_eq!(
+        chat_with(&app, Some(&guest("visitor-7")), &body).await.0,
+        200
+    );
+    let (status, error) = chat_with(&app, Some(&guest("visitor-8")), &body).await;
+    assert_eq!(status, 429, "another guest at the same address: {error}");
+    assert!(error.contains("(per guest)"), "{error}");
+
+    eventually("the Papita record", || app.papita.records().len() == 1).await;
+    let record = &app.papita.records()[0];
+    assert_eq!(record["username"], "visitor-7", "{record}");
+    assert_eq!(record["isGuest"], true, "{record}");
+    let board = app.get_json("/api/dashboard", None).await;
+    let consumers = board["consumers"].as_array().unwrap();
+    assert_eq!(consumers.len(), 1, "{board}");
+    assert_eq!(consumers[0]["kind"], "guest", "{board}");
+    assert_eq!(consumers[0]["name"], "127.0.0.*", "{board}");
+    assert_eq!(consumers[0]["quota_left"], 0, "{board}");
+}

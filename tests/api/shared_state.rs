@@ -449,7 +449,11 @@ async fn every_key_carries_the_prefix_and_per_session_and_daily_keys_expire() {
                     .unwrap()
             }
         },
-        |keys| keys.iter().any(|k| k.starts_with("site-a:usage:session:")),
+        // Usage and consumers' figures reach Redis in batches: wait for both.
+        |keys| {
+            keys.iter().any(|k| k.starts_with("site-a:usage:session:"))
+                && keys.iter().any(|k| k.starts_with("site-a:consumers:"))
+        },
     )
     .await;
     assert!(keys.iter().any(|k| k == "site-a:usage:chat"), "{keys:?}");
