@@ -211,8 +211,6 @@ impl Application {
         };
         let consumers = Arc::new(Consumers::new(
             consumer_store,
-            config.pricing.clone(),
-            clock.clone(),
             guardrails.budgets(),
             config.guardrails.budget.quota,
         ));

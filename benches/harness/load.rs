@@ -178,13 +178,18 @@ pub fn rate(url: &str, rps: u64, secs: u64, body: &str) -> RateResult {
     }
 }
 
-/// Time to the first `delta` event over `n` sequential streamed requests.
-pub fn first_delta(url: &str, body: &Value, marker: &[u8], n: usize) -> Percentiles {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// Runs `work` to its end on a runtime of its own (the orchestrator has none).
+pub fn block_on<F: std::future::Future>(work: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
+        .expect("a current-thread runtime")
+        .block_on(work)
+}
+
+/// Time to the first `delta` event over `n` sequential streamed requests.
+pub fn first_delta(url: &str, body: &Value, marker: &[u8], n: usize) -> Percentiles {
+    block_on(async {
         let client = reqwest::Client::new();
         let mut times = Vec::with_capacity(n);
         for i in 0..n + 20 {

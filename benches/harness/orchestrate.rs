@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::load::{first_delta, interleaved, lua, rate, wrk};
+use crate::load::{block_on, first_delta, interleaved, lua, rate, wrk};
 use crate::ports::{free_port, wait_listening};
 
 struct Server {
@@ -111,11 +111,7 @@ fn start_redis(dir: &Path) -> Redis {
 
 /// One GET from the orchestrator (which has no runtime of its own); `None` if it failed.
 fn get_text(url: String) -> Option<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async { reqwest::get(url).await.ok()?.text().await.ok() })
+    block_on(async { reqwest::get(url).await.ok()?.text().await.ok() })
 }
 
 /// The cumulative buckets of `alchat_chat_overhead_seconds` (upper bound in seconds, count).
@@ -205,11 +201,7 @@ fn send_chats(url: &str, body: &str, n: usize) -> Vec<u16> {
 /// `send_chats` with `Authorization: Bearer <token>` (a site token, `AUTH_JWT_*`): chat `i` takes
 /// `bearers[i % len]`; none when `bearers` is empty.
 fn send_chats_as(url: &str, body: &str, n: usize, bearers: &[String]) -> Vec<u16> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let client = reqwest::Client::new();
         let mut statuses = Vec::with_capacity(n);
         for i in 0..n {

@@ -5,34 +5,38 @@ use std::net::IpAddr;
 
 use super::UserIdentity;
 
+/// The key a consumer's figures and quota counter are kept under: `user|{name}` for a signed-in
+/// user, `guest|{address}` for a guest (by the client's address as rate limits key it; an IPv6
+/// client by its network).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Consumer {
-    User(String),
-    /// By the client's address as rate limits key it (an IPv6 client by its network); `None`
-    /// only where no address is known.
-    Guest(Option<IpAddr>),
-}
+pub struct Consumer(String);
 
 impl Consumer {
     pub fn of(user: &UserIdentity, client: Option<IpAddr>) -> Self {
-        if user.is_guest {
-            Self::Guest(client)
-        } else {
-            Self::User(user.username.clone())
+        if !user.is_guest {
+            return Self::user(&user.username);
+        }
+        match client {
+            Some(ip) => Self(format!("guest|{ip}")),
+            None => Self("guest|unknown".into()),
         }
     }
 
-    /// The key its figures are kept under: `user|{name}` or `guest|{address}`.
-    pub fn key(&self) -> String {
-        match self {
-            Self::User(name) => format!("user|{name}"),
-            Self::Guest(Some(ip)) => format!("guest|{ip}"),
-            Self::Guest(None) => "guest|unknown".into(),
-        }
+    /// A signed-in user, by name.
+    pub fn user(name: &str) -> Self {
+        Self(format!("user|{name}"))
     }
 
-    /// What the dashboard shows: the username, or the guest's address with its host part
-    /// hidden (`203.0.113.*`, `2001:db8:1:2:*`).
+    pub fn key(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_guest(&self) -> bool {
+        self.0.starts_with("guest|")
+    }
+
+    /// What the dashboard shows of a key: the username, or the guest's address with its host
+    /// part hidden (`203.0.113.*`, `2001:db8:1:2:*`).
     pub fn label(key: &str) -> (&'static str, String) {
         match key.split_once('|') {
             Some(("user", name)) => ("user", name.to_string()),
@@ -59,6 +63,24 @@ fn mask(address: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_by_name_guests_by_address() {
+        let user = |name: &str, is_guest| UserIdentity {
+            username: name.into(),
+            is_guest,
+            verified: false,
+        };
+        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(
+            Consumer::of(&user("ana", false), Some(ip)).key(),
+            "user|ana"
+        );
+        let guest = Consumer::of(&user("whatever", true), Some(ip));
+        assert_eq!(guest.key(), "guest|203.0.113.9");
+        assert!(guest.is_guest());
+        assert_eq!(Consumer::of(&user("g", true), None).key(), "guest|unknown");
+    }
 
     #[test]
     fn guests_are_shown_without_their_host_part() {

@@ -96,11 +96,12 @@ impl Bookkeeping {
                 model,
                 usage,
             } => {
-                self.usage
+                let cost = self
+                    .usage
                     .record_kind(UsageKind::Estimated, session, model, usage)
                     .await;
                 // What a cut stream cost counts against its consumer, as against its quota.
-                self.consumers.record(consumer, model, usage).await;
+                self.consumers.record(consumer, usage, &cost).await;
             }
         }
     }
@@ -133,11 +134,9 @@ impl Bookkeeping {
         usage: &TokenUsage,
         history_trimmed: usize,
     ) {
-        self.usage.record(session, &request.model, usage).await;
+        let cost = self.usage.record(session, &request.model, usage).await;
         let consumer = Consumer::of(&request.user, request.client);
-        self.consumers
-            .record(&consumer, &request.model, usage)
-            .await;
+        self.consumers.record(&consumer, usage, &cost).await;
         let now = self.clock.now();
         self.chats_per_minute
             .record(now.timestamp().div_euclid(60) as u64);

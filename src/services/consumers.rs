@@ -5,15 +5,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use chrono::NaiveDate;
 use futures_util::future::{BoxFuture, FutureExt, ready};
 use indexmap::IndexMap;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::clock::Clock;
 use crate::config::QuotaLimits;
-use crate::domain::pricing::PriceTable;
+use crate::domain::pricing::Cost;
 use crate::domain::{Consumer, TokenUsage};
 use crate::services::guardrails::Budgets;
 
@@ -137,62 +135,36 @@ pub struct ConsumerUsage {
     pub quota_left: Option<u64>,
 }
 
+/// The consumers' figures, keyed by the same local day as the quota counters (`Budgets::today`),
+/// so the table and the quota left always speak of one day.
 pub struct Consumers {
     store: Arc<dyn ConsumerStore>,
-    pricing: PriceTable,
-    clock: Arc<dyn Clock>,
     budgets: Arc<Budgets>,
     quota: QuotaLimits,
-    /// Today's date as keys carry it, made once a day.
-    day: Mutex<Option<(NaiveDate, Arc<str>)>>,
 }
 
 impl Consumers {
-    pub fn new(
-        store: Arc<dyn ConsumerStore>,
-        pricing: PriceTable,
-        clock: Arc<dyn Clock>,
-        budgets: Arc<Budgets>,
-        quota: QuotaLimits,
-    ) -> Self {
+    pub fn new(store: Arc<dyn ConsumerStore>, budgets: Arc<Budgets>, quota: QuotaLimits) -> Self {
         Self {
             store,
-            pricing,
-            clock,
             budgets,
             quota,
-            day: Mutex::default(),
         }
     }
 
     fn today(&self) -> Arc<str> {
-        let date = self.clock.now().date_naive();
-        let mut cached = self.day.lock().unwrap_or_else(|e| e.into_inner());
-        match &*cached {
-            Some((d, day)) if *d == date => day.clone(),
-            _ => {
-                let day: Arc<str> = date.format("%Y-%m-%d").to_string().into();
-                *cached = Some((date, day.clone()));
-                day
-            }
-        }
+        self.budgets.today()
     }
 
-    /// Counts one call of `consumer`'s.
-    pub async fn record(&self, consumer: &Consumer, model: &str, usage: &TokenUsage) {
-        let cost = self.pricing.cost(
-            model,
-            usage.prompt_tokens,
-            usage.cached_tokens,
-            usage.completion_tokens,
-        );
+    /// Counts one call of `consumer`'s, priced by the usage statistics (`UsageStats::record`).
+    pub async fn record(&self, consumer: &Consumer, usage: &TokenUsage, cost: &Cost) {
         let tally = ConsumerTally {
             tokens: usage.prompt_tokens + usage.completion_tokens,
             requests: 1,
             cost_usd: cost.prompt + cost.completion,
         };
         let day = self.today();
-        self.store.record(&day, &consumer.key(), tally).await;
+        self.store.record(&day, consumer.key(), tally).await;
     }
 
     /// Today's `TOP` consumers by tokens.
@@ -204,9 +176,11 @@ impl Consumers {
 
     /// One signed-in user's figures today (always a row: zeros for a user not seen today).
     pub async fn user(&self, username: &str) -> Option<ConsumerUsage> {
-        let key = Consumer::User(username.to_string()).key();
-        let tally = self.store.one(&self.today(), &key).await;
-        self.rows(vec![(key, tally)]).await.pop()
+        let consumer = Consumer::user(username);
+        let tally = self.store.one(&self.today(), consumer.key()).await;
+        self.rows(vec![(consumer.key().to_string(), tally)])
+            .await
+            .pop()
     }
 
     /// The answer's rows, with the quota each has left (read in one look).

@@ -121,13 +121,7 @@ async fn a_conversation_that_fits_is_sent_whole() {
         .await
         .unwrap();
     assert!(answer.get("history_trimmed").is_none(), "{answer}");
-    assert_eq!(
-        app.openai.requests()[0].body["messages"]
-            .as_array()
-            .unwrap()
-            .len(),
-        5
-    );
+    assert_eq!(messages_sent(&app), 5);
 }
 
 #[tokio::test]
@@ -160,13 +154,7 @@ async fn with_trimming_off_the_upstream_refusal_is_a_clear_sentence() {
         !error.contains("maximum context length"),
         "not OpenAI's text: {error}"
     );
-    assert_eq!(
-        app.openai.requests()[0].body["messages"]
-            .as_array()
-            .unwrap()
-            .len(),
-        31
-    );
+    assert_eq!(messages_sent(&app), 31);
 }
 
 /// With every setting at its default: ten 1 MB files (what the chat window may attach) pass
@@ -205,4 +193,11 @@ async fn a_cap_larger_than_the_window_still_lets_short_chats_through() {
     .await;
     let answer = app.post_chat(&json!({"message": "short"})).await;
     assert_eq!(answer.status(), 200);
+}
+
+/// How many messages the first call upstream carried.
+fn messages_sent(app: &crate::helpers::TestApp) -> usize {
+    app.openai.requests()[0].body["messages"]
+        .as_array()
+        .map_or(0, Vec::len)
 }

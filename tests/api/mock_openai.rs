@@ -468,18 +468,31 @@ async fn stream_reply(script: StreamScript, model: String, watch: Watch) -> Resp
         tokio::time::sleep(script.gap).await;
         yield Ok(chunk(&model, json!({}), Some("stop")));
         if let Some((p, c)) = script.usage {
-            let mut usage = json!({
-                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u32, "model": model,
-                "choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-            });
+            let mut usage = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
             if script.cached_tokens > 0 {
-                usage["usage"]["prompt_tokens_details"] = json!({"cached_tokens": script.cached_tokens});
+                usage["prompt_tokens_details"] = json!({"cached_tokens": script.cached_tokens});
             }
-            yield Ok(Bytes::from(format!("data: {usage}\n\n")));
+            yield Ok(usage_chunk(&model, usage));
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
         watch.finish();
     };
+    event_stream(body)
+}
+
+/// The last chunk of a stream that reports usage: no choices, the usage.
+fn usage_chunk(model: &str, usage: Value) -> Bytes {
+    let data = json!({
+        "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u32, "model": model,
+        "choices": [], "usage": usage
+    });
+    Bytes::from(format!("data: {data}\n\n"))
+}
+
+/// A `text/event-stream` answer of `body`'s chunks.
+fn event_stream(
+    body: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+) -> Response {
     Response::builder()
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(body))
@@ -554,19 +567,12 @@ async fn counted_reply(
         }
         yield Ok(chunk(&model, json!({}), Some(finish)));
         if let Some(usage) = usage {
-            let data = json!({
-                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u32, "model": model,
-                "choices": [], "usage": usage
-            });
-            yield Ok(Bytes::from(format!("data: {data}\n\n")));
+            yield Ok(usage_chunk(&model, usage));
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
         watch.finish();
     };
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(Body::from_stream(body))
-        .unwrap()
+    event_stream(body)
 }
 
 /// The output cap a request carried, in whichever field.

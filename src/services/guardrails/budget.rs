@@ -16,7 +16,7 @@ use indexmap::IndexMap;
 use crate::clock::{Clock, timestamp};
 use crate::config::BudgetLimits;
 use crate::domain::pricing::PriceTable;
-use crate::domain::{TokenUsage, UserIdentity};
+use crate::domain::{Consumer, TokenUsage, UserIdentity};
 use std::net::IpAddr;
 
 /// One counter to charge: `fixed` (the prompt) plus `per_output` for each answer token granted,
@@ -288,15 +288,10 @@ pub struct Payer<'a> {
     pub client: Option<IpAddr>,
 }
 
-/// A call's counters besides the day's, made once per call (and kept for a failover's second
-/// reservation): only those whose limit is set.
+/// A call's token counters besides the day's, each with the limit it counts against, made once
+/// per call (and kept for a failover's second reservation): only those whose limit is set.
 #[derive(Debug, Clone, Default)]
-pub struct Accounts {
-    session: Option<Arc<str>>,
-    user: Option<Arc<str>>,
-    guest: Option<Arc<str>>,
-    client: Option<Arc<str>>,
-}
+pub struct Accounts(Vec<(Arc<str>, Unit)>);
 
 /// One day's counter keys (`{date}|usd`, `{date}|tokens`; a session's is `{date}|session|{id}`,
 /// a quota's `{date}|user|{name}`, `{date}|guest|{address}`, `{date}|client|{address}`).
@@ -372,34 +367,48 @@ impl Budgets {
         self.limits.any()
     }
 
-    /// The counters `payer` is charged to today, for the limits that are set.
+    /// The counters `payer` is charged to today, for the limits that are set: its session's, its
+    /// user's or guest's (the key of its `Consumer`, which the consumers' table shares), its
+    /// address's.
     pub fn accounts(&self, payer: Payer<'_>) -> Accounts {
         let limits = &self.limits;
         if limits.session_tokens.is_none() && !limits.quota.any() {
             return Accounts::default();
         }
         let day = self.keys().day;
-        let key = |kind: &str, id: &dyn std::fmt::Display| -> Arc<str> {
-            format!("{day}|{kind}|{id}").into()
+        let mut accounts = Vec::with_capacity(3);
+        let mut charge = |rest: &dyn std::fmt::Display, unit: Unit| {
+            if self.limit(unit).is_some() {
+                accounts.push((format!("{day}|{rest}").into(), unit));
+            }
         };
-        let user = payer.user.filter(|u| !u.is_guest);
-        let guest = payer.user.is_some_and(|u| u.is_guest);
-        Accounts {
-            session: payer
-                .session
-                .filter(|_| limits.session_tokens.is_some())
-                .map(|id| key("session", &id)),
-            user: user
-                .filter(|_| limits.quota.user.is_some())
-                .map(|u| key("user", &u.username)),
-            guest: payer
-                .client
-                .filter(|_| guest && limits.quota.guest.is_some())
-                .map(|ip| key("guest", &ip)),
-            client: payer
-                .client
-                .filter(|_| limits.quota.client.is_some())
-                .map(|ip| key("client", &ip)),
+        if let Some(id) = payer.session {
+            charge(&format_args!("session|{id}"), Unit::SessionTokens);
+        }
+        if let Some(user) = payer.user {
+            let consumer = Consumer::of(user, payer.client);
+            let unit = match consumer.is_guest() {
+                true => Unit::GuestTokens,
+                false => Unit::UserTokens,
+            };
+            charge(&consumer.key(), unit);
+        }
+        if let Some(ip) = payer.client {
+            charge(&format_args!("client|{ip}"), Unit::ClientTokens);
+        }
+        Accounts(accounts)
+    }
+
+    /// The limit a token counter of `unit` counts against (`None`: not set; USD has none here).
+    fn limit(&self, unit: Unit) -> Option<u64> {
+        let limits = &self.limits;
+        match unit {
+            Unit::Usd => None,
+            Unit::Tokens => limits.daily_tokens,
+            Unit::SessionTokens => limits.session_tokens,
+            Unit::UserTokens => limits.quota.user,
+            Unit::GuestTokens => limits.quota.guest,
+            Unit::ClientTokens => limits.quota.client,
         }
     }
 
@@ -427,27 +436,16 @@ impl Budgets {
             });
             units.push(Unit::Usd);
         }
-        let quota = &self.limits.quota;
-        let token_limits = [
-            (Some(&keys.tokens), self.limits.daily_tokens, Unit::Tokens),
-            (
-                accounts.session.as_ref(),
-                self.limits.session_tokens,
-                Unit::SessionTokens,
-            ),
-            (accounts.user.as_ref(), quota.user, Unit::UserTokens),
-            (accounts.guest.as_ref(), quota.guest, Unit::GuestTokens),
-            (accounts.client.as_ref(), quota.client, Unit::ClientTokens),
-        ];
-        for (key, cap, unit) in token_limits {
-            if let (Some(key), Some(cap)) = (key, cap) {
+        let day_tokens = (keys.tokens.clone(), Unit::Tokens);
+        for (key, unit) in std::iter::once(&day_tokens).chain(&accounts.0) {
+            if let Some(cap) = self.limit(*unit) {
                 charges.push(Charge {
                     key: key.clone(),
                     fixed: tokens,
                     per_output: 1.0,
                     cap: cap as f64,
                 });
-                units.push(unit);
+                units.push(*unit);
             }
         }
         if charges.is_empty() {
@@ -551,30 +549,27 @@ impl Budgets {
             .to_std()
             .unwrap_or(Duration::from_secs(1));
         let resets_at = timestamp(&midnight);
-        let quota = |limit: Option<u64>, whose| {
+        let limit = self.limit(unit).unwrap_or_default();
+        let quota = |whose| {
             BudgetDenied::Quota(QuotaSpent {
-                limit: limit.unwrap_or_default(),
+                limit,
                 whose,
                 resets_at: resets_at.clone(),
                 retry_after,
             })
         };
         let which = match unit {
-            Unit::UserTokens => return quota(limits.quota.user, "per user"),
-            Unit::GuestTokens => return quota(limits.quota.guest, "per guest"),
-            Unit::ClientTokens => return quota(limits.quota.client, "per address"),
+            Unit::UserTokens => return quota("per user"),
+            Unit::GuestTokens => return quota("per guest"),
+            Unit::ClientTokens => return quota("per address"),
             Unit::Usd => format!(
                 "daily budget of ${:.2} (BUDGET_DAILY_USD)",
                 limits.daily_usd.unwrap_or_default()
             ),
-            Unit::SessionTokens => format!(
-                "session's budget of {} tokens (BUDGET_SESSION_TOKENS)",
-                limits.session_tokens.unwrap_or_default()
-            ),
-            Unit::Tokens => format!(
-                "daily budget of {} tokens (BUDGET_DAILY_TOKENS)",
-                limits.daily_tokens.unwrap_or_default()
-            ),
+            Unit::SessionTokens => {
+                format!("session's budget of {limit} tokens (BUDGET_SESSION_TOKENS)")
+            }
+            Unit::Tokens => format!("daily budget of {limit} tokens (BUDGET_DAILY_TOKENS)"),
         };
         BudgetDenied::Spent(BudgetSpent {
             which,
@@ -597,6 +592,11 @@ impl Budgets {
             .zip(spent)
             .map(|((_, limit), spent)| (*limit as f64 - spent).max(0.0).round() as u64)
             .collect()
+    }
+
+    /// Today's local date as the counters carry it (`2026-12-07`), made once a day.
+    pub fn today(&self) -> Arc<str> {
+        self.keys().day
     }
 
     /// Today's counter keys, made once a day: formatting the date per chat cost more than the

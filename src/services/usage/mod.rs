@@ -12,7 +12,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::domain::TokenUsage;
-use crate::domain::pricing::PriceTable;
+use crate::domain::pricing::{Cost, PriceTable};
 use crate::services::consumers::ConsumerUsage;
 use crate::services::guardrails::BudgetReport;
 
@@ -55,10 +55,10 @@ impl UsageStats {
         }
     }
 
-    /// Counts one successful chat.
-    pub async fn record(&self, session_id: Option<&str>, model: &str, usage: &TokenUsage) {
+    /// Counts one successful chat; what it cost, priced once for everything that needs it.
+    pub async fn record(&self, session_id: Option<&str>, model: &str, usage: &TokenUsage) -> Cost {
         self.record_kind(UsageKind::Chat, session_id, model, usage)
-            .await;
+            .await
     }
 
     /// Counts a call of another kind: a connection test, or a cut-short stream's estimate.
@@ -68,7 +68,7 @@ impl UsageStats {
         session_id: Option<&str>,
         model: &str,
         usage: &TokenUsage,
-    ) {
+    ) -> Cost {
         let cost = self.pricing.cost(
             model,
             usage.prompt_tokens,
@@ -78,6 +78,7 @@ impl UsageStats {
         self.store
             .record(kind, session_id, model, usage, &cost)
             .await;
+        cost
     }
 
     /// The whole service's chat rows (for the metrics), bounded like `by_model`.
